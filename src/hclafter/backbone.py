@@ -1,0 +1,173 @@
+"""CLIP backbones from open_clip, with weights from local files and a stable identity.
+
+The identity (architecture + weights hash) keys every cache and is stored in run directories
+instead of a copy of the frozen weights.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import open_clip
+import torch
+from torch import nn
+
+from .config import BackboneConfig
+
+# Keys OpenAI stores beside the weights; their presence marks an OpenAI checkpoint (QuickGELU).
+OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class BackboneError(RuntimeError):
+    """The backbone cannot be built or its weights cannot be loaded."""
+
+
+@dataclass
+class Backbone:
+    model: nn.Module  # the open_clip CLIP model
+    tokenizer: Callable[..., torch.Tensor]
+    preprocess: Callable[[Any], torch.Tensor]  # eval transform: PIL image -> tensor
+    identity: dict[str, Any]
+
+    @property
+    def identity_key(self) -> str:
+        """Short hash of the identity, for cache file names."""
+        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    st = path.stat()
+    return _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in zf.namelist())
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """Read a checkpoint file; return (state dict, whether it is OpenAI-format).
+
+    The OpenAI JIT archive is loaded with ``torch.jit.load``, which trusts the file; every other
+    format is read without unpickling code (safetensors, or ``torch.load(weights_only=True)``).
+    """
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        is_openai = False
+    elif _is_torchscript(path):
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        is_openai = True
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise BackboneError(f"{path}: not a readable checkpoint ({e}); pass an OpenAI .pt archive, "
+                                "a state dict (.pt/.bin) or a .safetensors file") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise BackboneError(f"{path}: expected a state dict, found {type(state).__name__}")
+        is_openai = any(k in state for k in OPENAI_META_KEYS)
+    state = {k.removeprefix("module."): v for k, v in state.items() if k not in OPENAI_META_KEYS}
+    return state, is_openai
+
+
+def _build(cfg: BackboneConfig, quick_gelu: bool) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        if cfg.model_cfg is not None:
+            model_cfg = dict(cfg.model_cfg)
+            model_cfg["quick_gelu"] = quick_gelu
+            try:
+                return open_clip.CLIP(**model_cfg)
+            except TypeError as e:
+                raise BackboneError(f"backbone.model_cfg is not a valid open_clip model config: {e}") from None
+        if open_clip.get_model_config(cfg.name) is None:
+            raise BackboneError(f"backbone.name: unknown open_clip architecture {cfg.name!r}; "
+                                f"choose one of open_clip.list_models() or give backbone.model_cfg")
+        return open_clip.create_model(cfg.name, pretrained=None, force_quick_gelu=quick_gelu)
+
+
+def _architecture(cfg: BackboneConfig) -> dict[str, Any]:
+    model_cfg = cfg.model_cfg if cfg.model_cfg is not None else open_clip.get_model_config(cfg.name)
+    return {"name": cfg.name, "model_cfg": model_cfg}
+
+
+def load_backbone(name: str = "ViT-B-32", pretrained: Optional[str] = None, *,
+                  quick_gelu: Optional[bool] = None, model_cfg: Optional[dict[str, Any]] = None,
+                  init_seed: int = 0) -> Backbone:
+    """Build an open_clip model and load its weights from a local file or an open_clip tag."""
+    return backbone_from_config(BackboneConfig(name, pretrained, quick_gelu, model_cfg, init_seed))
+
+
+def backbone_from_config(cfg: BackboneConfig) -> Backbone:
+    identity: dict[str, Any] = {"architecture": _architecture(cfg)}
+    pretrained = cfg.pretrained
+    if pretrained is None:
+        qg = bool(cfg.quick_gelu)
+        model = _build(cfg, qg)
+        identity["weights"] = f"random-init(seed={cfg.init_seed})"
+    elif Path(pretrained).expanduser().is_file():
+        path = Path(pretrained).expanduser()
+        state, is_openai = read_state_dict(path)
+        qg = is_openai if cfg.quick_gelu is None else cfg.quick_gelu
+        model = _build(cfg, qg)
+        open_clip.model.resize_pos_embed(state, model)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise BackboneError(f"{path}: weights do not fit backbone.name={cfg.name!r}: {e}") from None
+        identity["weights"] = {"file": path.name, "sha256": file_sha256(path)}
+    else:
+        qg, model = _from_tag(cfg, pretrained)
+        identity["weights"] = {"open_clip_tag": pretrained}
+    identity["quick_gelu"] = qg
+    model.eval()
+    preprocess = open_clip.image_transform(
+        model.visual.image_size, is_train=False,
+        mean=getattr(model.visual, "image_mean", None), std=getattr(model.visual, "image_std", None),
+    )
+    if cfg.model_cfg is None:
+        tokenizer = open_clip.get_tokenizer(cfg.name)
+    else:
+        ctx = cfg.model_cfg.get("text_cfg", {}).get("context_length", 77)
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
+    return Backbone(model, tokenizer, preprocess, identity)
+
+
+def _from_tag(cfg: BackboneConfig, tag: str) -> tuple[bool, nn.Module]:
+    looks_like_path = any(s in tag for s in ("/", "\\")) or Path(tag).suffix in (".pt", ".pth", ".bin", ".safetensors")
+    if looks_like_path:
+        raise BackboneError(f"backbone.pretrained: weights file not found: {tag}")
+    tags = open_clip.list_pretrained_tags_by_model(cfg.name)
+    if tag not in tags:
+        raise BackboneError(f"backbone.pretrained: {tag!r} is neither a file nor an open_clip tag of "
+                            f"{cfg.name} (tags: {tags})")
+    qg = open_clip.get_pretrained_cfg(cfg.name, tag).get("quick_gelu", False) if cfg.quick_gelu is None else cfg.quick_gelu
+    try:
+        model = open_clip.create_model(cfg.name, pretrained=tag, force_quick_gelu=qg)
+    except Exception as e:
+        raise BackboneError(
+            f"could not fetch open_clip weights {cfg.name}/{tag} ({type(e).__name__}); this needs network "
+            f"access. Download the weights file elsewhere (e.g. OpenAI's ViT-B-32.pt) and pass it as "
+            f"backbone.pretrained=/path/to/weights.pt"
+        ) from None
+    return qg, model

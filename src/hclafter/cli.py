@@ -1,0 +1,116 @@
+"""The ``hclafter`` command: a thin layer over the library functions."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import ConfigError, load_config
+
+
+def _metrics_table(metrics: dict) -> str:
+    rows = [("accuracy", metrics["accuracy"]), ("macro_f1", metrics["macro_f1"]),
+            ("polarity_accuracy", metrics["polarity_accuracy"])]
+    rows += [(f"stage{s + 1}_accuracy", a) for s, a in enumerate(metrics.get("stage_accuracy") or [])]
+    rows += [(f"ldl_{k}", v) for k, v in metrics["ldl"].items()]
+    return "\n".join(f"{name:<22}{value:.4f}" for name, value in rows)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .run import train_run
+
+    cfg = load_config(args.config, args.overrides)
+    summary = train_run(cfg, Path(args.out), progress=not args.quiet)
+    print(f"run written to {args.out} (best epoch {summary['best_epoch']} on val)")
+    print(_metrics_table(summary["test"]))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .run import load_run
+
+    metrics = load_run(args.run_dir, args.device).evaluate(args.split, progress=not args.json)
+    print(json.dumps(metrics, indent=2) if args.json else _metrics_table(metrics))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .run import load_run
+
+    result = load_run(args.run_dir, args.device).predict(args.images)
+    items = [{"image": str(path), "label": label,
+              "distribution": {c: round(float(p), 6) for c, p in zip(result.classes, dist)}}
+             for path, label, dist in zip(args.images, result.labels, result.distributions)]
+    if args.json:
+        print(json.dumps(items if len(items) > 1 else items[0], indent=2))
+    else:
+        for item in items:
+            top = sorted(item["distribution"].items(), key=lambda kv: -kv[1])[:3]
+            print(f"{item['image']}: {item['label']}  (" + ", ".join(f"{c} {p:.3f}" for c, p in top) + ")")
+    return 0
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    from .baselines import zeroshot_eval
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = zeroshot_eval(cfg, args.split, progress=not args.json)
+    print(json.dumps(metrics, indent=2) if args.json else _metrics_table(metrics))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hclafter", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
+                       help="config file; repeat to merge several (later ones win)")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+    p = sub.add_parser("train", help="stage 1 + stage 2 training into a run directory")
+    with_config(p)
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a finished run on one of its saved splits")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--json", action="store_true", help="print all metrics as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top emotion and predicted distribution for image files")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("zeroshot", help="zero-shot CLIP baseline with the label space's templates")
+    with_config(p)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_zeroshot)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .backbone import BackboneError
+    from .data import DataError
+    from .run import RunError
+    from .text import TextCorpusError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, BackboneError, RunError, TextCorpusError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

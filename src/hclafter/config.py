@@ -1,0 +1,210 @@
+"""Typed run configuration: dataclasses merged from YAML files and ``key.sub=value`` overrides.
+
+OmegaConf structured configs give type checking and reject unknown keys, so a typo in a
+config file or an override fails before any data is read or model built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PARAM_GROUPS = ("prompts", "layernorms", "classifier", "stage_adapters", "fusion", "nga", "backbone")
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "ViT-B-32"
+    # A local weights file (OpenAI JIT archive, OpenAI/open_clip state dict, .safetensors) or an
+    # open_clip pretrained tag (needs network access). None: random initialisation.
+    pretrained: Optional[str] = None
+    # None: automatic (QuickGELU for OpenAI weights, as they were trained with it).
+    quick_gelu: Optional[bool] = None
+    # A full open_clip model config (embed_dim, vision_cfg, text_cfg) for architectures that are
+    # not built in, e.g. the tiny test models. `name` then only labels it.
+    model_cfg: Optional[dict[str, Any]] = None
+    init_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    prompt_tokens: int = 50
+    prompt_dropout: float = 0.0
+    stages: list[list[int]] = field(default_factory=lambda: [[5, 6, 7], [8, 9], [10, 11, 12]])
+    nga_init_sigma: float = 1.0
+    stage_adapters: bool = True
+    # Legacy behaviour of the reference code: feed un-normalised image features to the classifier.
+    normalize_features: bool = True
+
+
+@dataclass
+class DistributionConfig:
+    source: str = "wheel"  # wheel: strategy1 from the label; dataset: the images' own vote distributions
+    sigma: float = 1.0
+    epsilon: float = 0.1
+    exclusion: bool = False
+
+
+@dataclass
+class SyntheticConfig:
+    per_class: int = 40
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    format: str = "synthetic"
+    root: Optional[str] = None
+    label_space: str = "mikels8"
+    # train / val / test fractions for datasets without an official split.
+    split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.05, 0.15])
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    num_workers: int = 0
+    distribution: DistributionConfig = field(default_factory=DistributionConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class TextConfig:
+    """Stage 1: the text-only classifier."""
+
+    descriptions: Optional[str] = None  # JSON {class: [sentence, ...]}; None: the shipped corpus
+    templates: Optional[list[str]] = None  # None: the shipped templates of the label space
+    steps: int = 500
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    noise_std: float = 0.1
+    label_smoothing: float = 0.1
+    balance_classes: bool = False
+    batch_size: int = 256  # encoding batch only; training is full-batch
+
+
+@dataclass
+class LossConfig:
+    name: str = "dual_task"  # ce | ls_ce | dual_task
+    label_smoothing: float = 0.1
+    lam: float = 0.8
+    temperature: float = 1.0
+
+
+@dataclass
+class PhaseConfig:
+    epochs: int = 1
+    train: list[str] = field(default_factory=list)
+    consistency: bool = False
+
+
+def _default_phases() -> list[PhaseConfig]:
+    first = ["stage_adapters", "fusion"]
+    every = first + ["nga", "prompts", "layernorms", "classifier"]
+    return [PhaseConfig(3, first, False), PhaseConfig(3, every, False), PhaseConfig(2, every, True)]
+
+
+@dataclass
+class TrainConfig:
+    """Stage 2: image tuning."""
+
+    lr: dict[str, float] = field(
+        default_factory=lambda: {
+            "prompts": 1e-4, "layernorms": 1e-4, "classifier": 1e-4,
+            "stage_adapters": 1e-4, "fusion": 1e-4, "nga": 1e-5, "backbone": 1e-5,
+        }
+    )
+    weight_decay: float = 0.01
+    warmup_epochs: float = 0.5
+    phases: list[PhaseConfig] = field(default_factory=_default_phases)
+    # Also tune the non-LayerNorm image-tower weights whenever `layernorms` is trained.
+    train_backbone: bool = False
+    loss: LossConfig = field(default_factory=LossConfig)
+    consistency_weight: float = 0.1
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    cache_dir: Optional[str] = None  # text-embedding and synthetic-data cache; None: ~/.cache/hclafter
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the offending key or file."""
+
+
+def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
+    """Merge YAML files (later ones win) and ``key.sub=value`` overrides onto the defaults."""
+    merged = OmegaConf.structured(Config)
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{path}: {e.msg if hasattr(e, 'msg') else e}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    try:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"command-line override: {e.msg if hasattr(e, 'msg') else e}") from None
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than types: value ranges and cross-field consistency."""
+    if cfg.precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"precision: {cfg.precision!r} is not one of fp32, bf16, fp16")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device: {cfg.device!r} is not one of auto, cpu, cuda")
+    if cfg.model.prompt_tokens < 0:
+        raise ConfigError(f"model.prompt_tokens must be >= 0, got {cfg.model.prompt_tokens}")
+    if not cfg.model.stages or any(not s for s in cfg.model.stages):
+        raise ConfigError("model.stages must be a non-empty list of non-empty layer lists")
+    if cfg.train.loss.name not in ("ce", "ls_ce", "dual_task"):
+        raise ConfigError(f"train.loss.name: {cfg.train.loss.name!r} is not one of ce, ls_ce, dual_task")
+    if not 0.0 <= cfg.train.loss.lam <= 1.0:
+        raise ConfigError(f"train.loss.lam must be in [0, 1], got {cfg.train.loss.lam}")
+    if cfg.train.loss.temperature <= 0:
+        raise ConfigError(f"train.loss.temperature must be > 0, got {cfg.train.loss.temperature}")
+    if not cfg.train.phases:
+        raise ConfigError("train.phases must list at least one phase")
+    for i, phase in enumerate(cfg.train.phases):
+        if phase.epochs < 1:
+            raise ConfigError(f"train.phases[{i}].epochs must be >= 1, got {phase.epochs}")
+        unknown = sorted(set(phase.train) - set(PARAM_GROUPS))
+        if unknown:
+            raise ConfigError(f"train.phases[{i}].train: unknown groups {unknown}; valid: {list(PARAM_GROUPS)}")
+    missing = sorted(set(PARAM_GROUPS) - set(cfg.train.lr))
+    if missing:
+        raise ConfigError(f"train.lr: no learning rate for groups {missing}")
+    ratios = cfg.data.split_ratios
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6 or ratios[1] <= 0:
+        raise ConfigError(f"data.split_ratios must be 3 non-negative fractions summing to 1 with val > 0, got {ratios}")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    OmegaConf.save(OmegaConf.structured(cfg), path)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def config_from_dict(data: DictConfig | dict) -> Config:
+    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))  # type: ignore[assignment]
+    validate(cfg)
+    return cfg

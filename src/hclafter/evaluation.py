@@ -1,0 +1,65 @@
+"""Running a classifier over a split and computing the field's metrics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .emotions import Wheel
+from .metrics import classification_metrics, ldl_metrics, polarity_accuracy, stage_accuracies
+
+# images → (fused logits [B, C], per-stage logits [S, B, C] or None)
+Classify = Callable[[torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+@dataclass
+class Predictions:
+    logits: np.ndarray  # [N, C]
+    stage_logits: Optional[np.ndarray]  # [S, N, C]
+    labels: np.ndarray  # [N]
+    distributions: np.ndarray  # [N, C] targets
+    indices: np.ndarray  # [N] positions in the split
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        z = self.logits - self.logits.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+@torch.no_grad()
+def predict(classify: Classify, loader: DataLoader, accelerator=None, desc: str = "eval",
+            progress: bool = True) -> Predictions:
+    """Predictions for every sample of ``loader``, in split order, gathered across processes."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logits", "stage", "label", "dist", "index")}
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        logits, stage = classify(batch["image"].to(device))
+        values = {"logits": logits.float(), "label": batch["label"].to(device),
+                  "dist": batch["distribution"].to(device), "index": batch["index"].to(device)}
+        if stage is not None:
+            values["stage"] = stage.float().transpose(0, 1)  # batch first, so gathering concatenates samples
+        if accelerator is not None:
+            values = accelerator.gather_for_metrics(values)
+        for key, value in values.items():
+            parts[key].append(value.cpu())
+    order = torch.cat(parts["index"]).argsort()
+    stage = torch.cat(parts["stage"])[order].transpose(0, 1).numpy() if parts["stage"] else None
+    return Predictions(torch.cat(parts["logits"])[order].numpy(), stage, torch.cat(parts["label"])[order].numpy(),
+                       torch.cat(parts["dist"])[order].numpy(), torch.cat(parts["index"])[order].numpy())
+
+
+def compute_metrics(preds: Predictions, wheel: Wheel) -> dict:
+    """Accuracy, macro-F1, per-class scores, confusion matrix, polarity and per-stage accuracy, LDL."""
+    y_pred = preds.logits.argmax(axis=1)
+    out = classification_metrics(preds.labels, y_pred, wheel.classes)
+    out["polarity_accuracy"] = polarity_accuracy(preds.labels, y_pred, wheel.polarity)
+    if preds.stage_logits is not None:
+        out["stage_accuracy"] = stage_accuracies(preds.stage_logits, preds.labels)
+    out["ldl"] = ldl_metrics(preds.probabilities, preds.distributions)
+    out["num_samples"] = int(len(preds.labels))
+    return out

@@ -1,0 +1,100 @@
+"""HybridCascade-LaFTer: the whole forward pass.
+
+images → patch embedding (+ visual prompts) → CLS after each extraction layer, through the
+tower's own ln_post/proj → per-stage NGA → stage adapters → shared text-trained classifier →
+learned fusion of the stage logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .adapters import StageAdapter
+from .backbone import Backbone
+from .classifier import TextClassifier
+from .config import ModelConfig
+from .features import check_vit, cls_after_blocks, embed_patches, project
+from .fusion import StageFusion
+from .nga import NGA
+from .prompts import VisualPrompts
+
+__all__ = ["HybridCascadeLaFTer", "ModelOutput", "NGA", "build_model"]
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # fused, [B, C]
+    stage_logits: torch.Tensor  # [S, B, C]
+
+
+class HybridCascadeLaFTer(nn.Module):
+    """Multi-stage CLS features of a prompted CLIP ViT, classified by one shared text classifier.
+
+    With ``stages=[[L]]`` and no adapters it is plain LaFTer (final layer only).
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int, prompt_tokens: int = 50,
+                 stages: Sequence[Sequence[int]] = ((5, 6, 7), (8, 9), (10, 11, 12)),
+                 stage_adapters: bool = True, nga_init_sigma: float = 1.0, prompt_dropout: float = 0.0,
+                 normalize_features: bool = True) -> None:
+        super().__init__()
+        self.visual = backbone.model.visual
+        depth = check_vit(self.visual)
+        self.stages = [sorted(stage) for stage in stages]
+        for i, stage in enumerate(self.stages):
+            bad = [layer for layer in stage if not 1 <= layer <= depth]
+            if bad or len(set(stage)) != len(stage):
+                raise ValueError(f"model.stages[{i}] = {stage}: layers must be distinct numbers in 1..{depth} "
+                                 f"(this backbone has {depth} blocks)")
+        self.extraction_layers = sorted({layer for stage in self.stages for layer in stage})
+        # Positions of each stage's layers in the stacked layer-feature tensor.
+        self._stage_index = [[self.extraction_layers.index(layer) for layer in stage] for stage in self.stages]
+
+        width = self.visual.conv1.out_channels
+        dim = self.visual.output_dim
+        patch = self.visual.conv1.kernel_size[0]
+        self.prompts = VisualPrompts(prompt_tokens, width, patch, prompt_dropout) if prompt_tokens > 0 else None
+        self.nga = nn.ModuleList(NGA(len(stage), nga_init_sigma) for stage in self.stages)
+        self.adapters = nn.ModuleList(StageAdapter(dim) for _ in self.stages) if stage_adapters else None
+        self.classifier = TextClassifier(dim, num_classes, normalize_features)
+        self.fusion = StageFusion(len(self.stages))
+
+    def layer_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] → [len(extraction_layers), B, D]."""
+        tokens = embed_patches(self.visual, images)
+        if self.prompts is not None:
+            tokens = self.prompts(tokens)
+        return project(self.visual, cls_after_blocks(self.visual, tokens, self.extraction_layers))
+
+    def head(self, features: torch.Tensor) -> ModelOutput:
+        """Everything after the encoder: [n, B, D] layer features → fused and per-stage logits."""
+        stage_logits = []
+        for s, index in enumerate(self._stage_index):
+            z = self.nga[s](features[index])
+            if self.adapters is not None:
+                z = self.adapters[s](z)
+            stage_logits.append(self.classifier(z))
+        stacked = torch.stack(stage_logits)
+        return ModelOutput(self.fusion(stacked), stacked)
+
+    def forward_stages(self, images: torch.Tensor) -> ModelOutput:
+        return self.head(self.layer_features(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(images).logits
+
+    def nga_weights(self) -> list[list[float]]:
+        return [m.weights().tolist() for m in self.nga]
+
+    def fusion_weights(self) -> list[float]:
+        return self.fusion.weights().tolist()
+
+
+def build_model(backbone: Backbone, num_classes: int, cfg: Optional[ModelConfig] = None) -> HybridCascadeLaFTer:
+    cfg = cfg or ModelConfig()
+    return HybridCascadeLaFTer(backbone, num_classes, prompt_tokens=cfg.prompt_tokens, stages=cfg.stages,
+                               stage_adapters=cfg.stage_adapters, nga_init_sigma=cfg.nga_init_sigma,
+                               prompt_dropout=cfg.prompt_dropout, normalize_features=cfg.normalize_features)

@@ -1,0 +1,151 @@
+"""PNG figures for training runs: learning curves, confusion matrices and NGA/fusion weights.
+
+Uses the Agg backend so plotting works on headless training machines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+ACCURACY_KEYS = ("train_accuracy", "val_accuracy", "val_macro_f1")
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Write the figure as PNG and close it so long runs do not accumulate open figures."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _plot_key(ax: Axes, records: list[dict], key: str) -> None:
+    """Plot one scalar key vs epoch, skipping records where it is missing."""
+    points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+    if points:
+        epochs, values = zip(*points)
+        ax.plot(epochs, values, marker="o", markersize=3, label=key)
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """Loss panel (every ``train_*loss`` key) and accuracy/F1 panel vs epoch."""
+    loss_keys = list(
+        dict.fromkeys(
+            k for r in records for k in r if k.startswith("train_") and k.endswith("loss")
+        )
+    )
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in loss_keys:
+        _plot_key(loss_ax, records, key)
+    for key in ACCURACY_KEYS:
+        _plot_key(acc_ax, records, key)
+    for ax, title in ((loss_ax, "Loss"), (acc_ax, "Accuracy / macro-F1")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_confusion(
+    cm: Sequence[Sequence[int]],
+    class_names: Sequence[str],
+    path: Path,
+    normalize: bool = True,
+) -> None:
+    """Confusion heat map (rows = true class); ``normalize`` shows per-class recall rates."""
+    matrix = np.asarray(cm, dtype=np.float64)
+    if normalize:
+        row_sums = matrix.sum(axis=1, keepdims=True)
+        matrix = np.divide(matrix, row_sums, out=np.zeros_like(matrix), where=row_sums > 0)
+    n = len(class_names)
+    size = max(4.0, 0.6 * n + 2.0)
+    fig, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(matrix, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    threshold = matrix.max() / 2 if matrix.size else 0.0
+    for i in range(n):
+        for j in range(n):
+            text = f"{matrix[i, j]:.2f}" if normalize else str(int(matrix[i, j]))
+            color = "white" if matrix[i, j] > threshold else "black"
+            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix" + (" (row-normalised)" if normalize else ""))
+    _save(fig, path)
+
+
+def _nested(value: object, index: Sequence[int]) -> float | None:
+    """``value[i][j]...`` or None when any level is missing (records may differ in shape)."""
+    for i in index:
+        if not isinstance(value, Sequence) or i >= len(value):
+            return None
+        value = value[i]
+    return float(value)
+
+
+def _plot_weight_series(
+    ax: Axes, records: list[dict], key: str, index: Sequence[int], label: str
+) -> None:
+    """Plot ``record[key][index...]`` vs epoch for the records that have that entry."""
+    points = [
+        (r["epoch"], v) for r in records if (v := _nested(r.get(key), index)) is not None
+    ]
+    if points:
+        epochs, values = zip(*points)
+        ax.plot(epochs, values, marker="o", markersize=3, label=label)
+
+
+def plot_stage_weights(
+    records: list[dict],
+    path: Path,
+    layer_names: list[list[str]] | None = None,
+) -> None:
+    """One panel per stage with its NGA layer weights, plus one with the stage fusion weights.
+
+    Shows how the learned layer selection and stage fusion evolve; writes nothing when the
+    records carry neither kind of weight (e.g. a model without NGA or fusion).
+    """
+    nga = [r["nga_weights"] for r in records if r.get("nga_weights") is not None]
+    fusion = [r["fusion_weights"] for r in records if r.get("fusion_weights") is not None]
+    if not nga and not fusion:
+        return
+    layers_per_stage = [
+        max((len(w[s]) for w in nga if s < len(w)), default=0)
+        for s in range(max((len(w) for w in nga), default=0))
+    ]
+    num_panels = len(layers_per_stage) + bool(fusion)
+    fig, axes = plt.subplots(1, num_panels, figsize=(4 * num_panels, 3.5), squeeze=False)
+    for s, num_layers in enumerate(layers_per_stage):
+        ax = axes[0, s]
+        for k in range(num_layers):
+            label = layer_names[s][k] if layer_names is not None else f"k={k}"
+            _plot_weight_series(ax, records, "nga_weights", (s, k), label)
+        ax.set_title(f"NGA weights, stage {s}")
+    if fusion:
+        ax = axes[0, -1]
+        for s in range(max(len(w) for w in fusion)):
+            _plot_weight_series(ax, records, "fusion_weights", (s,), f"stage {s}")
+        ax.set_title("Fusion weights")
+    for ax in axes[0]:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("weight")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    _save(fig, path)

@@ -1,0 +1,141 @@
+"""Stage 1: the text-only classifier, trained on CLIP text embeddings of class descriptions.
+
+Also the zero-shot classifier (template embeddings averaged per class), which shares the
+text encoding and its cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .backbone import Backbone
+from .config import TextConfig
+from .emotions import Wheel
+
+
+class TextCorpusError(ValueError):
+    """A descriptions or templates problem, naming the file and class."""
+
+
+def _resource(*parts: str):
+    return resources.files("hclafter").joinpath("resources", *parts)
+
+
+def load_descriptions(wheel: Wheel, path: Optional[str] = None) -> dict[str, list[str]]:
+    """Class descriptions ``{class: [sentence, ...]}``; the shipped corpus when ``path`` is None."""
+    source = _resource("descriptions", f"{wheel.name}.json") if path is None else Path(path).expanduser()
+    try:
+        raw = json.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TextCorpusError(f"text.descriptions: file not found: {source}") from None
+    except json.JSONDecodeError as e:
+        raise TextCorpusError(f"{source}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise TextCorpusError(f"{source}: expected an object {{class: [sentence, ...]}}")
+    by_name = {str(k).strip().lower(): v for k, v in raw.items()}
+    out: dict[str, list[str]] = {}
+    for name in wheel.classes:
+        sentences = by_name.get(name)
+        if not sentences or not isinstance(sentences, list):
+            raise TextCorpusError(f"{source}: no descriptions for class {name!r} (label space {wheel.name}: "
+                                  f"{list(wheel.classes)})")
+        out[name] = [s.strip() for s in sentences if isinstance(s, str) and s.strip()]
+    return out
+
+
+def load_templates(wheel: Wheel, templates: Optional[Sequence[str]] = None) -> list[str]:
+    if templates is None:
+        templates = json.loads(_resource("templates.json").read_text(encoding="utf-8"))[wheel.name]
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad:
+        raise TextCorpusError(f"text.templates: each template needs exactly one '{{}}' placeholder, got {bad}")
+    return list(templates)
+
+
+def class_texts(wheel: Wheel, descriptions: dict[str, list[str]], templates: Sequence[str]) -> tuple[list[str], list[int]]:
+    """Descriptions plus templates formatted with each class name, with their class indices."""
+    texts: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(wheel.classes):
+        for text in descriptions[name] + [t.format(name.replace("_", " ")) for t in templates]:
+            texts.append(text)
+            labels.append(label)
+    return texts, labels
+
+
+def _check_context(backbone: Backbone, texts: Sequence[str]) -> None:
+    encoder = getattr(backbone.tokenizer, "encode", None)
+    limit = getattr(backbone.tokenizer, "context_length", None)
+    if encoder is None or limit is None:
+        return
+    too_long = [t for t in texts if len(encoder(t)) + 2 > limit]
+    if too_long:
+        raise TextCorpusError(f"{len(too_long)} text(s) exceed the {limit}-token context, e.g. {too_long[0]!r}; "
+                              "shorten them")
+
+
+@torch.no_grad()
+def encode_texts(backbone: Backbone, texts: Sequence[str], cache_dir: Optional[Path] = None,
+                 batch_size: int = 256, device: torch.device | str = "cpu") -> torch.Tensor:
+    """L2-normalised text embeddings [N, D], cached on disk by backbone identity and texts."""
+    key = hashlib.sha256(json.dumps([backbone.identity, list(texts)], sort_keys=True).encode()).hexdigest()[:24]
+    cache = cache_dir / "text" / f"{key}.safetensors" if cache_dir is not None else None
+    if cache is not None and cache.is_file():
+        return load_file(str(cache))["features"]
+    _check_context(backbone, texts)
+    model = backbone.model.to(device)
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        tokens = backbone.tokenizer(list(texts[start:start + batch_size])).to(device)
+        chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    features = torch.cat(chunks)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        save_file({"features": features.contiguous()}, str(tmp))
+        tmp.replace(cache)
+    return features
+
+
+def train_text_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: TextConfig,
+                          seed: int) -> tuple[torch.Tensor, list[float]]:
+    """Full-batch AdamW on noisy unit-norm text features; returns (U [C, D], loss per step).
+
+    Gaussian noise (σ = ``noise_std`` per dimension) is added to the features at every step and
+    the linear map is applied to them directly, as in LaFTer; at inference the image features are
+    unit-norm like the clean text features.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        linear = torch.nn.Linear(features.shape[1], num_classes, bias=False)
+    optimizer = torch.optim.AdamW(linear.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    weight = None
+    if cfg.balance_classes:
+        counts = torch.bincount(labels, minlength=num_classes).float()
+        weight = counts.sum() / (num_classes * counts.clamp(min=1))
+    history = []
+    for _ in range(cfg.steps):
+        noisy = features + torch.randn(features.shape, generator=generator) * cfg.noise_std
+        loss = F.cross_entropy(linear(noisy), labels, weight=weight, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    return linear.weight.detach().clone(), history
+
+
+@torch.no_grad()
+def zeroshot_weights(backbone: Backbone, wheel: Wheel, templates: Sequence[str], cache_dir: Optional[Path] = None,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """Zero-shot CLIP classifier [C, D]: each class's template embeddings, averaged and re-normalised."""
+    texts = [t.format(name.replace("_", " ")) for name in wheel.classes for t in templates]
+    features = encode_texts(backbone, texts, cache_dir, device=device).view(wheel.num_classes, len(templates), -1)
+    return F.normalize(features.mean(dim=1), dim=-1)
