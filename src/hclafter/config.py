@@ -144,12 +144,15 @@ class ConfigError(ValueError):
 def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
     """Merge YAML files (later ones win) and ``key.sub=value`` overrides onto the defaults."""
     merged = OmegaConf.structured(Config)
+    required: set[str] = set()  # keys a file marks '???': the user must supply them
     for path in paths:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            required |= OmegaConf.missing_keys(loaded)
+            merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
             raise ConfigError(f"{path}: {e.msg if hasattr(e, 'msg') else e}") from None
     for item in overrides:
@@ -159,6 +162,9 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:
         raise ConfigError(f"command-line override: {e.msg if hasattr(e, 'msg') else e}") from None
+    missing = sorted(k for k in required | OmegaConf.missing_keys(merged) if OmegaConf.select(merged, k) in (None, "???"))
+    if missing:
+        raise ConfigError(f"no value given for {', '.join(missing)}: set it in a config file or as key=value")
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg)
     return cfg

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny random open_clip models and synthetic data, built once per session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hclafter.backbone import load_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
+
+# 12 image blocks so the default stages apply; everything else as small as possible.
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 12, "head_width": 16, "mlp_ratio": 2.0},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "mlp_ratio": 2.0},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    return load_backbone("tiny", model_cfg=TINY_CFG)
+
+
+@pytest.fixture(scope="session")
+def vitb32():
+    return load_backbone("ViT-B-32")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
