@@ -342,3 +342,13 @@ def test_tokenizer_follows_model_cfg_context_length():
     cfg["text_cfg"]["context_length"] = 16
     bb = load_backbone("tiny", model_cfg=cfg)
     assert bb.tokenizer(["a photo", "b"]).shape == (2, 16)
+
+
+def test_corrupt_checkpoints_and_tag_with_model_cfg_are_clear_errors(tmp_path):
+    for name in ("w.safetensors", "w.pt"):
+        path = tmp_path / name
+        path.write_bytes(b"\x00garbage" * 10)
+        with pytest.raises(BackboneError, match=f"{name}: not a readable checkpoint"):
+            load_backbone("tiny", str(path), model_cfg=TINY)
+    with pytest.raises(BackboneError, match="cannot be combined with an open_clip tag"):
+        load_backbone("ViT-B-32", "openai", model_cfg=TINY)

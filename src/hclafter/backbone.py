@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import open_clip
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .config import BackboneConfig
@@ -67,20 +68,17 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
     The OpenAI JIT archive is loaded with ``torch.jit.load``, which trusts the file; every other
     format is read without unpickling code (safetensors, or ``torch.load(weights_only=True)``).
     """
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-        is_openai = False
-    elif _is_torchscript(path):
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        is_openai = True
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise BackboneError(f"{path}: not a readable checkpoint ({e}); pass an OpenAI .pt archive, "
-                                "a state dict (.pt/.bin) or a .safetensors file") from None
+    try:
+        if path.suffix == ".safetensors":
+            state, is_openai = load_file(str(path)), False
+        elif _is_torchscript(path):
+            state, is_openai = torch.jit.load(str(path), map_location="cpu").state_dict(), True
+        else:
+            state, is_openai = torch.load(path, map_location="cpu", weights_only=True), False
+    except Exception as e:
+        raise BackboneError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); pass an OpenAI .pt "
+                            "archive, a state dict (.pt/.bin) or a .safetensors file") from None
+    if not is_openai:
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict):
@@ -141,10 +139,8 @@ def backbone_from_config(cfg: BackboneConfig) -> Backbone:
         identity["weights"] = {"open_clip_tag": pretrained}
     identity["quick_gelu"] = qg
     model.eval()
-    preprocess = open_clip.image_transform(
-        model.visual.image_size, is_train=False,
-        mean=getattr(model.visual, "image_mean", None), std=getattr(model.visual, "image_std", None),
-    )
+    preprocess_cfg = open_clip.transform.PreprocessCfg(**open_clip.get_model_preprocess_cfg(model))
+    preprocess = open_clip.transform.image_transform_v2(preprocess_cfg, is_train=False)
     if cfg.model_cfg is None:
         tokenizer = open_clip.get_tokenizer(cfg.name)
     else:
@@ -154,6 +150,9 @@ def backbone_from_config(cfg: BackboneConfig) -> Backbone:
 
 
 def _from_tag(cfg: BackboneConfig, tag: str) -> tuple[bool, nn.Module]:
+    if cfg.model_cfg is not None:
+        raise BackboneError("backbone.model_cfg cannot be combined with an open_clip tag; give a weights file "
+                            "as backbone.pretrained, or drop model_cfg and name a built-in architecture")
     looks_like_path = any(s in tag for s in ("/", "\\")) or Path(tag).suffix in (".pt", ".pth", ".bin", ".safetensors")
     if looks_like_path:
         raise BackboneError(f"backbone.pretrained: weights file not found: {tag}")
