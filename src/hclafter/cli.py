@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import describe
 from .config import ConfigError, load_config
 
 
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_zeroshot)
+
+    describe.add_parser(sub)
     return parser
 
 
@@ -107,7 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, BackboneError, RunError, TextCorpusError) as e:
+    except (ConfigError, DataError, BackboneError, RunError, TextCorpusError, describe.DescribeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -57,9 +57,19 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
+    # synthetic | manifest | imagefolder | fi | emoset | emotion6 | twitter1 | twitter2 | artphoto |
+    # abstract | flickrldl | twitterldl
     format: str = "synthetic"
     root: Optional[str] = None
-    label_space: str = "mikels8"
+    label_space: Optional[str] = None  # mikels8 | ekman6 | polarity2; None: the format's own
+    wheel_file: Optional[str] = None  # a custom wheel (YAML/JSON), replacing label_space
+    polarity: bool = False  # train and evaluate on 2-class positive/negative labels derived from the classes
+    emotion6_label: str = "folder"  # Emotion6 label: keyword folder, or argmax of the votes
+    ties: str = "skip"  # vote-derived labels with a tie: skip the image (counted) or take the first class
+    few_shot: Optional[int] = None  # images per class kept in train
+    splits_dir: Optional[str] = None  # re-use a run's splits/ folder instead of splitting again
+    skip_invalid: bool = False  # skip bad inputs (counted, listed in summary.json) instead of stopping
+    verify_images: bool = True  # decode every image once before training, to find unreadable files
     # train / val / test fractions for datasets without an official split.
     split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.05, 0.15])
     batch_size: int = 32
@@ -197,6 +207,14 @@ def validate(cfg: Config) -> None:
     missing = sorted(set(PARAM_GROUPS) - set(cfg.train.lr))
     if missing:
         raise ConfigError(f"train.lr: no learning rate for groups {missing}")
+    if cfg.data.emotion6_label not in ("folder", "argmax"):
+        raise ConfigError(f"data.emotion6_label: {cfg.data.emotion6_label!r} is not one of folder, argmax")
+    if cfg.data.ties not in ("skip", "first"):
+        raise ConfigError(f"data.ties: {cfg.data.ties!r} is not one of skip, first")
+    if cfg.data.few_shot is not None and cfg.data.few_shot < 1:
+        raise ConfigError(f"data.few_shot must be >= 1, got {cfg.data.few_shot}")
+    if cfg.data.distribution.source not in ("wheel", "dataset"):
+        raise ConfigError(f"data.distribution.source: {cfg.data.distribution.source!r} is not one of wheel, dataset")
     ratios = cfg.data.split_ratios
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6 or ratios[1] <= 0:
         raise ConfigError(f"data.split_ratios must be 3 non-negative fractions summing to 1 with val > 0, got {ratios}")

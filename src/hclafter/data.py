@@ -1,9 +1,13 @@
-"""Samples, splits and loaders. Every sample carries its own label and distribution, so
-shuffling can never pair an image with another image's distribution."""
+"""From a dataset root to checked splits and loaders.
+
+Every sample carries its own label and distribution, so shuffling can never pair an image with
+another image's distribution.
+"""
 from __future__ import annotations
 
 import csv
-from collections import defaultdict
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -14,63 +18,31 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .config import DataConfig
-from .emotions import Wheel, get_wheel, strategy1
+from .datasets import READERS, DataError, Listing, Problem, Sample, read_manifest
+from .emotions import POLARITY2, Wheel, get_wheel, load_wheel, strategy1
+from .images import ImageError, load_rgb
+
+__all__ = ["DataError", "DatasetSplits", "EmotionImages", "Problem", "Sample", "SPLITS", "check_dataset",
+           "load_split_files", "load_splits", "make_dataset", "make_loader", "stratified_split", "write_manifest"]
 
 SPLITS = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """Bad dataset input, reported with the file and line."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    path: str  # absolute image path
-    label: int
-    distribution: Optional[tuple[float, ...]] = None  # per-image votes, in the wheel's class order
+VERIFY_DRAFT = (256, 256)  # decoding at this size is enough to prove a file is a readable image
 
 
 @dataclass
 class DatasetSplits:
     wheel: Wheel
     splits: dict[str, list[Sample]] = field(default_factory=dict)
+    skipped: list[Problem] = field(default_factory=list)  # skipped bad inputs (data.skip_invalid)
+    dropped: list[Problem] = field(default_factory=list)  # removed by the dataset's protocol (tied votes)
 
     def __getitem__(self, split: str) -> list[Sample]:
         return self.splits[split]
 
-
-def read_manifest(path: Path, wheel: Wheel) -> list[tuple[Sample, Optional[str]]]:
-    """CSV with columns ``path,label`` and optional ``split`` and ``distribution``.
-
-    Paths are relative to the manifest's folder (or absolute); labels are class names; a
-    distribution is space-separated probabilities in the label space's class order.
-    """
-    base = path.parent
-    rows: list[tuple[Sample, Optional[str]]] = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"path", "label"} - set(reader.fieldnames or ())
-        if missing:
-            raise DataError(f"{path}: header lacks column(s) {sorted(missing)}; expected path,label[,split][,distribution]")
-        for line, row in enumerate(reader, start=2):
-            try:
-                label = wheel.index(row["label"])
-            except KeyError as e:
-                raise DataError(f"{path}:{line}: {e.args[0]}") from None
-            dist = None
-            if row.get("distribution"):
-                values = np.array([float(v) for v in row["distribution"].split()])
-                if values.shape != (wheel.num_classes,) or (values < 0).any() or abs(values.sum() - 1) > 1e-3:
-                    raise DataError(f"{path}:{line}: distribution must be {wheel.num_classes} non-negative "
-                                    f"probabilities summing to 1, got {row['distribution']!r}")
-                dist = tuple(float(v) for v in values / values.sum())
-            split = row.get("split") or None
-            if split is not None and split not in SPLITS:
-                raise DataError(f"{path}:{line}: split {split!r} is not one of {SPLITS}")
-            rows.append((Sample(str((base / row["path"]).resolve()), label, dist), split))
-    if not rows:
-        raise DataError(f"{path}: no samples")
-    return rows
+    def skipped_summary(self) -> dict:
+        items = self.skipped + self.dropped
+        return {"count": len(items), "by_kind": dict(Counter(p.kind for p in items)),
+                "items": [{"kind": p.kind, "where": p.where, "message": p.message} for p in items]}
 
 
 def write_manifest(path: Path, samples: Sequence[Sample], wheel: Wheel, split: Optional[str] = None) -> None:
@@ -84,8 +56,8 @@ def write_manifest(path: Path, samples: Sequence[Sample], wheel: Wheel, split: O
 
 
 def stratified_split(samples: Sequence[Sample], ratios: Sequence[float], seed: int) -> dict[str, list[Sample]]:
-    """Per-class seeded shuffle, then train/val/test by ``ratios``; every non-empty class gets a
-    validation sample when it has at least 3 images."""
+    """Per-class seeded shuffle, then train/val/test by ``ratios``; every class with at least 3
+    images gets a validation and (if asked for) a test image."""
     by_class: dict[int, list[Sample]] = defaultdict(list)
     for s in samples:
         by_class[s.label].append(s)
@@ -103,37 +75,170 @@ def stratified_split(samples: Sequence[Sample], ratios: Sequence[float], seed: i
     return out
 
 
-def load_splits(cfg: DataConfig, seed: int, cache_dir: Path) -> DatasetSplits:
-    """Read the configured dataset and split it (official split where the data has one)."""
-    wheel = get_wheel(cfg.label_space)
+def few_shot(samples: Sequence[Sample], shots: int, seed: int) -> list[Sample]:
+    """At most ``shots`` images per class, drawn with a seed (independent of the input order)."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[Sample]] = defaultdict(list)
+    for s in sorted(samples, key=lambda s: s.path):
+        by_class[s.label].append(s)
+    out: list[Sample] = []
+    for label in sorted(by_class):
+        items = by_class[label]
+        out += [items[i] for i in sorted(rng.permutation(len(items))[:shots])]
+    return out
+
+
+def to_polarity(splits: dict[str, list[Sample]], wheel: Wheel) -> dict[str, list[Sample]]:
+    """2-class positive/negative labels (and distributions summed by polarity) from finer labels."""
+    positive = np.array(wheel.polarity, dtype=bool)
+
+    def convert(s: Sample) -> Sample:
+        dist = None
+        if s.distribution is not None:
+            d = np.asarray(s.distribution)
+            dist = (float(d[positive].sum()), float(d[~positive].sum()))
+        return Sample(s.path, 0 if wheel.polarity[s.label] else 1, dist)
+
+    return {name: [convert(s) for s in samples] for name, samples in splits.items()}
+
+
+def resolve_wheel(cfg: DataConfig) -> Wheel:
+    if cfg.wheel_file is not None:
+        return load_wheel(cfg.wheel_file)
+    if cfg.label_space is not None:
+        return get_wheel(cfg.label_space)
+    if cfg.format == "synthetic":
+        return get_wheel("mikels8")
+    return get_wheel(READERS[cfg.format][1])
+
+
+def _read(cfg: DataConfig, wheel: Wheel, cache_dir: Path) -> Listing:
+    if cfg.splits_dir is not None:
+        folder = Path(cfg.splits_dir).expanduser()
+        listing = Listing()
+        for name in SPLITS:
+            if (folder / f"{name}.csv").is_file():
+                part = read_manifest(folder / f"{name}.csv", wheel)
+                listing.entries += [(s, name) for s, _ in part.entries]
+                listing.problems += part.problems
+        if not listing.entries:
+            raise DataError(f"data.splits_dir: no train/val/test.csv in {folder}")
+        return listing
     if cfg.format == "synthetic":
         from .synthetic import ensure_synthetic
 
-        manifest = ensure_synthetic(cfg, wheel, cache_dir)
-    elif cfg.format == "manifest":
-        if cfg.root is None:
-            raise DataError("data.root must name a manifest CSV (or a folder holding manifest.csv) for format 'manifest'")
-        root = Path(cfg.root).expanduser()
-        manifest = root / "manifest.csv" if root.is_dir() else root
-        if not manifest.is_file():
-            raise DataError(f"data.root: manifest not found: {manifest}")
+        return read_manifest(ensure_synthetic(cfg, wheel, cache_dir), wheel)
+    if cfg.format not in READERS:
+        raise DataError(f"data.format: unknown format {cfg.format!r}; available: synthetic, {', '.join(READERS)}")
+    if cfg.root is None:
+        raise DataError(f"data.root: required for data.format={cfg.format}")
+    root = Path(cfg.root).expanduser()
+    if not root.exists():
+        raise DataError(f"data.root: {root} does not exist")
+    if cfg.format != "manifest" and not root.is_dir():
+        raise DataError(f"data.root: {root} is not a folder (format {cfg.format} reads a dataset folder)")
+    return READERS[cfg.format][0](root, wheel, cfg)
+
+
+def _verify(path: str) -> Optional[str]:
+    try:
+        load_rgb(path, draft=VERIFY_DRAFT)
+        return None
+    except ImageError as e:
+        return str(e)
+
+
+def _check_files(listing: Listing, verify: bool, workers: int = 4) -> list[tuple[Sample, Optional[str]]]:
+    """Drop (and record) missing, unreadable and duplicate images; return the good entries."""
+    seen: dict[str, str] = {}
+    unique = []
+    for sample, split in listing.entries:
+        if sample.path in seen:
+            listing.problem("duplicate", sample.path, f"listed twice (in {seen[sample.path]} and "
+                                                      f"{split or 'the unsplit list'})")
+            continue
+        seen[sample.path] = split or "the unsplit list"
+        unique.append((sample, split))
+    present = []
+    for sample, split in unique:
+        if Path(sample.path).is_file():
+            present.append((sample, split))
+        else:
+            listing.problem("missing_file", sample.path, "image file not found")
+    if not verify:
+        return present
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        errors = list(pool.map(_verify, [s.path for s, _ in present]))
+    good = []
+    for (sample, split), error in zip(present, errors):
+        if error is None:
+            good.append((sample, split))
+        else:
+            listing.problem("unreadable_image", sample.path, error.split(": ", 1)[-1])
+    return good
+
+
+def _problem_report(problems: Sequence[Problem], limit: int = 10) -> str:
+    counts = Counter(p.kind for p in problems)
+    lines = [f"{len(problems)} bad input(s): " + ", ".join(f"{n} {k}" for k, n in counts.most_common())]
+    lines += [f"  {p}" for p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more (run `hclafter data check` for the full list)")
+    return "\n".join(lines)
+
+
+def check_dataset(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[Optional[DatasetSplits], list[Problem], list[Problem]]:
+    """Read and check everything without raising on per-item problems: (splits, problems, dropped)."""
+    wheel = resolve_wheel(cfg)
+    listing = _read(cfg, wheel, cache_dir)
+    good = _check_files(listing, cfg.verify_images)
+    if not good:
+        return None, listing.problems, listing.dropped
+    if all(split is not None for _, split in good):
+        splits = {name: [s for s, split in good if split == name] for name in SPLITS}
+        if not splits["val"]:
+            # Official splits without validation (e.g. FI as train/test): carve val from train, by class.
+            carved = stratified_split(splits["train"], [0.0, cfg.split_ratios[1] / sum(cfg.split_ratios[:2]), 0.0], seed)
+            splits["train"], splits["val"] = carved["train"], carved["val"]
     else:
-        raise DataError(f"data.format: unknown format {cfg.format!r}; available: synthetic, manifest")
-    rows = read_manifest(manifest, wheel)
-    if all(split is not None for _, split in rows):
-        splits = {name: [s for s, split in rows if split == name] for name in SPLITS}
-    else:
-        splits = stratified_split([s for s, _ in rows], cfg.split_ratios, seed)
+        splits = stratified_split([s for s, _ in good], cfg.split_ratios, seed)
+    if cfg.few_shot is not None:
+        splits["train"] = few_shot(splits["train"], cfg.few_shot, seed)
+    if cfg.polarity:
+        splits, wheel = to_polarity(splits, wheel), POLARITY2
+    return DatasetSplits(wheel, splits, [], listing.dropped), listing.problems, listing.dropped
+
+
+def load_splits(cfg: DataConfig, seed: int, cache_dir: Path) -> DatasetSplits:
+    """The configured dataset, checked and split (official split where the data has one).
+
+    Bad inputs stop here with a report, unless ``data.skip_invalid`` is set: then they are
+    skipped and listed in the run's summary.
+    """
+    data, problems, _ = check_dataset(cfg, seed, cache_dir)
+    if problems and not cfg.skip_invalid:
+        raise DataError(_problem_report(problems) + "\nfix them, or set data.skip_invalid=true to skip them "
+                                                    "(skips are counted and listed in summary.json)")
+    if data is None:
+        raise DataError(f"data.root: no usable images found for format {cfg.format}")
+    data.skipped = list(problems)
     for name in SPLITS:
-        if not splits[name]:
-            raise DataError(f"{manifest}: the {name} split is empty")
-    return DatasetSplits(wheel, splits)
+        if not data[name]:
+            raise DataError(f"the {name} split is empty ({sum(map(len, data.splits.values()))} images in all); "
+                            "check data.split_ratios and the dataset's split files")
+    return data
 
 
 def load_split_files(folder: Path, wheel: Wheel) -> DatasetSplits:
     """Re-create a run's splits from the manifests it wrote."""
-    return DatasetSplits(wheel, {name: [s for s, _ in read_manifest(folder / f"{name}.csv", wheel)]
-                                 for name in SPLITS if (folder / f"{name}.csv").is_file()})
+    splits = {}
+    for name in SPLITS:
+        if (folder / f"{name}.csv").is_file():
+            listing = read_manifest(folder / f"{name}.csv", wheel)
+            if listing.problems:
+                raise DataError(_problem_report(listing.problems))
+            splits[name] = [s for s, _ in listing.entries]
+    return DatasetSplits(wheel, splits)
 
 
 class EmotionImages(Dataset):
@@ -162,10 +267,9 @@ class EmotionImages(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         try:
-            with Image.open(sample.path) as im:
-                image = self.transform(im.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise DataError(f"{sample.path}: cannot read image ({e})") from None
+            image = self.transform(load_rgb(sample.path))
+        except ImageError as e:
+            raise DataError(str(e)) from None
         return {"image": image, "label": sample.label, "distribution": self.distributions[index], "index": index}
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from . import __version__
 from .backbone import Backbone, backbone_from_config
 from .config import Config, load_config, save_config
 from .data import SPLITS, DatasetSplits, load_split_files, load_splits, make_dataset, make_loader, write_manifest
-from .emotions import Wheel, get_wheel
+from .emotions import Wheel
 from .evaluation import Predictions, compute_metrics, predict
 from .model import HybridCascadeLaFTer, build_model
 from .plots import plot_confusion, plot_curves, plot_stage_weights
@@ -85,7 +86,8 @@ def _text_classifier(backbone: Backbone, wheel: Wheel, cfg: Config, cache: Path,
                      device: torch.device) -> tuple[torch.Tensor, dict]:
     """Stage 1: encode descriptions + templates, train U on them."""
     texts, labels = class_texts(wheel, load_descriptions(wheel, cfg.text.descriptions),
-                                load_templates(wheel, cfg.text.templates))
+                                load_templates(wheel, cfg.text.templates), backbone.tokenizer,
+                                cfg.text.descriptions or f"shipped {wheel.name} descriptions")
     features = encode_texts(backbone, texts, cache, cfg.text.batch_size, device)
     weight, history = train_text_classifier(features, torch.tensor(labels), wheel.num_classes, cfg.text, cfg.seed)
     return weight, {"texts": len(texts), "steps": cfg.text.steps, "final_loss": history[-1] if history else None}
@@ -209,11 +211,13 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
                        "added": sum(counts[g] for g in ("prompts", "classifier", "stage_adapters", "fusion", "nga")),
                        "by_group": counts},
         "num_samples": {s: len(data[s]) for s in SPLITS},
+        "skipped": data.skipped_summary(),
         "time_s": time.time() - started,
     })
     if main:
         _write_json(out_dir / "run.json", {"classes": list(wheel.classes), "label_space": wheel.name,
-                                           "backbone": backbone.identity, "extraction_layers": plain.extraction_layers,
+                                           "wheel": dataclasses.asdict(wheel), "backbone": backbone.identity,
+                                           "extraction_layers": plain.extraction_layers,
                                            "hclafter_version": __version__, "torch_version": torch.__version__})
         _write_json(out_dir / "summary.json", summary)
         _write_predictions(out_dir / "predictions.csv", preds, data["test"], wheel)
@@ -243,7 +247,9 @@ class TrainedRun:
         if device is not None:
             self.cfg.device = device
         info = json.loads((self.run_dir / "run.json").read_text(encoding="utf-8"))
-        self.wheel = get_wheel(info["label_space"])
+        w = info["wheel"]
+        self.wheel = Wheel(w["name"], tuple(w["classes"]), tuple(w["polarity"]),
+                           tuple(map(tuple, w["distances"])) if w.get("distances") else None)
         self.backbone = backbone_from_config(self.cfg.backbone)
         if self.backbone.identity != info["backbone"]:
             raise RunError(f"{self.run_dir}: backbone differs from the one the run was trained with "

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone
 from .config import TextConfig
-from .emotions import Wheel
+from .emotions import MIKELS8, Wheel
 
 
 class TextCorpusError(ValueError):
@@ -29,8 +29,18 @@ def _resource(*parts: str):
 
 
 def load_descriptions(wheel: Wheel, path: Optional[str] = None) -> dict[str, list[str]]:
-    """Class descriptions ``{class: [sentence, ...]}``; the shipped corpus when ``path`` is None."""
+    """Class descriptions ``{class: [sentence, ...]}``; the shipped corpus when ``path`` is None.
+
+    For the 2-class polarity space the shipped Mikels-8 sentences are pooled by polarity.
+    """
+    if path is None and wheel.name == "polarity2":
+        mikels = load_descriptions(MIKELS8)
+        return {name: [t for c, p in zip(MIKELS8.classes, MIKELS8.polarity) if p == pol for t in mikels[c]]
+                for name, pol in zip(wheel.classes, wheel.polarity)}
     source = _resource("descriptions", f"{wheel.name}.json") if path is None else Path(path).expanduser()
+    if path is None and not source.is_file():
+        raise TextCorpusError(f"no shipped descriptions for label space {wheel.name!r}; set text.descriptions to a "
+                              "JSON file {class: [sentence, ...]} (hclafter describe can write one)")
     try:
         raw = json.loads(source.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -46,39 +56,57 @@ def load_descriptions(wheel: Wheel, path: Optional[str] = None) -> dict[str, lis
         if not sentences or not isinstance(sentences, list):
             raise TextCorpusError(f"{source}: no descriptions for class {name!r} (label space {wheel.name}: "
                                   f"{list(wheel.classes)})")
-        out[name] = [s.strip() for s in sentences if isinstance(s, str) and s.strip()]
+        bad = [i for i, t in enumerate(sentences) if not isinstance(t, str) or not t.strip()]
+        if bad:
+            raise TextCorpusError(f"{source}: class {name!r}: entries {bad[:5]} are not non-empty strings")
+        out[name] = [t.strip() for t in sentences]
+    extra = sorted(set(by_name) - set(wheel.classes))
+    if extra:
+        raise TextCorpusError(f"{source}: classes {extra} are not in label space {wheel.name} {list(wheel.classes)}")
     return out
 
 
 def load_templates(wheel: Wheel, templates: Optional[Sequence[str]] = None) -> list[str]:
     if templates is None:
-        templates = json.loads(_resource("templates.json").read_text(encoding="utf-8"))[wheel.name]
+        shipped = json.loads(_resource("templates.json").read_text(encoding="utf-8"))
+        if wheel.name not in shipped:
+            raise TextCorpusError(f"no shipped templates for label space {wheel.name!r}; set text.templates to a "
+                                  "list of strings with one '{}' each")
+        templates = shipped[wheel.name]
     bad = [t for t in templates if t.count("{}") != 1]
     if bad:
         raise TextCorpusError(f"text.templates: each template needs exactly one '{{}}' placeholder, got {bad}")
     return list(templates)
 
 
-def class_texts(wheel: Wheel, descriptions: dict[str, list[str]], templates: Sequence[str]) -> tuple[list[str], list[int]]:
-    """Descriptions plus templates formatted with each class name, with their class indices."""
+def class_texts(wheel: Wheel, descriptions: dict[str, list[str]], templates: Sequence[str],
+                tokenizer=None, source: str = "text.descriptions") -> tuple[list[str], list[int]]:
+    """Descriptions plus templates formatted with each class name, with their class indices.
+
+    With a tokenizer, a text longer than its context is an error naming the class and sentence
+    (open_clip would silently cut it).
+    """
     texts: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(wheel.classes):
         for text in descriptions[name] + [t.format(name.replace("_", " ")) for t in templates]:
             texts.append(text)
             labels.append(label)
+    if tokenizer is not None:
+        too_long = _too_long(tokenizer, texts)
+        if too_long:
+            i = too_long[0]
+            raise TextCorpusError(f"{source}: {len(too_long)} text(s) exceed the {tokenizer.context_length}-token "
+                                  f"context, e.g. class {wheel.classes[labels[i]]!r}: {texts[i]!r}; shorten them")
     return texts, labels
 
 
-def _check_context(backbone: Backbone, texts: Sequence[str]) -> None:
-    encoder = getattr(backbone.tokenizer, "encode", None)
-    limit = getattr(backbone.tokenizer, "context_length", None)
-    if encoder is None or limit is None:
-        return
-    too_long = [t for t in texts if len(encoder(t)) + 2 > limit]
-    if too_long:
-        raise TextCorpusError(f"{len(too_long)} text(s) exceed the {limit}-token context, e.g. {too_long[0]!r}; "
-                              "shorten them")
+def _too_long(tokenizer, texts: Sequence[str]) -> list[int]:
+    encode = getattr(tokenizer, "encode", None)
+    limit = getattr(tokenizer, "context_length", None)
+    if encode is None or limit is None:
+        return []
+    return [i for i, t in enumerate(texts) if len(encode(t)) + 2 > limit]
 
 
 @torch.no_grad()
@@ -89,7 +117,10 @@ def encode_texts(backbone: Backbone, texts: Sequence[str], cache_dir: Optional[P
     cache = cache_dir / "text" / f"{key}.safetensors" if cache_dir is not None else None
     if cache is not None and cache.is_file():
         return load_file(str(cache))["features"]
-    _check_context(backbone, texts)
+    too_long = _too_long(backbone.tokenizer, texts)
+    if too_long:
+        raise TextCorpusError(f"{len(too_long)} text(s) exceed the {backbone.tokenizer.context_length}-token context, "
+                              f"e.g. {texts[too_long[0]]!r}; shorten them")
     model = backbone.model.to(device)
     chunks = []
     for start in range(0, len(texts), batch_size):
