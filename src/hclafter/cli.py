@@ -62,6 +62,39 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from .data import SPLITS, check_dataset, describe_problems
+    from .run import cache_dir_of
+
+    overrides = [f"data.format={args.format}", f"data.root={args.root}", *args.overrides]
+    if args.skip_invalid:
+        overrides.append("data.skip_invalid=true")
+    cfg = load_config(args.config, overrides)
+    data, problems, dropped = check_dataset(cfg.data, cfg.seed, cache_dir_of(cfg))
+    print(f"dataset: {args.root} (format {args.format})")
+    if data is not None:
+        width = max(len(c) for c in data.wheel.classes)
+        print(f"{'class':<{width}}  " + "  ".join(f"{s:>6}" for s in SPLITS))
+        for label, name in enumerate(data.wheel.classes):
+            counts = [sum(s.label == label for s in data[split]) for split in SPLITS]
+            print(f"{name:<{width}}  " + "  ".join(f"{n:>6}" for n in counts))
+        print(f"{'total':<{width}}  " + "  ".join(f"{len(data[s]):>6}" for s in SPLITS))
+    if dropped:
+        print(f"\n{len(dropped)} image(s) left out by the dataset's protocol:\n" + describe_problems(dropped, args.limit))
+    if problems:
+        print(f"\n{describe_problems(problems, args.limit)}")
+    empty = [] if data is None else [s for s in SPLITS if not data[s]]
+    fails = data is None or bool(empty) or (bool(problems) and not cfg.data.skip_invalid)
+    if empty:
+        print(f"\nempty split(s): {empty}")
+    if fails:
+        print("\ntraining would fail: fix the problems above" +
+              ("" if not problems or cfg.data.skip_invalid else ", or skip them with data.skip_invalid=true"))
+        return 1
+    print("\nok: training can start" + (f" ({len(problems)} bad input(s) will be skipped)" if problems else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hclafter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,11 +131,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_zeroshot)
 
     describe.add_parser(sub)
+
+    p = sub.add_parser("data", help="dataset tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("check", help="validate a dataset root without training: counts per class and split, "
+                                          "missing/unreadable files, unknown classes, malformed lines")
+    p.add_argument("--format", required=True, help="dataset format (emotion6, emoset, fi, manifest, ...)")
+    p.add_argument("root", help="dataset root (or manifest file)")
+    with_config(p)
+    p.add_argument("--skip-invalid", action="store_true", help="judge as a run with data.skip_invalid=true would")
+    p.add_argument("--limit", type=int, default=50, help="problems listed in full (default 50)")
+    p.set_defaults(func=cmd_data_check)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may stand anywhere on the line (also after --out), which plain argparse rejects.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     from .backbone import BackboneError
     from .data import DataError
     from .run import RunError

@@ -22,7 +22,7 @@ from .datasets import READERS, DataError, Listing, Problem, Sample, read_manifes
 from .emotions import POLARITY2, Wheel, get_wheel, load_wheel, strategy1
 from .images import ImageError, load_rgb
 
-__all__ = ["DataError", "DatasetSplits", "EmotionImages", "Problem", "Sample", "SPLITS", "check_dataset",
+__all__ = ["DataError", "DatasetSplits", "EmotionImages", "Problem", "Sample", "SPLITS", "check_dataset", "describe_problems",
            "load_split_files", "load_splits", "make_dataset", "make_loader", "stratified_split", "write_manifest"]
 
 SPLITS = ("train", "val", "test")
@@ -178,12 +178,13 @@ def _check_files(listing: Listing, verify: bool, workers: int = 4) -> list[tuple
     return good
 
 
-def _problem_report(problems: Sequence[Problem], limit: int = 10) -> str:
+def describe_problems(problems: Sequence[Problem], limit: int = 10) -> str:
+    """A count per kind, then the first ``limit`` problems, one per line."""
     counts = Counter(p.kind for p in problems)
     lines = [f"{len(problems)} bad input(s): " + ", ".join(f"{n} {k}" for k, n in counts.most_common())]
-    lines += [f"  {p}" for p in problems[:limit]]
+    lines += [f"  [{p.kind}] {p}" for p in problems[:limit]]
     if len(problems) > limit:
-        lines.append(f"  ... and {len(problems) - limit} more (run `hclafter data check` for the full list)")
+        lines.append(f"  ... and {len(problems) - limit} more (`hclafter data check --limit N` lists more)")
     return "\n".join(lines)
 
 
@@ -217,7 +218,7 @@ def load_splits(cfg: DataConfig, seed: int, cache_dir: Path) -> DatasetSplits:
     """
     data, problems, _ = check_dataset(cfg, seed, cache_dir)
     if problems and not cfg.skip_invalid:
-        raise DataError(_problem_report(problems) + "\nfix them, or set data.skip_invalid=true to skip them "
+        raise DataError(describe_problems(problems) + "\nfix them, or set data.skip_invalid=true to skip them "
                                                     "(skips are counted and listed in summary.json)")
     if data is None:
         raise DataError(f"data.root: no usable images found for format {cfg.format}")
@@ -236,7 +237,7 @@ def load_split_files(folder: Path, wheel: Wheel) -> DatasetSplits:
         if (folder / f"{name}.csv").is_file():
             listing = read_manifest(folder / f"{name}.csv", wheel)
             if listing.problems:
-                raise DataError(_problem_report(listing.problems))
+                raise DataError(describe_problems(listing.problems))
             splits[name] = [s for s, _ in listing.entries]
     return DatasetSplits(wheel, splits)
 

@@ -5,9 +5,14 @@ the order of the model's output logits for datasets in that label space.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
 import numpy as np
+import yaml
 
 
 @dataclass(frozen=True)
