@@ -12,7 +12,9 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-PARAM_GROUPS = ("prompts", "layernorms", "classifier", "stage_adapters", "fusion", "nga", "backbone")
+# Training groups; a model assigns each parameter to one (baselines add projections and decoders).
+PARAM_GROUPS = ("prompts", "layernorms", "classifier", "stage_adapters", "fusion", "nga", "projections", "decoders",
+                "backbone")
 
 
 @dataclass
@@ -122,7 +124,8 @@ class TrainConfig:
     lr: dict[str, float] = field(
         default_factory=lambda: {
             "prompts": 1e-4, "layernorms": 1e-4, "classifier": 1e-4,
-            "stage_adapters": 1e-4, "fusion": 1e-4, "nga": 1e-5, "backbone": 1e-5,
+            "stage_adapters": 1e-4, "fusion": 1e-4, "nga": 1e-5, "projections": 1e-4, "decoders": 1e-4,
+            "backbone": 1e-5,
         }
     )
     weight_decay: float = 0.01

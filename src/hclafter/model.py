@@ -86,6 +86,20 @@ class HybridCascadeLaFTer(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_stages(images).logits
 
+    def param_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Parameters by training group: the phase schedule and learning rates address these names."""
+        layernorm_ids = {id(p) for m in self.visual.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+        owners = {"prompts.": "prompts", "classifier.": "classifier", "adapters.": "stage_adapters",
+                  "fusion.": "fusion", "nga.": "nga"}
+        groups: dict[str, dict[str, nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if name.startswith("visual."):
+                group = "layernorms" if id(param) in layernorm_ids else "backbone"
+            else:
+                group = next(g for prefix, g in owners.items() if name.startswith(prefix))
+            groups.setdefault(group, {})[name] = param
+        return groups
+
     def nga_weights(self) -> list[list[float]]:
         return [m.weights().tolist() for m in self.nga]
 

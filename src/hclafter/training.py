@@ -15,18 +15,15 @@ from .losses import stage_consistency_loss, task_loss
 from .model import HybridCascadeLaFTer
 
 
-def param_groups(model: HybridCascadeLaFTer) -> dict[str, dict[str, nn.Parameter]]:
+def param_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
     """Every tunable parameter by group name (see ``config.PARAM_GROUPS``), keyed by parameter name."""
-    layernorm_ids = {id(p) for m in model.visual.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
-    groups: dict[str, dict[str, nn.Parameter]] = {name: {} for name in PARAM_GROUPS}
-    owners = {"prompts.": "prompts", "classifier.": "classifier", "adapters.": "stage_adapters",
-              "fusion.": "fusion", "nga.": "nga"}
-    for name, param in model.named_parameters():
-        if name.startswith("visual."):
-            groups["layernorms" if id(param) in layernorm_ids else "backbone"][name] = param
-        else:
-            groups[next(g for prefix, g in owners.items() if name.startswith(prefix))][name] = param
-    return groups
+    groups = model.param_groups()
+    named = dict(model.named_parameters())
+    covered = [n for params in groups.values() for n in params]
+    if sorted(covered) != sorted(named) or set(groups) - set(PARAM_GROUPS):
+        raise RuntimeError(f"{type(model).__name__}.param_groups() must assign each parameter to exactly one "
+                           f"of {PARAM_GROUPS}")
+    return {g: groups.get(g, {}) for g in PARAM_GROUPS}
 
 
 def trained_groups(phase: PhaseConfig, train_backbone: bool) -> set[str]:
@@ -50,8 +47,9 @@ def set_trainable(groups: dict[str, dict[str, nn.Parameter]], trained: set[str])
             p.requires_grad_(name in trained)
 
 
-def _no_decay(group: str, param_name: str) -> bool:
-    return group in ("layernorms", "prompts", "nga", "fusion") or param_name.endswith(".bias")
+def _no_decay(group: str, param: nn.Parameter) -> bool:
+    """No weight decay on prompts and on vectors and scalars: biases, LayerNorms, σ, β."""
+    return group == "prompts" or param.ndim < 2
 
 
 def build_optimizer(groups: dict[str, dict[str, nn.Parameter]], cfg: Config) -> torch.optim.AdamW:
@@ -62,7 +60,7 @@ def build_optimizer(groups: dict[str, dict[str, nn.Parameter]], cfg: Config) -> 
         if group not in tuned:
             continue
         for no_decay in (False, True):
-            params = [p for n, p in groups[group].items() if _no_decay(group, n) == no_decay]
+            params = [p for p in groups[group].values() if _no_decay(group, p) == no_decay]
             if params:
                 param_sets.append({"params": params, "lr": cfg.train.lr[group], "group": group,
                                    "weight_decay": 0.0 if no_decay else cfg.train.weight_decay})
