@@ -33,6 +33,8 @@ class BackboneConfig:
 
 @dataclass
 class ModelConfig:
+    method: str = "hybrid"  # hybrid | segmented | cascadeclip (see configs/methods/)
+    aggregation: str = "nga"  # nga | mean (the "w/o NGA" ablation: uniform weights, no σ)
     prompt_tokens: int = 50
     prompt_dropout: float = 0.0
     stages: list[list[int]] = field(default_factory=lambda: [[5, 6, 7], [8, 9], [10, 11, 12]])
@@ -40,6 +42,9 @@ class ModelConfig:
     stage_adapters: bool = True
     # Legacy behaviour of the reference code: feed un-normalised image features to the classifier.
     normalize_features: bool = True
+    stage_prompt_tokens: int = 16  # segmented: new prompt tokens inserted at each stage's first block
+    decoder_layers: int = 3  # cascadeclip: cross-attention layers per stage decoder
+    decoder_heads: int = 8
 
 
 @dataclass
@@ -109,6 +114,9 @@ class PhaseConfig:
     epochs: int = 1
     train: list[str] = field(default_factory=list)
     consistency: bool = False
+    # Only these stages' own parameters (1-based) of the listed groups train; shared ones always
+    # do. None: all stages. Gives progressive unfreezing (e.g. the segmented baseline).
+    stages: Optional[list[int]] = None
 
 
 def _default_phases() -> list[PhaseConfig]:
@@ -191,6 +199,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"device: {cfg.device!r} is not one of auto, cpu, cuda")
     if cfg.model.prompt_tokens < 0:
         raise ConfigError(f"model.prompt_tokens must be >= 0, got {cfg.model.prompt_tokens}")
+    if cfg.model.method not in ("hybrid", "segmented", "cascadeclip"):
+        raise ConfigError(f"model.method: {cfg.model.method!r} is not one of hybrid, segmented, cascadeclip")
+    if cfg.model.aggregation not in ("nga", "mean"):
+        raise ConfigError(f"model.aggregation: {cfg.model.aggregation!r} is not one of nga, mean")
     if not cfg.model.stages or any(not s for s in cfg.model.stages):
         raise ConfigError("model.stages must be a non-empty list of non-empty layer lists")
     if cfg.train.loss.name not in ("ce", "ls_ce", "dual_task"):
