@@ -24,7 +24,7 @@ def test_each_phase_sets_requires_grad_exactly_as_the_schedule_says(tiny_backbon
     assert [n for n, _ in schedule] == [1, 1, 1, 2, 2, 2, 3, 3]
     assert [p.consistency for _, p in schedule] == [False] * 6 + [True] * 2
     for (_, phase), trained in zip(schedule[::3], expected):
-        set_trainable(groups, trained_groups(phase, cfg.train.train_backbone))
+        set_trainable(model, groups, trained_groups(phase, cfg.train.train_backbone))
         states = _requires_grad_by_group(groups)
         assert states == {g: {g in trained} for g in states}
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -110,7 +110,7 @@ def test_vitb32_one_training_step_with_50_prompts(vitb32):
     cfg = Config()
     model = HybridCascadeLaFTer(vitb32, 8, prompt_tokens=50)
     groups = param_groups(model)
-    set_trainable(groups, trained_groups(cfg.train.phases[-1], False))
+    set_trainable(model, groups, trained_groups(cfg.train.phases[-1], False))
     optimizer = build_optimizer(groups, cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = model.forward_stages(torch.randn(2, 3, 224, 224))

@@ -23,7 +23,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .run import train_run
 
     cfg = load_config(args.config, args.overrides)
-    summary = train_run(cfg, Path(args.out), progress=not args.quiet)
+    summary = train_run(cfg, Path(args.out), progress=not args.quiet, resume=args.resume)
     print(f"run written to {args.out} (best epoch {summary['best_epoch']} on val)")
     print(_metrics_table(summary["test"]))
     return 0
@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out from its last saved state (its own config)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a finished run on one of its saved splits")
@@ -156,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from .backbone import BackboneError
     from .data import DataError
-    from .run import RunError
+    from .run import RunError, TrainingInterrupted
     from .text import TextCorpusError
 
     try:
@@ -164,6 +166,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, DataError, BackboneError, RunError, TextCorpusError, describe.DescribeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

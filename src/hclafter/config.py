@@ -143,6 +143,9 @@ class TrainConfig:
     train_backbone: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
     consistency_weight: float = 0.1
+    # Resumable state is saved after every epoch and, if > 0, every this many steps.
+    checkpoint_every_steps: int = 0
+    on_nonfinite: str = "stop"  # stop: keep the last good state and exit; skip: skip the batch and count it
 
 
 @dataclass
@@ -191,26 +194,87 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     return cfg
 
 
+CHOICES = {
+    "precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
+    "model.method": ("hybrid", "segmented", "cascadeclip"), "model.aggregation": ("nga", "mean"),
+    "train.loss.name": ("ce", "ls_ce", "dual_task"), "train.on_nonfinite": ("stop", "skip"),
+    "data.emotion6_label": ("folder", "argmax"), "data.ties": ("skip", "first"),
+    "data.distribution.source": ("wheel", "dataset"),
+}
+# key → (lowest allowed, whether the bound is inclusive, highest or None, inclusive)
+RANGES = {
+    "model.prompt_tokens": (0, True, None, True), "model.prompt_dropout": (0, True, 1, False),
+    "model.nga_init_sigma": (0, False, None, True), "model.stage_prompt_tokens": (1, True, None, True),
+    "model.decoder_layers": (1, True, None, True), "model.decoder_heads": (1, True, None, True),
+    "data.batch_size": (1, True, None, True), "data.eval_batch_size": (1, True, None, True),
+    "data.num_workers": (0, True, None, True), "data.few_shot": (1, True, None, True),
+    "data.distribution.sigma": (0, False, None, True), "data.distribution.epsilon": (0, True, None, True),
+    "data.synthetic.per_class": (1, True, None, True), "data.synthetic.image_size": (8, True, None, True),
+    "text.steps": (0, True, None, True), "text.lr": (0, False, None, True), "text.weight_decay": (0, True, None, True),
+    "text.noise_std": (0, True, None, True), "text.label_smoothing": (0, True, 1, False),
+    "text.batch_size": (1, True, None, True),
+    "train.weight_decay": (0, True, None, True), "train.warmup_epochs": (0, True, None, True),
+    "train.consistency_weight": (0, True, None, True), "train.checkpoint_every_steps": (0, True, None, True),
+    "train.loss.lam": (0, True, 1, True), "train.loss.temperature": (0, False, None, True),
+    "train.loss.label_smoothing": (0, True, 1, False),
+}
+
+
+def _get(cfg: Config, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _tower_depth(cfg: BackboneConfig) -> int:
+    if cfg.model_cfg is not None:
+        vision = cfg.model_cfg.get("vision_cfg")
+        if not isinstance(vision, dict) or not isinstance(vision.get("layers"), int):
+            raise ConfigError("backbone.model_cfg.vision_cfg.layers: an integer number of image blocks is required")
+        return vision["layers"]
+    import open_clip  # heavy; only needed to know a built-in architecture's depth
+
+    model_cfg = open_clip.get_model_config(cfg.name)
+    if model_cfg is None:
+        raise ConfigError(f"backbone.name: unknown open_clip architecture {cfg.name!r} "
+                          "(see open_clip.list_models(), or give backbone.model_cfg)")
+    layers = model_cfg["vision_cfg"].get("layers")
+    if not isinstance(layers, int):
+        raise ConfigError(f"backbone.name: {cfg.name} has no ViT image tower (HybridCascade-LaFTer needs a ViT)")
+    return layers
+
+
 def validate(cfg: Config) -> None:
-    """Checks that need more than types: value ranges and cross-field consistency."""
-    if cfg.precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"precision: {cfg.precision!r} is not one of fp32, bf16, fp16")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device: {cfg.device!r} is not one of auto, cpu, cuda")
-    if cfg.model.prompt_tokens < 0:
-        raise ConfigError(f"model.prompt_tokens must be >= 0, got {cfg.model.prompt_tokens}")
-    if cfg.model.method not in ("hybrid", "segmented", "cascadeclip"):
-        raise ConfigError(f"model.method: {cfg.model.method!r} is not one of hybrid, segmented, cascadeclip")
-    if cfg.model.aggregation not in ("nga", "mean"):
-        raise ConfigError(f"model.aggregation: {cfg.model.aggregation!r} is not one of nga, mean")
-    if not cfg.model.stages or any(not s for s in cfg.model.stages):
+    """Checks that need more than types, run before any data is read or model built: choices,
+    value ranges, and stages against the backbone's real depth."""
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
+    for key, (low, low_inclusive, high, high_inclusive) in RANGES.items():
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        bad = value < low or (value == low and not low_inclusive)
+        bad |= high is not None and (value > high or (value == high and not high_inclusive))
+        if bad:
+            bounds = f"{'[' if low_inclusive else '('}{low}, {high if high is not None else '∞'}" \
+                     f"{']' if high_inclusive and high is not None else ')'}"
+            raise ConfigError(f"{key} must be in {bounds}, got {value}")
+    depth = _tower_depth(cfg.backbone)
+    stages = cfg.model.stages
+    if not stages or any(not s for s in stages):
         raise ConfigError("model.stages must be a non-empty list of non-empty layer lists")
-    if cfg.train.loss.name not in ("ce", "ls_ce", "dual_task"):
-        raise ConfigError(f"train.loss.name: {cfg.train.loss.name!r} is not one of ce, ls_ce, dual_task")
-    if not 0.0 <= cfg.train.loss.lam <= 1.0:
-        raise ConfigError(f"train.loss.lam must be in [0, 1], got {cfg.train.loss.lam}")
-    if cfg.train.loss.temperature <= 0:
-        raise ConfigError(f"train.loss.temperature must be > 0, got {cfg.train.loss.temperature}")
+    for i, stage in enumerate(stages):
+        if any(not 1 <= layer <= depth for layer in stage) or len(set(stage)) != len(stage):
+            raise ConfigError(f"model.stages[{i}] = {stage}: layers must be distinct numbers in 1..{depth} "
+                              f"({cfg.backbone.name} has {depth} image blocks)")
+    flat = [layer for stage in stages for layer in stage]
+    if cfg.model.method != "hybrid" and len(set(flat)) != len(flat):
+        raise ConfigError(f"model.stages {stages}: stages may not share layers for method {cfg.model.method}")
+    if cfg.model.method == "segmented" and flat != list(range(1, depth + 1)):
+        raise ConfigError(f"model.stages {stages}: the segmented method needs consecutive stages covering "
+                          f"blocks 1..{depth} in order")
     if not cfg.train.phases:
         raise ConfigError("train.phases must list at least one phase")
     for i, phase in enumerate(cfg.train.phases):
@@ -219,17 +283,16 @@ def validate(cfg: Config) -> None:
         unknown = sorted(set(phase.train) - set(PARAM_GROUPS))
         if unknown:
             raise ConfigError(f"train.phases[{i}].train: unknown groups {unknown}; valid: {list(PARAM_GROUPS)}")
+        if phase.stages is not None and any(not 1 <= s <= len(stages) for s in phase.stages):
+            raise ConfigError(f"train.phases[{i}].stages {phase.stages}: stage numbers must be in 1..{len(stages)}")
     missing = sorted(set(PARAM_GROUPS) - set(cfg.train.lr))
-    if missing:
-        raise ConfigError(f"train.lr: no learning rate for groups {missing}")
-    if cfg.data.emotion6_label not in ("folder", "argmax"):
-        raise ConfigError(f"data.emotion6_label: {cfg.data.emotion6_label!r} is not one of folder, argmax")
-    if cfg.data.ties not in ("skip", "first"):
-        raise ConfigError(f"data.ties: {cfg.data.ties!r} is not one of skip, first")
-    if cfg.data.few_shot is not None and cfg.data.few_shot < 1:
-        raise ConfigError(f"data.few_shot must be >= 1, got {cfg.data.few_shot}")
-    if cfg.data.distribution.source not in ("wheel", "dataset"):
-        raise ConfigError(f"data.distribution.source: {cfg.data.distribution.source!r} is not one of wheel, dataset")
+    unknown_lr = sorted(set(cfg.train.lr) - set(PARAM_GROUPS))
+    if missing or unknown_lr:
+        raise ConfigError(f"train.lr: groups {missing} lack a learning rate" if missing else
+                          f"train.lr: unknown groups {unknown_lr}; valid: {list(PARAM_GROUPS)}")
+    bad_lr = {g: v for g, v in cfg.train.lr.items() if not v > 0}
+    if bad_lr:
+        raise ConfigError(f"train.lr: learning rates must be > 0, got {bad_lr}")
     ratios = cfg.data.split_ratios
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6 or ratios[1] <= 0:
         raise ConfigError(f"data.split_ratios must be 3 non-negative fractions summing to 1 with val > 0, got {ratios}")

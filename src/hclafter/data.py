@@ -10,20 +10,21 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import DataConfig
 from .datasets import READERS, DataError, Listing, Problem, Sample, read_manifest
 from .emotions import POLARITY2, Wheel, get_wheel, load_wheel, strategy1
 from .images import ImageError, load_rgb
 
-__all__ = ["DataError", "DatasetSplits", "EmotionImages", "Problem", "Sample", "SPLITS", "check_dataset", "describe_problems",
-           "load_split_files", "load_splits", "make_dataset", "make_loader", "stratified_split", "write_manifest"]
+__all__ = ["DataError", "DatasetSplits", "EmotionImages", "EpochSampler", "Problem", "Sample", "SPLITS",
+           "check_dataset", "describe_problems", "load_split_files", "load_splits", "make_dataset", "make_loader",
+           "stratified_split", "write_manifest"]
 
 SPLITS = ("train", "val", "test")
 VERIFY_DRAFT = (256, 256)  # decoding at this size is enough to prove a file is a readable image
@@ -281,8 +282,26 @@ def make_dataset(samples: Sequence[Sample], wheel: Wheel, transform: Callable, c
     return EmotionImages(samples, wheel, transform, d.source, d.sigma, d.epsilon, d.exclusion)
 
 
+class EpochSampler(Sampler[int]):
+    """A shuffle that is a pure function of (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
                 pin_memory: bool = False) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+    """Shuffled loaders use an EpochSampler: call ``loader.sampler.set_epoch`` before each epoch."""
+    sampler = EpochSampler(len(dataset), seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0)

@@ -18,7 +18,7 @@ from .classifier import TextClassifier
 from .config import ModelConfig
 from .features import check_vit, cls_after_blocks, embed_patches, project
 from .fusion import StageFusion
-from .nga import NGA
+from .nga import NGA, MeanAggregation
 from .prompts import VisualPrompts
 
 __all__ = ["HybridCascadeLaFTer", "ModelOutput", "NGA", "build_model"]
@@ -39,7 +39,7 @@ class HybridCascadeLaFTer(nn.Module):
     def __init__(self, backbone: Backbone, num_classes: int, prompt_tokens: int = 50,
                  stages: Sequence[Sequence[int]] = ((5, 6, 7), (8, 9), (10, 11, 12)),
                  stage_adapters: bool = True, nga_init_sigma: float = 1.0, prompt_dropout: float = 0.0,
-                 normalize_features: bool = True) -> None:
+                 normalize_features: bool = True, aggregation: str = "nga") -> None:
         super().__init__()
         self.visual = backbone.model.visual
         depth = check_vit(self.visual)
@@ -57,7 +57,10 @@ class HybridCascadeLaFTer(nn.Module):
         dim = self.visual.output_dim
         patch = self.visual.conv1.kernel_size[0]
         self.prompts = VisualPrompts(prompt_tokens, width, patch, prompt_dropout) if prompt_tokens > 0 else None
-        self.nga = nn.ModuleList(NGA(len(stage), nga_init_sigma) for stage in self.stages)
+        if aggregation not in ("nga", "mean"):
+            raise ValueError(f"model.aggregation: {aggregation!r} is not one of nga, mean")
+        self.nga = nn.ModuleList(NGA(len(stage), nga_init_sigma) if aggregation == "nga" else MeanAggregation(len(stage))
+                                 for stage in self.stages)
         self.adapters = nn.ModuleList(StageAdapter(dim) for _ in self.stages) if stage_adapters else None
         self.classifier = TextClassifier(dim, num_classes, normalize_features)
         self.fusion = StageFusion(len(self.stages))
@@ -100,6 +103,11 @@ class HybridCascadeLaFTer(nn.Module):
             groups.setdefault(group, {})[name] = param
         return groups
 
+    def stage_of_parameter(self, name: str) -> Optional[int]:
+        """1-based stage owning a parameter (its NGA σ, its adapter); None for shared ones."""
+        parts = name.split(".")
+        return int(parts[1]) + 1 if parts[0] in ("nga", "adapters") else None
+
     def nga_weights(self) -> list[list[float]]:
         return [m.weights().tolist() for m in self.nga]
 
@@ -107,8 +115,32 @@ class HybridCascadeLaFTer(nn.Module):
         return self.fusion.weights().tolist()
 
 
-def build_model(backbone: Backbone, num_classes: int, cfg: Optional[ModelConfig] = None) -> HybridCascadeLaFTer:
+def build_model(backbone: Backbone, num_classes: int, cfg: Optional[ModelConfig] = None,
+                class_embeddings: Optional[torch.Tensor] = None) -> nn.Module:
+    """The model ``cfg.method`` names; ``class_embeddings`` ([C, D] stage-1 text embeddings) feed
+    Cascade-CLIP's class queries and are required for it alone."""
+    # Imported here: the baseline modules import ModelOutput from this module.
+    from .cascadeclip import CascadeCLIPClassifier
+    from .segmented import SegmentedLaFTer
+
     cfg = cfg or ModelConfig()
-    return HybridCascadeLaFTer(backbone, num_classes, prompt_tokens=cfg.prompt_tokens, stages=cfg.stages,
-                               stage_adapters=cfg.stage_adapters, nga_init_sigma=cfg.nga_init_sigma,
-                               prompt_dropout=cfg.prompt_dropout, normalize_features=cfg.normalize_features)
+    if cfg.method == "hybrid":
+        return HybridCascadeLaFTer(backbone, num_classes, prompt_tokens=cfg.prompt_tokens, stages=cfg.stages,
+                                   stage_adapters=cfg.stage_adapters, nga_init_sigma=cfg.nga_init_sigma,
+                                   prompt_dropout=cfg.prompt_dropout, normalize_features=cfg.normalize_features,
+                                   aggregation=cfg.aggregation)
+    if cfg.method == "segmented":
+        return SegmentedLaFTer(backbone, num_classes, stages=cfg.stages, stage_prompt_tokens=cfg.stage_prompt_tokens,
+                               nga_init_sigma=cfg.nga_init_sigma, prompt_dropout=cfg.prompt_dropout,
+                               normalize_features=cfg.normalize_features, aggregation=cfg.aggregation)
+    if cfg.method == "cascadeclip":
+        if cfg.aggregation != "nga":
+            raise ValueError(f"model.aggregation={cfg.aggregation} does not apply to model.method=cascadeclip: "
+                             "it learns its own unnormalised layer weights")
+        if class_embeddings is None:
+            raise ValueError("model.method=cascadeclip needs class_embeddings (the [classes, embed_dim] stage-1 text "
+                             "embeddings) for its class queries")
+        return CascadeCLIPClassifier(backbone, num_classes, class_embeddings, stages=cfg.stages,
+                                     decoder_layers=cfg.decoder_layers, decoder_heads=cfg.decoder_heads,
+                                     prompt_tokens=cfg.prompt_tokens, prompt_dropout=cfg.prompt_dropout)
+    raise ValueError(f"model.method: {cfg.method!r} is not one of hybrid, segmented, cascadeclip")

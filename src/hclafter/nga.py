@@ -27,3 +27,17 @@ class NGA(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[n, B, D] → [B, D]."""
         return torch.einsum("n,nbd->bd", self.weights().to(features.dtype), features)
+
+
+class MeanAggregation(nn.Module):
+    """Uniform weights, no parameters: the "w/o NGA" ablation."""
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__()
+        self.num_layers = num_layers
+
+    def weights(self) -> torch.Tensor:
+        return torch.full((self.num_layers,), 1.0 / self.num_layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.mean(dim=0)

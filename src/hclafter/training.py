@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+import random
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from tqdm.auto import tqdm
 
 from .config import PARAM_GROUPS, Config, PhaseConfig
 from .losses import stage_consistency_loss, task_loss
@@ -41,10 +42,14 @@ def saved_parameter_names(model: HybridCascadeLaFTer, cfg: Config) -> list[str]:
     return sorted(name for g in keep for name in groups[g])
 
 
-def set_trainable(groups: dict[str, dict[str, nn.Parameter]], trained: set[str]) -> None:
-    for name, params in groups.items():
-        for p in params.values():
-            p.requires_grad_(name in trained)
+def set_trainable(model: nn.Module, groups: dict[str, dict[str, nn.Parameter]], trained: set[str],
+                  stages: Optional[Sequence[int]] = None) -> None:
+    """Train exactly the ``trained`` groups; with ``stages``, only those stages' own parameters
+    among them (shared parameters of a trained group always train)."""
+    for group, params in groups.items():
+        for name, p in params.items():
+            stage = model.stage_of_parameter(name) if stages is not None else None
+            p.requires_grad_(group in trained and (stage is None or stage in stages))
 
 
 def _no_decay(group: str, param: nn.Parameter) -> bool:
@@ -82,33 +87,85 @@ def phase_of_epoch(phases: list[PhaseConfig]) -> list[tuple[int, PhaseConfig]]:
     return [(i, p) for i, p in enumerate(phases, start=1) for _ in range(p.epochs)]
 
 
-def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
-                accelerator: Accelerator, cfg: Config, consistency: bool, desc: str, progress: bool) -> dict:
-    """One pass over the training data; returns mean losses and training accuracy."""
-    model.train()
-    sums = {"loss": 0.0, "task_loss": 0.0, "consistency_loss": 0.0, "correct": 0.0, "n": 0}
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress)
-    for batch in bar:
-        with accelerator.autocast():
-            out = model.forward_stages(batch["image"])
-            task = task_loss(cfg.train.loss, out.logits, batch["label"], batch["distribution"])
-            cons = stage_consistency_loss(out.stage_logits) if consistency else torch.zeros((), device=task.device)
-            loss = task + cfg.train.consistency_weight * cons
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite training loss {loss.item()} in {desc}")
-        optimizer.zero_grad(set_to_none=True)
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient; names the batch's images."""
+
+
+SUM_KEYS = ("loss", "task_loss", "consistency_loss", "correct", "n")
+
+
+def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
+               accelerator: Accelerator, cfg: Config, consistency: bool, paths: Sequence[str]) -> dict[str, float]:
+    """One optimisation step. A non-finite loss or gradient raises NonFiniteError before the
+    optimizer touches the weights, so the model stays at its last good values."""
+    with accelerator.autocast():
+        out = model.forward_stages(batch["image"])
+        task = task_loss(cfg.train.loss, out.logits, batch["label"], batch["distribution"])
+        cons = stage_consistency_loss(out.stage_logits) if consistency else torch.zeros((), device=task.device)
+        loss = task + cfg.train.consistency_weight * cons
+    optimizer.zero_grad(set_to_none=True)
+    what = None
+    if not torch.isfinite(loss):
+        what = f"loss {loss.item()}"
+    else:
         accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        n = batch["label"].shape[0]
-        sums["loss"] += loss.item() * n
-        sums["task_loss"] += task.item() * n
-        sums["consistency_loss"] += cons.item() * n
-        sums["correct"] += (out.logits.argmax(-1) == batch["label"]).sum().item()
-        sums["n"] += n
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    totals = accelerator.reduce(torch.tensor([sums[k] for k in ("loss", "task_loss", "consistency_loss", "correct", "n")],
-                                             device=accelerator.device, dtype=torch.float64), reduction="sum")
-    loss_sum, task_sum, cons_sum, correct, count = totals.tolist()
-    return {"train_loss": loss_sum / count, "train_task_loss": task_sum / count,
-            "train_consistency_loss": cons_sum / count, "train_accuracy": correct / count}
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.detach().float().abs().max() for g in grads])).all():
+            what = "gradient"
+    if what is not None:
+        optimizer.zero_grad(set_to_none=True)
+        images = [paths[i] for i in batch["index"].tolist()]
+        raise NonFiniteError(f"non-finite {what} on a batch of {len(images)} images: "
+                             + ", ".join(images[:8]) + (" ..." if len(images) > 8 else ""))
+    optimizer.step()
+    scheduler.step()
+    return {"loss": loss.item() * len(batch["label"]), "task_loss": task.item() * len(batch["label"]),
+            "consistency_loss": cons.item() * len(batch["label"]),
+            "correct": float((out.logits.argmax(-1) == batch["label"]).sum().item()), "n": float(len(batch["label"]))}
+
+
+def epoch_stats(sums: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    """Mean losses and accuracy over the epoch, summed across processes."""
+    totals = accelerator.reduce(torch.tensor([sums[k] for k in SUM_KEYS], device=accelerator.device,
+                                             dtype=torch.float64), reduction="sum")
+    loss, task, cons, correct, count = totals.tolist()
+    count = max(count, 1.0)
+    return {"train_loss": loss / count, "train_task_loss": task / count, "train_consistency_loss": cons / count,
+            "train_accuracy": correct / count}
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The optimizer as tensors (per-parameter state) and JSON (hyper-parameters per group)."""
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{key}": torch.as_tensor(value) for index, entry in state["state"].items()
+               for key, value in entry.items()}
+    return tensors, state["param_groups"]
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every random stream: torch (CPU and CUDA) as tensors; Python and NumPy as JSON."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    np_state = np.random.get_state()
+    return tensors, {"python": random.getstate(),
+                     "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], data: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = data["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = data["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))

@@ -1,0 +1,174 @@
+"""A Cascade-CLIP-style classifier (ICML 2024), adapted from segmentation to image classification.
+
+Per stage: the patch tokens of its layers, each mapped to the joint space by its own new
+LayerNorm + projection and L2-normalised, are summed with learnable, unnormalised,
+Gaussian-initialised layer weights; class queries (text embeddings conditioned on the image's
+global embedding) cross-attend to them in a small decoder; the class score is the mean over
+patches of the last layer's attention logits (Cascade-CLIP's attention-to-mask, pooled). The
+stage scores are summed. Unlike the reference, the new projections start as copies of the
+tower's ``ln_post``/``proj`` and are trained (it left them frozen at random initialisation).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import Backbone
+from .features import check_vit, embed_patches, project
+from .model import ModelOutput
+from .prompts import VisualPrompts
+from .segmented import group_parameters, stage_projection
+
+__all__ = ["CascadeCLIPClassifier", "gaussian_layer_weights"]
+
+
+def gaussian_layer_weights(num_layers: int) -> torch.Tensor:
+    """exp(−d²/2) for each layer's distance d from the stage's last layer, e.g. [0.1353, 0.6065, 1.0]."""
+    return torch.exp(-torch.arange(num_layers - 1, -1, -1, dtype=torch.float32).square() / 2)
+
+
+class AttentionLogits(nn.Module):
+    """Multi-head query/key projections; returns the pre-softmax logits q·kᵀ/√d_head, [B, H, C, N]."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"model.decoder_heads = {heads} must divide the embedding size {dim}")
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] → [B, H, T, D/H]."""
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        q, k = self.split(self.q(queries)), self.split(self.k(tokens))
+        return q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+
+
+class CrossAttentionLayer(nn.Module):
+    """Cascade-CLIP's decoder layer: cross-attention only (no self-attention), post-norm, FFN 4·D."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.logits = AttentionLogits(dim, heads)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.ReLU(), nn.Linear(4 * dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        attn = self.logits(queries, tokens).softmax(-1)
+        mixed = (attn @ self.logits.split(self.v(tokens))).transpose(1, 2).flatten(2)
+        queries = self.norm1(queries + self.out(mixed))
+        return self.norm2(queries + self.ffn(queries))
+
+
+class StageDecoder(nn.Module):
+    """``num_layers`` cross-attention layers; the score is the last one's head-averaged attention
+    logits, averaged over patches. Only that layer's q/k projections affect the score, so the last
+    layer keeps just those (the reference's unused value/FFN weights are left out)."""
+
+    def __init__(self, dim: int, heads: int, num_layers: int) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"model.decoder_layers must be >= 1, got {num_layers}")
+        self.layers = nn.ModuleList(CrossAttentionLayer(dim, heads) for _ in range(num_layers - 1))
+        self.score = AttentionLogits(dim, heads)
+
+    def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """queries [B, C, D], tokens [B, N, D] → class scores [B, C]."""
+        for layer in self.layers:
+            queries = layer(queries, tokens)
+        return self.score(queries, tokens).mean(dim=(1, 3))
+
+
+class CascadeCLIPClassifier(nn.Module):
+    """Shallow visual prompts; per-stage NGA over projected patch tokens; per-stage class-query
+    decoders; summed stage scores. It has no shared text classifier: the text enters through the
+    class queries, so ``class_embeddings`` (the stage-1 text embeddings, [C, D]) are required."""
+
+    def __init__(self, backbone: Backbone, num_classes: int, class_embeddings: torch.Tensor,
+                 stages: Sequence[Sequence[int]] = ((6, 7, 8), (9, 10, 11), (12,)), decoder_layers: int = 3,
+                 decoder_heads: int = 8, prompt_tokens: int = 50, prompt_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.visual = backbone.model.visual
+        self.depth = check_vit(self.visual)
+        self.stages = [sorted(stage) for stage in stages]
+        for i, stage in enumerate(self.stages):
+            if not stage or len(set(stage)) != len(stage) or not all(1 <= layer <= self.depth for layer in stage):
+                raise ValueError(f"model.stages[{i}] = {stage}: layers must be distinct numbers in 1..{self.depth} "
+                                 f"(this backbone has {self.depth} blocks)")
+        self.extraction_layers = sorted({layer for stage in self.stages for layer in stage})
+        dim = self.visual.output_dim
+        if tuple(class_embeddings.shape) != (num_classes, dim):
+            raise ValueError(f"class_embeddings must have shape ({num_classes}, {dim}), "
+                             f"got {tuple(class_embeddings.shape)}")
+        # Fixed text side, rebuilt from the text cache with the model: not a trained weight.
+        self.register_buffer("class_embeddings", F.normalize(class_embeddings.detach().float(), dim=-1),
+                             persistent=False)
+
+        width = self.visual.conv1.out_channels
+        patch = self.visual.conv1.kernel_size[0]
+        self.num_prompts = prompt_tokens
+        self.prompts = VisualPrompts(prompt_tokens, width, patch, prompt_dropout) if prompt_tokens > 0 else None
+        # The last block keeps the tower's own ln_post/proj (pre-trained for exactly that output);
+        # every other layer of a stage gets its own new projection.
+        self.projections = nn.ModuleList(
+            nn.ModuleDict({str(layer): stage_projection(self.visual) for layer in stage if layer != self.depth})
+            for stage in self.stages)
+        self.nga = nn.ParameterList(nn.Parameter(gaussian_layer_weights(len(stage))) for stage in self.stages)
+        self.queries = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in self.stages)
+        self.decoders = nn.ModuleList(StageDecoder(dim, decoder_heads, decoder_layers) for _ in self.stages)
+
+    def _project(self, s: int, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens of one layer of stage s, [B, T, W] → joint space [B, T, D]."""
+        return project(self.visual, tokens) if layer == self.depth else self.projections[s][str(layer)](tokens)
+
+    def forward_stages(self, images: torch.Tensor) -> ModelOutput:
+        x = embed_patches(self.visual, images)
+        if self.prompts is not None:
+            x = self.prompts(x)
+        batch_first = getattr(self.visual.transformer, "batch_first", True)
+        hidden: dict[int, torch.Tensor] = {}
+        for layer, block in enumerate(self.visual.transformer.resblocks, start=1):
+            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+            if layer in self.extraction_layers:
+                hidden[layer] = x
+        g = F.normalize(project(self.visual, x[:, :1]), dim=-1)  # global CLS, [B, 1, D]
+        t = self.class_embeddings.to(g.dtype).expand(g.shape[0], -1, -1)  # [B, C, D]
+        scores = []
+        for s, stage in enumerate(self.stages):
+            patches = [F.normalize(self._project(s, layer, hidden[layer][:, 1 + self.num_prompts:]), dim=-1)
+                       for layer in stage]
+            tokens = torch.einsum("n,nbtd->btd", self.nga[s].to(g.dtype), torch.stack(patches))
+            scores.append(self.decoders[s](self.queries[s](torch.cat([t * g, t], dim=-1)), tokens))
+        stage_logits = torch.stack(scores)
+        return ModelOutput(stage_logits.sum(0), stage_logits)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(images).logits
+
+    def param_groups(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Parameters by training group (see ``config.PARAM_GROUPS``)."""
+        return group_parameters(self, {"prompts": "prompts", "projections": "projections", "nga": "nga",
+                                       "queries": "decoders", "decoders": "decoders"})
+
+    def stage_of_parameter(self, name: str) -> Optional[int]:
+        """1-based stage owning a parameter (its projections, layer weights, queries, decoder); None
+        for the shared prompts and the tower."""
+        head, _, rest = name.partition(".")
+        return int(rest.split(".", 1)[0]) + 1 if head in ("projections", "nga", "queries", "decoders") else None
+
+    def nga_weights(self) -> list[list[float]]:
+        return [w.tolist() for w in self.nga]
+
+    def fusion_weights(self) -> Optional[list[float]]:
+        """The stage scores are summed: nothing learned to plot."""
+        return None

@@ -1,0 +1,112 @@
+"""Kill a training run (SIGKILL, SIGTERM) at several points, resume it, get the same summary."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from ..conftest import TINY_CONFIG
+
+# Small and quick: 4 steps per epoch, 3 epochs (one per phase), state every 2 steps.
+FAST = ["data.synthetic.per_class=10", "data.batch_size=16", "text.steps=50", "train.checkpoint_every_steps=2",
+        "train.phases=[{epochs: 1, train: [stage_adapters, fusion]}, "
+        "{epochs: 1, train: [stage_adapters, fusion, nga, prompts, layernorms, classifier]}, "
+        "{epochs: 1, train: [stage_adapters, fusion, nga, prompts, layernorms, classifier], consistency: true}]"]
+
+# Each kill point patches one function in the child process so it dies at a chosen moment.
+KILL_POINTS = {
+    "mid-epoch step": ("hclafter.run", "train_step", 7, "after"),
+    "torn checkpoint write": ("hclafter.checkpoint", "atomic_write_bytes", 9, "torn"),
+    "after epoch state, before metrics": ("hclafter.run", "_save_state", 4, "after"),
+    "best-model write": ("hclafter.run", "_save_weights", 2, "before"),
+    "final evaluation": ("hclafter.run", "compute_metrics", 7, "before"),
+}
+
+CHILD = textwrap.dedent("""
+    import importlib, os, signal, sys
+    from pathlib import Path
+    module, name, when, mode, sig = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    target = importlib.import_module(module)
+    original = getattr(target, name)
+    calls = [0]
+
+    def patched(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == when:
+            if mode == "torn":  # write half of the file's bytes to a temporary file, then die
+                path, data = Path(args[0]), args[1]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                (path.parent / f".{path.name}.torn.tmp").write_bytes(data[: len(data) // 2])
+                os.kill(os.getpid(), sig)
+            if mode == "before":
+                os.kill(os.getpid(), sig)
+            result = original(*args, **kwargs)
+            os.kill(os.getpid(), sig)
+            return result
+        return original(*args, **kwargs)
+
+    setattr(target, name, patched)
+    from hclafter.cli import main
+    sys.exit(main(sys.argv[6:]))
+""")
+
+
+def hclafter(*argv: str, kill=None, sig: int = 9) -> subprocess.CompletedProcess:
+    if kill is None:
+        cmd = [sys.executable, "-m", "hclafter", *argv]
+    else:
+        module, name, when, mode = kill
+        cmd = [sys.executable, "-c", CHILD, module, name, str(when), mode, str(sig), *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def train_args(out, cache_dir):
+    return ["train", "-c", str(TINY_CONFIG), "--out", str(out), "--quiet", f"cache_dir={cache_dir}", *FAST]
+
+
+def records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("reference")
+    done = hclafter(*train_args(out, cache_dir))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_then_resume_gives_the_uninterrupted_summary(point, reference, tmp_path, cache_dir):
+    out = tmp_path / "run"
+    killed = hclafter(*train_args(out, cache_dir), kill=KILL_POINTS[point])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (out / "summary.json").exists()
+    resumed = hclafter("train", "--out", str(out), "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
+    assert records(out) == records(reference)
+    assert not list(out.rglob("*.tmp"))  # torn temporary files are never left in place of real ones
+
+
+def test_sigterm_saves_state_exits_cleanly_and_resumes(reference, tmp_path, cache_dir):
+    out = tmp_path / "run"
+    stopped = hclafter(*train_args(out, cache_dir), kill=("hclafter.run", "train_step", 6, "after"), sig=15)
+    assert stopped.returncode == 128 + 15
+    assert "state saved: continue with --resume" in stopped.stderr
+    state = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert state["folder"] == "step-00000006"  # saved right at the interruption, not at the last periodic save
+    resumed = hclafter("train", "--out", str(out), "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
+
+
+def test_resume_refuses_a_different_config_and_new_runs_refuse_an_existing_one(reference, tmp_path, cache_dir):
+    again = hclafter(*train_args(reference, cache_dir))
+    assert again.returncode == 2 and "already holds a run; continue it with --resume" in again.stderr
+    other = hclafter(*train_args(reference, cache_dir), "--resume", "model.prompt_tokens=3")
+    assert other.returncode == 2 and "model.prompt_tokens" in other.stderr
+    nothing = hclafter("train", "--out", str(tmp_path / "empty"), "--resume")
+    assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr
