@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -179,6 +180,8 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
             raise ConfigError(f"{path}: {e.msg if hasattr(e, 'msg') else e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")

@@ -364,7 +364,6 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
                         raise RunError(f"{e}. Stopped; the last good state (step {state.global_step - state.step_in_epoch}"
                                        f" or later) is saved in {out_dir}/checkpoints; fix the data or lower the "
                                        "learning rate, then --resume (or set train.on_nonfinite=skip)") from None
-                    scheduler.step()
                     state.skipped_batches.append(str(e))
                 state.step_in_epoch += 1
                 state.global_step += 1
