@@ -34,6 +34,7 @@ class Backbone:
     tokenizer: Callable[..., torch.Tensor]
     preprocess: Callable[[Any], torch.Tensor]  # eval transform: PIL image -> tensor
     identity: dict[str, Any]
+    preprocess_cfg: Optional[Any] = None  # open_clip PreprocessCfg: size, mean, std, interpolation
 
     @property
     def identity_key(self) -> str:
@@ -146,7 +147,7 @@ def backbone_from_config(cfg: BackboneConfig) -> Backbone:
     else:
         ctx = cfg.model_cfg.get("text_cfg", {}).get("context_length", 77)
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
-    return Backbone(model, tokenizer, preprocess, identity)
+    return Backbone(model, tokenizer, preprocess, identity, preprocess_cfg)
 
 
 def _from_tag(cfg: BackboneConfig, tag: str) -> tuple[bool, nn.Module]:

@@ -24,7 +24,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = train_run(cfg, Path(args.out), progress=not args.quiet, resume=args.resume)
-    print(f"run written to {args.out} (best epoch {summary['best_epoch']} on val)")
+    selected = f" (best epoch {summary['best_epoch']} on val)" if "best_epoch" in summary else ""
+    print(f"run written to {args.out}{selected}")
     print(_metrics_table(summary["test"]))
     return 0
 
@@ -95,6 +96,21 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    run_sweep(Path(args.sweep), Path(args.out), args.overrides, progress=not args.quiet)
+    print(f"results: {Path(args.out) / 'results.md'} and results.csv; plots in {Path(args.out) / 'plots'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(f"report written to {write_report(Path(args.run_dir))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hclafter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_zeroshot)
 
+    p = sub.add_parser("sweep", help="run a grid of methods x datasets x overrides x seeds; mean ± std tables")
+    p.add_argument("sweep", help="sweep YAML (see configs/sweeps/)")
+    p.add_argument("--out", required=True, help="sweep directory (re-running it finishes missing runs only)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="a self-contained HTML report of one finished run")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
     describe.add_parser(sub)
 
     p = sub.add_parser("data", help="dataset tools")
@@ -163,7 +190,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, BackboneError, RunError, TextCorpusError, describe.DescribeError) as e:
+    except (ConfigError, DataError, BackboneError, RunError, TextCorpusError, describe.DescribeError,
+            FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:

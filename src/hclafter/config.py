@@ -147,10 +147,21 @@ class TrainConfig:
     # Resumable state is saved after every epoch and, if > 0, every this many steps.
     checkpoint_every_steps: int = 0
     on_nonfinite: str = "stop"  # stop: keep the last good state and exit; skip: skip the batch and count it
+    # labels: supervised by the dataset's labels (and distributions). pseudo: LaFTer's label-free mode,
+    # where the frozen stage-1 classifier labels plain CLIP features of a weak view and the model
+    # learns from a strongly augmented view (loss ce or ls_ce); the training labels are never read.
+    supervision: str = "labels"
+    pseudo_threshold: float = 0.0  # pseudo: ignore images whose teacher confidence is below this
+    # Encode each image once and reuse its layer features when the image tower cannot change
+    # (no prompts, no LayerNorm or backbone tuning, labels supervision): see feature_cache.py.
+    feature_cache: bool = True
 
 
 @dataclass
 class Config:
+    # train: stage 1 + stage 2. zeroshot / textonly: evaluate zero-shot CLIP or the stage-1 text
+    # classifier on image features, without image training (the baselines of the tables).
+    mode: str = "train"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16
@@ -166,22 +177,36 @@ class ConfigError(ValueError):
     """A configuration problem, reported with the offending key or file."""
 
 
+def _with_includes(paths: Sequence[str | Path], seen: tuple[Path, ...] = ()) -> list[Path]:
+    """Config files in merge order: a file's ``include: [other.yaml, ...]`` (relative to it) first."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        if path.resolve() in seen:
+            raise ConfigError(f"{path}: includes itself (through {' -> '.join(p.name for p in seen)})")
+        try:
+            includes = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("include", [])
+        except (yaml.YAMLError, AttributeError) as e:
+            raise ConfigError(f"{path}: not a valid YAML mapping ({e})") from None
+        out += _with_includes([path.parent / p for p in ([includes] if isinstance(includes, str) else includes)],
+                              (*seen, path.resolve()))
+        out.append(path)
+    return out
+
+
 def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
     """Merge YAML files (later ones win) and ``key.sub=value`` overrides onto the defaults."""
     merged = OmegaConf.structured(Config)
     required: set[str] = set()  # keys a file marks '???': the user must supply them
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+    for path in _with_includes(paths):
         try:
             loaded = OmegaConf.load(path)
+            loaded.pop("include", None)
             required |= OmegaConf.missing_keys(loaded)
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
             raise ConfigError(f"{path}: {e.msg if hasattr(e, 'msg') else e}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
@@ -198,7 +223,8 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
 
 
 CHOICES = {
-    "precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
+    "mode": ("train", "zeroshot", "textonly"), "precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
+    "train.supervision": ("labels", "pseudo"),
     "model.method": ("hybrid", "segmented", "cascadeclip"), "model.aggregation": ("nga", "mean"),
     "train.loss.name": ("ce", "ls_ce", "dual_task"), "train.on_nonfinite": ("stop", "skip"),
     "data.emotion6_label": ("folder", "argmax"), "data.ties": ("skip", "first"),
@@ -219,7 +245,7 @@ RANGES = {
     "train.weight_decay": (0, True, None, True), "train.warmup_epochs": (0, True, None, True),
     "train.consistency_weight": (0, True, None, True), "train.checkpoint_every_steps": (0, True, None, True),
     "train.loss.lam": (0, True, 1, True), "train.loss.temperature": (0, False, None, True),
-    "train.loss.label_smoothing": (0, True, 1, False),
+    "train.loss.label_smoothing": (0, True, 1, False), "train.pseudo_threshold": (0, True, 1, True),
 }
 
 
@@ -296,6 +322,9 @@ def validate(cfg: Config) -> None:
     bad_lr = {g: v for g, v in cfg.train.lr.items() if not v > 0}
     if bad_lr:
         raise ConfigError(f"train.lr: learning rates must be > 0, got {bad_lr}")
+    if cfg.train.supervision == "pseudo" and cfg.train.loss.name == "dual_task":
+        raise ConfigError("train.loss.name: dual_task needs label-derived distributions; with "
+                          "train.supervision=pseudo use ce or ls_ce")
     ratios = cfg.data.split_ratios
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6 or ratios[1] <= 0:
         raise ConfigError(f"data.split_ratios must be 3 non-negative fractions summing to 1 with val > 0, got {ratios}")

@@ -1,12 +1,14 @@
 """Running a classifier over a split and computing the field's metrics."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from .emotions import Wheel
@@ -63,3 +65,19 @@ def compute_metrics(preds: Predictions, wheel: Wheel) -> dict:
     out["ldl"] = ldl_metrics(preds.probabilities, preds.distributions)
     out["num_samples"] = int(len(preds.labels))
     return out
+
+
+@torch.no_grad()
+def efficiency(classify: Classify, images: torch.Tensor, repeats: int = 5) -> dict:
+    """GFLOPs per image (counted by torch.utils.flop_counter, so exact for a given input size) and
+    inference latency per image (median of ``repeats`` timed batches after one warm-up)."""
+    with FlopCounterMode(display=False) as counter:
+        classify(images[:1])
+    classify(images)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        classify(images)
+        times.append(time.perf_counter() - start)
+    return {"gflops_per_image": counter.get_total_flops() / 1e9,
+            "latency_ms_per_image": 1000 * float(np.median(times)) / len(images), "latency_batch": len(images)}

@@ -149,3 +149,65 @@ def plot_stage_weights(
         if ax.lines:
             ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def plot_method_bars(rows: list[dict], key: str, path: Path, ylabel: str) -> None:
+    """Mean ± std of ``key`` per method (one bar group per dataset), from sweep result rows."""
+    if not rows:
+        return
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(methods) * len(datasets) + 2), 4))
+    width = 0.8 / len(datasets)
+    for d, dataset in enumerate(datasets):
+        by_method = {r["method"]: r for r in rows if r["dataset"] == dataset}
+        xs = [m + d * width for m in range(len(methods)) if methods[m] in by_method]
+        means = [by_method[m][f"{key}_mean"] for m in methods if m in by_method]
+        stds = [by_method[m][f"{key}_std"] for m in methods if m in by_method]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=dataset)
+    ax.set_xticks([m + 0.4 - width / 2 for m in range(len(methods))])
+    ax.set_xticklabels(methods, rotation=35, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", alpha=0.3)
+    if len(datasets) > 1:
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_overlaid_curves(curves: dict[str, list[dict]], key: str, path: Path) -> None:
+    """One line per method: ``key`` against epoch (e.g. the training loss of each method's first seed)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, records in curves.items():
+        points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", markersize=3, label=method)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def plot_learned_weights(weights: dict[str, dict], path: Path) -> None:
+    """Final NGA weights per stage and fusion weights of each run that has them, as bar charts."""
+    runs = {name: w for name, w in weights.items() if w.get("nga_weights") or w.get("fusion_weights")}
+    if not runs:
+        return
+    fig, axes = plt.subplots(len(runs), 2, figsize=(9, 2.4 * len(runs)), squeeze=False)
+    for (name, w), (ax_nga, ax_fusion) in zip(runs.items(), axes):
+        labels, values = [], []
+        for s, stage in enumerate(w.get("nga_weights") or []):
+            labels += [f"s{s + 1}.{k}" for k in range(len(stage))]
+            values += stage
+        ax_nga.bar(range(len(values)), values)
+        ax_nga.set_xticks(range(len(values)))
+        ax_nga.set_xticklabels(labels, fontsize=7, rotation=90)
+        ax_nga.set_title(f"{name}: NGA weights", fontsize=9)
+        fusion = w.get("fusion_weights") or []
+        ax_fusion.bar(range(len(fusion)), fusion)
+        ax_fusion.set_xticks(range(len(fusion)))
+        ax_fusion.set_xticklabels([f"stage {s + 1}" for s in range(len(fusion))], fontsize=7)
+        ax_fusion.set_title(f"{name}: fusion weights", fontsize=9)
+    _save(fig, path)

@@ -35,7 +35,8 @@ from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, sav
 from .config import Config, load_config, to_dict
 from .data import SPLITS, DatasetSplits, load_split_files, load_splits, make_dataset, make_loader, write_manifest
 from .emotions import Wheel
-from .evaluation import Predictions, compute_metrics, predict
+from .evaluation import Predictions, compute_metrics, efficiency, predict
+from .feature_cache import cache_applies, cached_datasets
 from .images import ImageError, load_rgb, to_rgb
 from .model import build_model
 from .plots import plot_confusion, plot_curves, plot_stage_weights
@@ -43,7 +44,7 @@ from .text import (class_texts, encode_texts, load_descriptions, load_templates,
                    zeroshot_weights)
 from .training import (SUM_KEYS, NonFiniteError, build_optimizer, epoch_stats, load_optimizer_state, optimizer_state,
                        param_groups, phase_of_epoch, rng_state, saved_parameter_names, set_rng_state, set_trainable,
-                       train_step, trained_groups, warmup_cosine)
+                       forward_inputs, strong_view, train_step, trained_groups, warmup_cosine)
 
 SCALARS = ("accuracy", "macro_f1", "polarity_accuracy")
 
@@ -251,6 +252,65 @@ def _stop_requests() -> Iterator[dict]:
             signal.signal(sig, old)
 
 
+def _write_run_files(out_dir: Path, cfg: Config, wheel: Wheel, identity: dict, summary: dict, started: float,
+                     **extra: Any) -> None:
+    with _writing(out_dir):
+        write_json(out_dir / "run.json", {"classes": list(wheel.classes), "label_space": wheel.name,
+                                          "wheel": dataclasses.asdict(wheel), "backbone": identity,
+                                          "mode": cfg.mode, "method": cfg.model.method, **extra,
+                                          "hclafter_version": __version__, "torch_version": torch.__version__,
+                                          "wall_time_s": time.time() - started})
+        write_json(out_dir / "summary.json", summary)
+
+
+def _teacher_labels(text_only, samples: Sequence, wheel: Wheel, backbone: Backbone, cfg: Config,
+                    accelerator: Accelerator, show: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """LaFTer's pseudo-labels: the frozen stage-1 classifier on plain CLIP features of the weak
+    (evaluation) view. Both are fixed, so each image's label is computed once for the whole run."""
+    weak = make_dataset(samples, wheel, backbone.preprocess, cfg.data)
+    loader = accelerator.prepare_data_loader(make_loader(weak, cfg.data.eval_batch_size, False, cfg.seed,
+                                                         cfg.data.num_workers))
+    probs = torch.softmax(torch.from_numpy(predict(text_only, loader, accelerator, desc="pseudo-labels",
+                                                   progress=show).logits), dim=-1)
+    confidence, labels = probs.max(dim=-1)
+    return labels, confidence >= cfg.train.pseudo_threshold
+
+
+def _evaluate_frozen(cfg: Config, out_dir: Path, backbone: Backbone, data: DatasetSplits, accelerator: Accelerator,
+                     cache: Path, show: bool, started: float) -> dict:
+    """The baselines without image training: zero-shot CLIP, or the stage-1 text classifier."""
+    wheel = data.wheel
+    if cfg.mode == "zeroshot":
+        weight = zeroshot_weights(backbone, wheel, load_templates(wheel, cfg.text.templates), cache, accelerator.device)
+        scale, stage1 = backbone.model.logit_scale.exp().item(), None  # CLIP's own learned temperature
+    else:
+        weight, stage1 = _text_classifier(backbone, wheel, cfg, cache, accelerator.device)
+        scale = 1.0
+    model = accelerator.prepare_model(backbone.model, evaluation_mode=True).eval()
+
+    def classify(images: torch.Tensor):
+        with accelerator.autocast():
+            features = model.encode_image(images)
+        return scale * F.normalize(features.float(), dim=-1) @ weight.to(features.device).T, None
+
+    results = {}
+    for split in ("val", "test"):
+        loader = accelerator.prepare_data_loader(make_loader(make_dataset(data[split], wheel, backbone.preprocess,
+                                                                          cfg.data), cfg.data.eval_batch_size, False,
+                                                             cfg.seed, cfg.data.num_workers))
+        results[split] = compute_metrics(predict(classify, loader, accelerator, desc=f"eval {split}", progress=show),
+                                         wheel)
+    images = torch.stack([make_dataset(data["test"][:8], wheel, backbone.preprocess, cfg.data)[i]["image"]
+                          for i in range(min(8, len(data["test"])))]).to(accelerator.device)
+    summary = {"val": results["val"], "test": results["test"], "stage1": stage1, "epochs": 0,
+               "parameters": {"trainable": 0, "added": 0, "by_group": {}},
+               "efficiency": efficiency(classify, images),
+               "num_samples": {s: len(data[s]) for s in SPLITS}, "skipped": data.skipped_summary()}
+    if accelerator.is_main_process:
+        _write_run_files(out_dir, cfg, wheel, backbone.identity, summary, started)
+    return summary
+
+
 def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False) -> dict:
     """Stage 1 + stage 2 on the configured data; writes the run directory and returns the summary."""
     started = time.time()
@@ -274,6 +334,8 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
             for split in SPLITS:
                 write_manifest(out_dir / "splits" / f"{split}.csv", data[split], wheel, split)
 
+    if cfg.mode != "train":
+        return _evaluate_frozen(cfg, out_dir, backbone, data, accelerator, cache, show, started)
     stage1_path = out_dir / "text_classifier.safetensors"
     if resume:
         text_weight = load_checkpoint(stage1_path, identity)["weight"]
@@ -286,7 +348,18 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
     saved_names = saved_parameter_names(model, cfg)
     set_trainable(model, groups, set())
 
-    datasets = {split: make_dataset(data[split], wheel, backbone.preprocess, cfg.data) for split in SPLITS}
+    pseudo_mode = cfg.train.supervision == "pseudo"
+    views = {"train": strong_view(backbone.preprocess_cfg.size, backbone.preprocess_cfg.mean,
+                                  backbone.preprocess_cfg.std)} if pseudo_mode else {}
+    datasets = {split: make_dataset(data[split], wheel, views.get(split, backbone.preprocess), cfg.data)
+                for split in SPLITS}
+    image_sets = dict(datasets)  # for the text-only baseline, which reads plain images
+    sample_images = torch.stack([datasets["test"][i]["image"] for i in range(min(8, len(datasets["test"])))])
+    if cache_applies(cfg):
+        model.to(accelerator.device)
+        with accelerator.main_process_first():
+            datasets = cached_datasets(model, datasets, wheel, backbone.preprocess, identity, backbone.preprocess_cfg,
+                                       cache, cfg.data.eval_batch_size, accelerator.device, show)
     loaders = {split: make_loader(datasets[split], cfg.data.batch_size if split == "train" else cfg.data.eval_batch_size,
                                   shuffle=split == "train", seed=cfg.seed, num_workers=cfg.data.num_workers,
                                   pin_memory=accelerator.device.type == "cuda")
@@ -302,9 +375,9 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
     plain = accelerator.unwrap_model(model)
     train_paths = [s.path for s in data["train"]]
 
-    def classify(images: torch.Tensor):
+    def classify(inputs: torch.Tensor):
         with accelerator.autocast():
-            out = plain.forward_stages(images)
+            out = forward_inputs(plain, inputs)
         return out.logits, out.stage_logits
 
     def text_only(images: torch.Tensor):
@@ -312,10 +385,14 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
             features = backbone.model.encode_image(images)
         return F.normalize(features.float(), dim=-1) @ text_weight.to(features.device).T, None
 
-    def evaluate(fn, split: str) -> tuple[dict, Predictions]:
+    def evaluate(fn, split: str, images: bool = False) -> tuple[dict, Predictions]:
         plain.eval()
-        preds = predict(fn, loaders[split], accelerator, desc=f"eval {split}", progress=show)
+        loader = accelerator.prepare_data_loader(make_loader(image_sets[split], cfg.data.eval_batch_size, False,
+                                                             cfg.seed, cfg.data.num_workers)) if images else loaders[split]
+        preds = predict(fn, loader, accelerator, desc=f"eval {split}", progress=show)
         return compute_metrics(preds, wheel), preds
+
+    pseudo = _teacher_labels(text_only, data["train"], wheel, backbone, cfg, accelerator, show) if pseudo_mode else None
 
     def save_state() -> None:
         if main:
@@ -326,7 +403,7 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
         state = _load_state(out_dir, plain, optimizer, scheduler, identity)
         text_only_metrics = stage1.pop("text_only")
     else:
-        text_only_metrics = {s: {k: evaluate(text_only, s)[0][k] for k in SCALARS} for s in ("val", "test")}
+        text_only_metrics = {s: {k: evaluate(text_only, s, images=True)[0][k] for k in SCALARS} for s in ("val", "test")}
         state = Progress()
         if main:
             with _writing(out_dir):
@@ -355,7 +432,7 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
             for batch in bar:
                 try:
                     step = train_step(model, batch, optimizer, scheduler, accelerator, cfg, phase.consistency,
-                                      train_paths)
+                                      train_paths, pseudo)
                     for key in SUM_KEYS:
                         state.sums[key] += step[key]
                     bar.set_postfix(loss=f"{step['loss'] / step['n']:.4f}")
@@ -410,17 +487,14 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
                        "added": sum(n for g, n in counts.items() if g not in ("layernorms", "backbone")),
                        "by_group": counts},
         "num_samples": {s: len(data[s]) for s in SPLITS},
+        "efficiency": efficiency(classify, sample_images.to(accelerator.device)),
         "skipped": data.skipped_summary(),
         "nonfinite_batches_skipped": state.skipped_batches,
     }
     if main:
+        _write_run_files(out_dir, cfg, wheel, identity, summary, started, resume=resume,
+                         extraction_layers=plain.extraction_layers)
         with _writing(out_dir):
-            write_json(out_dir / "run.json", {"classes": list(wheel.classes), "label_space": wheel.name,
-                                              "wheel": dataclasses.asdict(wheel), "backbone": identity,
-                                              "method": cfg.model.method, "extraction_layers": plain.extraction_layers,
-                                              "hclafter_version": __version__, "torch_version": torch.__version__,
-                                              "wall_time_s": time.time() - started, "resumed": resume})
-            write_json(out_dir / "summary.json", summary)
             _write_predictions(out_dir / "predictions.csv", preds, data["test"], wheel)
             plot_curves(state.records, out_dir / "plots" / "curves.png")
             plot_confusion(test["confusion_matrix"], wheel.classes, out_dir / "plots" / "confusion.png")

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+import torchvision.transforms as T
 from accelerate import Accelerator
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -87,6 +88,11 @@ def phase_of_epoch(phases: list[PhaseConfig]) -> list[tuple[int, PhaseConfig]]:
     return [(i, p) for i, p in enumerate(phases, start=1) for _ in range(p.epochs)]
 
 
+def forward_inputs(model: nn.Module, inputs: torch.Tensor):
+    """Images [B, 3, H, W], or cached layer features [B, layers, D] of a frozen encoder (head only)."""
+    return model.head(inputs.transpose(0, 1)) if inputs.ndim == 3 else model.forward_stages(inputs)
+
+
 class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient; names the batch's images."""
 
@@ -95,13 +101,26 @@ SUM_KEYS = ("loss", "task_loss", "consistency_loss", "correct", "n")
 
 
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
-               accelerator: Accelerator, cfg: Config, consistency: bool, paths: Sequence[str]) -> dict[str, float]:
+               accelerator: Accelerator, cfg: Config, consistency: bool, paths: Sequence[str],
+               pseudo: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, float]:
     """One optimisation step. A non-finite loss or gradient raises NonFiniteError before the
-    optimizer touches the weights, so the model stays at its last good values."""
+    optimizer touches the weights, so the model stays at its last good values.
+
+    With ``pseudo`` = (teacher label, kept) per training index, the batch's own labels are never
+    read: targets are the teacher's labels of the images it is confident about.
+    """
+    if pseudo is None:
+        labels, keep = batch["label"], None
+    else:
+        index = batch["index"].to(pseudo[0].device)
+        labels, keep = pseudo[0][index].to(batch["image"].device), pseudo[1][index].to(batch["image"].device)
     with accelerator.autocast():
-        out = model.forward_stages(batch["image"])
-        task = task_loss(cfg.train.loss, out.logits, batch["label"], batch["distribution"])
-        cons = stage_consistency_loss(out.stage_logits) if consistency else torch.zeros((), device=task.device)
+        out = forward_inputs(model, batch["image"])
+        logits, stage_logits, dists = out.logits, out.stage_logits, batch["distribution"]
+        if keep is not None:
+            logits, stage_logits, dists, labels = logits[keep], stage_logits[:, keep], dists[keep], labels[keep]
+        task = task_loss(cfg.train.loss, logits, labels, dists) if len(labels) else logits.sum() * 0.0
+        cons = stage_consistency_loss(stage_logits) if consistency and len(labels) else torch.zeros((), device=task.device)
         loss = task + cfg.train.consistency_weight * cons
     optimizer.zero_grad(set_to_none=True)
     what = None
@@ -119,9 +138,22 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
                              + ", ".join(images[:8]) + (" ..." if len(images) > 8 else ""))
     optimizer.step()
     scheduler.step()
-    return {"loss": loss.item() * len(batch["label"]), "task_loss": task.item() * len(batch["label"]),
-            "consistency_loss": cons.item() * len(batch["label"]),
-            "correct": float((out.logits.argmax(-1) == batch["label"]).sum().item()), "n": float(len(batch["label"]))}
+    n = len(labels)
+    return {"loss": loss.item() * n, "task_loss": task.item() * n, "consistency_loss": cons.item() * n,
+            "correct": float((logits.argmax(-1) == labels).sum().item()), "n": float(n)}
+
+
+def strong_view(size: int | tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """LaFTer's strong augmentation for the student in pseudo-label training (SimSiam/MoCo-v2 style)."""
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.GaussianBlur(kernel_size=max(3, (min(size if isinstance(size, int) else size) // 10) | 1), sigma=(0.1, 2.0)),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
 
 
 def epoch_stats(sums: dict[str, float], accelerator: Accelerator) -> dict[str, float]:

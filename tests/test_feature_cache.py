@@ -1,0 +1,40 @@
+"""The per-layer feature cache: used only when the encoder is fixed, shared, and result-preserving."""
+import numpy as np
+import pytest
+
+from hclafter.config import load_config
+from hclafter.feature_cache import cache_applies
+from hclafter.run import train_run
+
+from .conftest import TINY_CONFIG
+
+FROZEN = ["model.prompt_tokens=0", "data.synthetic.per_class=8", "text.steps=30",
+          "train.phases=[{epochs: 1, train: [stage_adapters, fusion]}, {epochs: 1, train: [stage_adapters, nga, classifier]}]"]
+
+
+def test_cache_applies_only_when_the_image_tower_is_fixed():
+    assert cache_applies(load_config([TINY_CONFIG], FROZEN))
+    assert not cache_applies(load_config([TINY_CONFIG], FROZEN + ["model.prompt_tokens=4"]))
+    assert not cache_applies(load_config([TINY_CONFIG], FROZEN + ["train.phases=[{epochs: 1, train: [layernorms]}]"]))
+    assert not cache_applies(load_config([TINY_CONFIG], FROZEN + ["train.supervision=pseudo", "train.loss.name=ce"]))
+    assert not cache_applies(load_config([TINY_CONFIG], FROZEN + ["train.feature_cache=false"]))
+
+
+def test_cached_runs_match_uncached_ones_and_share_the_cache(tmp_path, cache_dir):
+    cfg = lambda *more: load_config([TINY_CONFIG], [*FROZEN, f"cache_dir={tmp_path / 'cache'}", *more])
+    plain = train_run(cfg("train.feature_cache=false"), tmp_path / "plain", progress=False)
+    assert not (tmp_path / "cache" / "features").exists()
+    cached = train_run(cfg(), tmp_path / "cached", progress=False)
+    files = sorted((tmp_path / "cache" / "features").glob("*.npy"))
+    assert len(files) == 1  # all images of the dataset, whatever the split
+    assert np.load(files[0], mmap_mode="r").shape[1:] == (8, 64)  # layers 5..12, joint dim 64
+    for split in ("val", "test"):
+        for key in ("accuracy", "macro_f1", "confusion_matrix", "stage_accuracy"):
+            assert cached[split][key] == plain[split][key]
+        for key, value in plain[split]["ldl"].items():
+            assert cached[split]["ldl"][key] == pytest.approx(value, abs=1e-6)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    # another seed of a sweep splits the images differently but reuses the same feature file
+    train_run(cfg("seed=1"), tmp_path / "again", progress=False)
+    assert sorted((tmp_path / "cache" / "features").glob("*.npy")) == files
+    assert [f.stat().st_mtime_ns for f in files] == stamps

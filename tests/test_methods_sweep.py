@@ -1,0 +1,135 @@
+"""Baselines and ablations wired as specified; the sweep runner; the single-run report."""
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from hclafter import run as run_module
+from hclafter.cli import main
+from hclafter.config import load_config
+from hclafter.emotions import MIKELS8
+from hclafter.model import build_model
+from hclafter.run import train_run
+from hclafter.training import param_groups
+
+from .conftest import ROOT, TINY_CONFIG
+
+METHODS = ROOT / "configs" / "methods"
+SHORT = ["data.synthetic.per_class=8", "text.steps=30"]
+ONE_EPOCH = "train.phases=[{epochs: 1, train: [prompts, layernorms, classifier]}]"
+
+
+def method_cfg(name, *overrides):
+    return load_config([TINY_CONFIG, METHODS / f"{name}.yaml"], [*SHORT, *overrides])
+
+
+def test_every_method_of_the_tables_has_a_config():
+    names = {p.stem for p in METHODS.glob("*.yaml")}
+    assert {"zeroshot", "textonly", "lafter", "lafter_pseudo", "segmented", "cascadeclip", "hybrid", "hybrid_no_nga",
+            "hybrid_no_adapters", "hybrid_no_consistency", "hybrid_stages_2", "hybrid_stages_4"} <= names
+    smoke = yaml.safe_load((ROOT / "configs" / "sweeps" / "smoke.yaml").read_text())
+    assert set(smoke["methods"]) == names and smoke["seeds"] == [0, 1]
+    assert set(yaml.safe_load((ROOT / "configs" / "sweeps" / "paper.yaml").read_text())["methods"]) == names
+
+
+def test_ablations_change_exactly_their_component(tiny_backbone):
+    hybrid = method_cfg("hybrid")
+    for name, changed in (("hybrid_no_nga", {"aggregation": "mean"}), ("hybrid_no_adapters", {"stage_adapters": False}),
+                          ("hybrid_stages_2", {"stages": [[7, 8, 9], [10, 11, 12]]})):
+        assert dataclasses.replace(hybrid.model, **changed) == method_cfg(name).model
+    assert method_cfg("hybrid_no_consistency").train.consistency_weight == 0.0
+    no_nga = build_model(tiny_backbone, 8, method_cfg("hybrid_no_nga").model)
+    assert not param_groups(no_nga)["nga"] and not any("sigma" in n for n, _ in no_nga.named_parameters())
+    assert no_nga.nga_weights() == [[pytest.approx(1 / 3)] * 3, [0.5, 0.5], [pytest.approx(1 / 3)] * 3]
+    lafter = build_model(tiny_backbone, 8, method_cfg("lafter").model)
+    assert lafter.extraction_layers == [12] and lafter.adapters is None
+
+
+def test_baseline_models_are_built_from_their_configs(tiny_backbone, cache_dir):
+    import torch
+
+    segmented = build_model(tiny_backbone, 8, method_cfg("segmented").model)
+    assert len(segmented.stages) == 4 and param_groups(segmented)["projections"]
+    cfg = method_cfg("cascadeclip")
+    cascade = run_module.build_run_model(tiny_backbone, MIKELS8, cfg, cache_dir, torch.device("cpu"), torch.zeros(8, 32))
+    groups = param_groups(cascade)
+    assert groups["decoders"] and groups["projections"] and not groups["classifier"]
+    assert not hasattr(cascade, "classifier")
+
+
+def _garbage_train_labels(monkeypatch):
+    original = run_module.load_splits
+
+    def load(cfg, seed, cache):
+        data = original(cfg, seed, cache)
+        data.splits["train"] = [dataclasses.replace(s, label=(s.label * 5 + 3) % 8) for s in data["train"]]
+        return data
+
+    monkeypatch.setattr(run_module, "load_splits", load)
+
+
+def test_lafter_pseudo_never_reads_training_labels(tmp_path, cache_dir, monkeypatch):
+    cfg = lambda name: method_cfg(name, ONE_EPOCH, f"cache_dir={cache_dir}")
+    clean = train_run(cfg("lafter_pseudo"), tmp_path / "clean", progress=False)
+    supervised = train_run(cfg("lafter"), tmp_path / "sup", progress=False)
+    _garbage_train_labels(monkeypatch)
+    garbage = train_run(cfg("lafter_pseudo"), tmp_path / "garbage", progress=False)
+    assert garbage["test"] == clean["test"] and garbage["val"] == clean["val"]
+    records = lambda d: [{k: v for k, v in json.loads(x).items() if k != "time_s"}
+                         for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    assert records("garbage") == records("clean")
+    # the same garbage does change a supervised run, so the comparison above can fail
+    assert train_run(cfg("lafter"), tmp_path / "sup-garbage", progress=False)["test"] != supervised["test"]
+
+
+def _tiny_sweep(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base": [str(TINY_CONFIG)],
+        "methods": {"zeroshot": str(METHODS / "zeroshot.yaml"), "lafter": str(METHODS / "lafter.yaml"),
+                    "hybrid": str(METHODS / "hybrid.yaml")},
+        "overrides": [*SHORT, "train.phases=[{epochs: 1, train: [prompts, classifier, fusion]}]"],
+        "seeds": [0, 1]}, sort_keys=False))
+    return sweep
+
+
+def test_sweep_tables_and_restart_after_a_kill(tmp_path, cache_dir, monkeypatch):
+    sweep, out = _tiny_sweep(tmp_path), tmp_path / "out"
+    calls = []
+    original = run_module.train_run
+
+    def dies_on_fourth(cfg, out_dir, progress=True, resume=False):
+        calls.append((out_dir.parent.parent.name, resume))
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the sweep is killed during its fourth run
+        return original(cfg, out_dir, progress=progress, resume=resume)
+
+    monkeypatch.setattr(run_module, "train_run", dies_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        main(["sweep", str(sweep), "--out", str(out), "--quiet", f"cache_dir={cache_dir}"])
+    calls.clear()
+    monkeypatch.setattr(run_module, "train_run", original)
+    counted = []
+    monkeypatch.setattr(run_module, "train_run", lambda *a, **k: counted.append(a[1]) or original(*a, **k))
+    assert main(["sweep", str(sweep), "--out", str(out), "--quiet", f"cache_dir={cache_dir}"]) == 0
+    assert [p.parent.parent.name for p in counted] == ["lafter", "hybrid", "hybrid"]  # only the missing runs
+    table = (out / "results.md").read_text()
+    for method in ("zeroshot", "lafter", "hybrid"):
+        assert f"| default | {method} | 2 |" in table
+    rows = {r["method"]: r for r in __import__("csv").DictReader(open(out / "results.csv"))}
+    assert rows["hybrid"]["seeds"] == "2" and float(rows["hybrid"]["gflops_per_image"]) > 0
+    assert int(rows["hybrid"]["added_over_lafter"]) > 0 and rows["lafter"]["added_over_lafter"] == "0"
+    assert float(rows["lafter"]["accuracy_std"]) >= 0 and "±" in table
+    for plot in ("accuracy.png", "train_loss.png", "learned_weights.png"):
+        assert (out / "plots" / plot).stat().st_size > 0
+
+
+def test_report_is_a_self_contained_page(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    train_run(method_cfg("hybrid", ONE_EPOCH, f"cache_dir={cache_dir}"), out, progress=False)
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"{100 * summary['test']['accuracy']:.2f}" in page
+    assert page.count("data:image/png;base64,") == 3 and "stage 3" in page
