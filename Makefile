@@ -14,9 +14,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/hclafter train -c configs/tiny.yaml --out $(DEMO_DIR)
-	$(VENV)/bin/hclafter eval $(DEMO_DIR)
-	$(VENV)/bin/hclafter predict $(DEMO_DIR) "$$(sed -n 2p $(DEMO_DIR)/splits/test.csv | cut -d, -f1)"
+	$(VENV)/bin/hclafter demo --out $(DEMO_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -9,8 +9,8 @@ if TYPE_CHECKING:
     from .run import TrainedRun
 
 
-def load_run(run_dir: Any, device: Any = None) -> "TrainedRun":
+def load_run(run_dir: Any, device: Any = None, precision: Any = None) -> "TrainedRun":
     """A trained run ready for ``.predict(images)``; see ``hclafter.run.load_run``."""
     from .run import load_run as _load_run
 
-    return _load_run(run_dir, device)
+    return _load_run(run_dir, device, precision)

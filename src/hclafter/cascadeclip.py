@@ -19,7 +19,7 @@ from torch import nn
 
 from .backbone import Backbone
 from .features import check_vit, embed_patches, project
-from .model import ModelOutput
+from .model import ModelOutput, StagedClassifier
 from .prompts import VisualPrompts
 from .segmented import group_parameters, stage_projection
 
@@ -89,7 +89,7 @@ class StageDecoder(nn.Module):
         return self.score(queries, tokens).mean(dim=(1, 3))
 
 
-class CascadeCLIPClassifier(nn.Module):
+class CascadeCLIPClassifier(StagedClassifier):
     """Shallow visual prompts; per-stage NGA over projected patch tokens; per-stage class-query
     decoders; summed stage scores. It has no shared text classifier: the text enters through the
     class queries, so ``class_embeddings`` (the stage-1 text embeddings, [C, D]) are required."""
@@ -151,9 +151,6 @@ class CascadeCLIPClassifier(nn.Module):
             scores.append(self.decoders[s](self.queries[s](torch.cat([t * g, t], dim=-1)), tokens))
         stage_logits = torch.stack(scores)
         return ModelOutput(stage_logits.sum(0), stage_logits)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_stages(images).logits
 
     def param_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         """Parameters by training group (see ``config.PARAM_GROUPS``)."""

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import describe
+from . import demo, describe
 from .config import ConfigError, load_config
 
 
@@ -24,6 +25,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = train_run(cfg, Path(args.out), progress=not args.quiet, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun the first process reports
     selected = f" (best epoch {summary['best_epoch']} on val)" if "best_epoch" in summary else ""
     print(f"run written to {args.out}{selected}")
     print(_metrics_table(summary["test"]))
@@ -33,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .run import load_run
 
-    metrics = load_run(args.run_dir, args.device).evaluate(args.split, progress=not args.json)
+    metrics = load_run(args.run_dir, args.device, args.precision).evaluate(args.split, progress=not args.json)
     print(json.dumps(metrics, indent=2) if args.json else _metrics_table(metrics))
     return 0
 
@@ -41,7 +44,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .run import load_run
 
-    result = load_run(args.run_dir, args.device).predict(args.images)
+    result = load_run(args.run_dir, args.device, args.precision).predict(args.images)
     items = [{"image": str(path), "label": label,
               "distribution": {c: round(float(p), 6) for c, p in zip(result.classes, dist)}}
              for path, label, dist in zip(args.images, result.labels, result.distributions)]
@@ -111,6 +114,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    result = run_bench(args.device, args.batch, args.prompts, args.repeats, precision=args.precision)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key:<30}{value:.4f}" if isinstance(value, float) else f"{key:<30}{value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hclafter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="default: the run's own")
     p.add_argument("--json", action="store_true", help="print all metrics as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -139,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+")
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="default: the run's own")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -159,7 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("bench", help="speed/memory/FLOP ratios: HybridCascade vs LaFTer vs Cascade-CLIP (ViT-B-32)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prompts", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per side (medians are compared)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="autocast for the model timings")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
+
     describe.add_parser(sub)
+    demo.add_parser(sub)
 
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)

@@ -21,7 +21,7 @@ from .fusion import StageFusion
 from .nga import NGA, MeanAggregation
 from .prompts import VisualPrompts
 
-__all__ = ["HybridCascadeLaFTer", "ModelOutput", "NGA", "build_model"]
+__all__ = ["HybridCascadeLaFTer", "ModelOutput", "NGA", "StagedClassifier", "build_model"]
 
 
 @dataclass
@@ -30,7 +30,20 @@ class ModelOutput:
     stage_logits: torch.Tensor  # [S, B, C]
 
 
-class HybridCascadeLaFTer(nn.Module):
+class StagedClassifier(nn.Module):
+    """Common call interface of the stage-wise models. Training calls the module itself (so that a
+    DistributedDataParallel wrapper sees the forward pass) with ``return_stages=True``; inputs of
+    shape [B, layers, D] are cached layer features, for models that have a ``head``."""
+
+    def forward_stages(self, images: torch.Tensor) -> ModelOutput:
+        raise NotImplementedError
+
+    def forward(self, inputs: torch.Tensor, return_stages: bool = False) -> torch.Tensor | ModelOutput:
+        out = self.head(inputs.transpose(0, 1)) if inputs.ndim == 3 else self.forward_stages(inputs)
+        return out if return_stages else out.logits
+
+
+class HybridCascadeLaFTer(StagedClassifier):
     """Multi-stage CLS features of a prompted CLIP ViT, classified by one shared text classifier.
 
     With ``stages=[[L]]`` and no adapters it is plain LaFTer (final layer only).
@@ -85,9 +98,6 @@ class HybridCascadeLaFTer(nn.Module):
 
     def forward_stages(self, images: torch.Tensor) -> ModelOutput:
         return self.head(self.layer_features(images))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_stages(images).logits
 
     def param_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         """Parameters by training group: the phase schedule and learning rates address these names."""

@@ -52,7 +52,7 @@ def write_report(run_dir: Path) -> Path:
     per_class = [[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]]
                  for c, v in test["per_class"].items()]
     ldl = [[k, f"{v:.4f}"] for k, v in test["ldl"].items()]
-    eff = summary.get("efficiency", {})
+    eff = info.get("efficiency", {})
     params = summary.get("parameters", {})
     sections = [
         f"<h1>Run {html.escape(run_dir.name)}</h1>",

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, skip_first_batches
-from accelerate.utils import set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from omegaconf import OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
@@ -44,7 +45,7 @@ from .text import (class_texts, encode_texts, load_descriptions, load_templates,
                    zeroshot_weights)
 from .training import (SUM_KEYS, NonFiniteError, build_optimizer, epoch_stats, load_optimizer_state, optimizer_state,
                        param_groups, phase_of_epoch, rng_state, saved_parameter_names, set_rng_state, set_trainable,
-                       forward_inputs, strong_view, train_step, trained_groups, warmup_cosine)
+                       strong_view, train_step, trained_groups, warmup_cosine)
 
 SCALARS = ("accuracy", "macro_f1", "polarity_accuracy")
 
@@ -69,7 +70,12 @@ def make_accelerator(cfg: Config) -> Accelerator:
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RunError("device: 'cuda' requested but no CUDA device is available; use device=auto or cpu")
-    return Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision))
+    # accelerate keeps one state per process; a library call may ask for another precision than
+    # the last one (a notebook, a sweep), so that state is renewed (the process group is kept).
+    AcceleratorState._reset_state(reset_partial_state=False)
+    # Phases switch groups on and off, so DDP must tolerate parameters without gradients.
+    return Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(cfg.precision, cfg.precision),
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
 
 
 def _resolve_paths(cfg: Config) -> None:
@@ -254,6 +260,8 @@ def _stop_requests() -> Iterator[dict]:
 
 def _write_run_files(out_dir: Path, cfg: Config, wheel: Wheel, identity: dict, summary: dict, started: float,
                      **extra: Any) -> None:
+    """``summary.json`` holds what the run computed (reproducible to the bit on CPU); ``run.json``
+    what describes it, timings included (latency, wall time), which vary between machines."""
     with _writing(out_dir):
         write_json(out_dir / "run.json", {"classes": list(wheel.classes), "label_space": wheel.name,
                                           "wheel": dataclasses.asdict(wheel), "backbone": identity,
@@ -304,10 +312,10 @@ def _evaluate_frozen(cfg: Config, out_dir: Path, backbone: Backbone, data: Datas
                           for i in range(min(8, len(data["test"])))]).to(accelerator.device)
     summary = {"val": results["val"], "test": results["test"], "stage1": stage1, "epochs": 0,
                "parameters": {"trainable": 0, "added": 0, "by_group": {}},
-               "efficiency": efficiency(classify, images),
                "num_samples": {s: len(data[s]) for s in SPLITS}, "skipped": data.skipped_summary()}
     if accelerator.is_main_process:
-        _write_run_files(out_dir, cfg, wheel, backbone.identity, summary, started)
+        _write_run_files(out_dir, cfg, wheel, backbone.identity, summary, started,
+                         efficiency=efficiency(classify, images))
     return summary
 
 
@@ -346,7 +354,8 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
     model = build_run_model(backbone, wheel, cfg, cache, accelerator.device, text_weight)
     groups = param_groups(model)
     saved_names = saved_parameter_names(model, cfg)
-    set_trainable(model, groups, set())
+    # Everything any phase tunes requires grad while the model is wrapped (DDP registers those).
+    set_trainable(model, groups, set().union(*(trained_groups(p, cfg.train.train_backbone) for p in cfg.train.phases)))
 
     pseudo_mode = cfg.train.supervision == "pseudo"
     views = {"train": strong_view(backbone.preprocess_cfg.size, backbone.preprocess_cfg.mean,
@@ -377,7 +386,7 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
 
     def classify(inputs: torch.Tensor):
         with accelerator.autocast():
-            out = forward_inputs(plain, inputs)
+            out = plain(inputs, return_stages=True)
         return out.logits, out.stage_logits
 
     def text_only(images: torch.Tensor):
@@ -487,13 +496,13 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
                        "added": sum(n for g, n in counts.items() if g not in ("layernorms", "backbone")),
                        "by_group": counts},
         "num_samples": {s: len(data[s]) for s in SPLITS},
-        "efficiency": efficiency(classify, sample_images.to(accelerator.device)),
         "skipped": data.skipped_summary(),
         "nonfinite_batches_skipped": state.skipped_batches,
     }
     if main:
         _write_run_files(out_dir, cfg, wheel, identity, summary, started, resume=resume,
-                         extraction_layers=plain.extraction_layers)
+                         extraction_layers=plain.extraction_layers,
+                         efficiency=efficiency(classify, sample_images.to(accelerator.device)))
         with _writing(out_dir):
             _write_predictions(out_dir / "predictions.csv", preds, data["test"], wheel)
             plot_curves(state.records, out_dir / "plots" / "curves.png")
@@ -513,7 +522,7 @@ class Prediction:
 class TrainedRun:
     """A finished run, rebuilt from its directory: backbone by identity plus the saved weights."""
 
-    def __init__(self, run_dir: Path, device: Optional[str] = None) -> None:
+    def __init__(self, run_dir: Path, device: Optional[str] = None, precision: Optional[str] = None) -> None:
         self.run_dir = Path(run_dir)
         for name in ("config.yaml", "run.json", "model.safetensors"):
             if not (self.run_dir / name).is_file():
@@ -521,6 +530,8 @@ class TrainedRun:
         self.cfg = load_config([self.run_dir / "config.yaml"])
         if device is not None:
             self.cfg.device = device
+        if precision is not None:
+            self.cfg.precision = precision
         info = json.loads((self.run_dir / "run.json").read_text(encoding="utf-8"))
         w = info["wheel"]
         self.wheel = Wheel(w["name"], tuple(w["classes"]), tuple(w["polarity"]),
@@ -567,6 +578,7 @@ class TrainedRun:
         return Prediction([self.wheel.classes[i] for i in probs.argmax(axis=1)], probs, self.wheel.classes)
 
 
-def load_run(run_dir: str | Path, device: Optional[str] = None) -> TrainedRun:
-    """A trained model ready for ``.predict(images)`` and ``.evaluate(split)``."""
-    return TrainedRun(Path(run_dir), device)
+def load_run(run_dir: str | Path, device: Optional[str] = None, precision: Optional[str] = None) -> TrainedRun:
+    """A trained model ready for ``.predict(images)`` and ``.evaluate(split)``; ``device`` and
+    ``precision`` (fp32 | bf16 | fp16 autocast) replace the run's own settings."""
+    return TrainedRun(Path(run_dir), device, precision)

@@ -20,7 +20,7 @@ from .backbone import Backbone
 from .classifier import TextClassifier
 from .features import check_vit, embed_patches
 from .fusion import StageFusion
-from .model import ModelOutput
+from .model import ModelOutput, StagedClassifier
 from .nga import NGA, MeanAggregation
 from .prompts import VisualPrompts
 
@@ -66,7 +66,7 @@ def check_segments(stages: Sequence[Sequence[int]], depth: int) -> list[list[int
     return stages
 
 
-class SegmentedLaFTer(nn.Module):
+class SegmentedLaFTer(StagedClassifier):
     """Stage-wise prompts inserted at stage starts; per-stage NGA, projection; shared classifier; fusion."""
 
     def __init__(self, backbone: Backbone, num_classes: int,
@@ -111,9 +111,6 @@ class SegmentedLaFTer(nn.Module):
     def forward_stages(self, images: torch.Tensor) -> ModelOutput:
         stage_logits = torch.stack([self.classifier(z) for z in self.stage_features(images)])
         return ModelOutput(self.fusion(stage_logits), stage_logits)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_stages(images).logits
 
     def param_groups(self) -> dict[str, dict[str, nn.Parameter]]:
         """Parameters by training group (see ``config.PARAM_GROUPS``)."""

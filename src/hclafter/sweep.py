@@ -123,6 +123,7 @@ def summarise(runs: list[SweepRun]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         summary = json.loads((run.out / "summary.json").read_text(encoding="utf-8"))
+        summary["efficiency"] = json.loads((run.out / "run.json").read_text(encoding="utf-8"))["efficiency"]
         groups.setdefault((run.dataset, run.method, run.variant), []).append(summary)
     rows = []
     for (dataset, method, variant), summaries in groups.items():

@@ -1,9 +1,11 @@
-"""A seeded generator of small labelled emotion images with per-image vote-like distributions.
+"""The ``synthetic`` data format: a seeded, labelled emotion dataset with per-image distributions.
 
-Each class has a colour (neighbouring classes on the wheel have similar colours), a stripe
-frequency and a shape; an image blends the colours of its distribution, so wheel neighbours
-are ambiguous, as in real vote data. Used by the tests and the tiny configs; nothing here is
-meant to resemble real photographs.
+For the Mikels-8 label space (the format's default) the images come from the synthetic emotion
+world (:mod:`hclafter.world`): each emotion carried by its own visual cues, ambiguous between
+wheel neighbours, with simulated vote distributions. Other label spaces get simple generic
+images: a colour per class (neighbouring classes on the wheel have similar colours), a stripe
+frequency and a shape, blended by the image's distribution. Used by the demo, the tests and the
+tiny configs; nothing here is meant to resemble real photographs.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ from PIL import Image
 
 from .config import DataConfig
 from .data import DataError, Sample, write_manifest
-from .emotions import Wheel, strategy1
+from .emotions import MIKELS8, Wheel, strategy1
+
+GENERATOR_VERSION = 3  # part of the cache key: bump when the images change
 
 
 def _vote_distribution(wheel: Wheel, label: int, rng: np.random.Generator, votes: int = 15) -> np.ndarray:
@@ -30,7 +34,7 @@ def _vote_distribution(wheel: Wheel, label: int, rng: np.random.Generator, votes
     return counts / counts.sum()
 
 
-def _render(wheel: Wheel, label: int, dist: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def _render_generic(wheel: Wheel, label: int, dist: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     c = wheel.num_classes
     palette = np.array([colorsys.hsv_to_rgb(i / c, 0.75, 0.95 if wheel.polarity[i] else 0.55) for i in range(c)])
     colour = dist @ palette
@@ -48,31 +52,56 @@ def _render(wheel: Wheel, label: int, dist: np.ndarray, size: int, rng: np.rando
 
 
 def generate_synthetic(root: Path, wheel: Wheel, per_class: int, image_size: int, seed: int) -> Path:
-    """Write ``images/<class>/<n>.png`` and ``manifest.csv`` under ``root``; return the manifest."""
-    rng = np.random.default_rng(seed)
+    """Write ``images/<class>/<n>.png`` and ``manifest.csv`` under ``root``; return the manifest.
+
+    Mikels-8 images come from the emotion world (``world.generate(per_class, image_size, seed)``);
+    the manifest's ``distribution`` column holds each image's vote distribution.
+    """
     samples = []
-    for label, name in enumerate(wheel.classes):
+    if wheel.classes == MIKELS8.classes:
+        from .world import WILD, generate
+
+        items = [(im.label, im.image, im.distribution) for im in generate(per_class, image_size, seed, WILD)]
+    else:
+        rng = np.random.default_rng(seed)
+        items = []
+        for label in range(wheel.num_classes):
+            for _ in range(per_class):
+                dist = _vote_distribution(wheel, label, rng)
+                items.append((label, _render_generic(wheel, label, dist, image_size, rng), dist))
+    counters = [0] * wheel.num_classes
+    for label, image, dist in items:
+        name, n = wheel.classes[label], counters[label]
+        counters[label] += 1
         (root / "images" / name).mkdir(parents=True, exist_ok=True)
-        for n in range(per_class):
-            dist = _vote_distribution(wheel, label, rng)
-            path = root / "images" / name / f"{n:04d}.png"
-            Image.fromarray(_render(wheel, label, dist, image_size, rng)).save(path)
-            samples.append(Sample(f"images/{name}/{n:04d}.png", label, tuple(dist.tolist())))
+        Image.fromarray(image).save(root / "images" / name / f"{n:04d}.png")
+        samples.append(Sample(f"images/{name}/{n:04d}.png", label, tuple(float(p) for p in dist)))
     manifest = root / "manifest.csv"
     write_manifest(manifest, samples, wheel)
     return manifest
 
 
 def ensure_synthetic(cfg: DataConfig, wheel: Wheel, cache_dir: Path) -> Path:
-    """The synthetic dataset's manifest, generating it once per parameter set (atomically)."""
+    """The synthetic dataset's manifest, generating it once per parameter set (atomically).
+
+    The parameters are stamped into ``synthetic.json`` beside the manifest; a ``data.root`` that
+    holds data generated with other parameters is an error, never silently re-used.
+    """
     s = cfg.synthetic
+    params = {"wheel": list(wheel.classes), "per_class": s.per_class, "size": s.image_size, "seed": s.seed,
+              "v": GENERATOR_VERSION}
     if cfg.root is not None:
         root = Path(cfg.root).expanduser()
     else:
-        key = json.dumps({"wheel": wheel.classes, "per_class": s.per_class, "size": s.image_size, "seed": s.seed, "v": 1})
+        key = json.dumps({**params, "wheel": wheel.classes})
         root = cache_dir / "synthetic" / hashlib.sha256(key.encode()).hexdigest()[:12]
     manifest = root / "manifest.csv"
     if manifest.is_file():
+        stamp = root / "synthetic.json"
+        if stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) != params:
+            raise DataError(f"data.root: {root} holds synthetic data generated with other settings "
+                            f"({stamp.read_text(encoding='utf-8').strip()}, now {json.dumps(params)}); "
+                            "give an empty or new folder")
         return manifest
     if root.is_dir() and any(root.iterdir()):
         raise DataError(f"data.root: {root} exists without a manifest.csv; give an empty or new folder "
@@ -81,6 +110,7 @@ def ensure_synthetic(cfg: DataConfig, wheel: Wheel, cache_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root.parent))
     try:
         generate_synthetic(tmp, wheel, s.per_class, s.image_size, s.seed)
+        (tmp / "synthetic.json").write_text(json.dumps(params) + "\n", encoding="utf-8")
         if root.is_dir():
             root.rmdir()
         os.replace(tmp, root)

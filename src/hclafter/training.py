@@ -88,11 +88,6 @@ def phase_of_epoch(phases: list[PhaseConfig]) -> list[tuple[int, PhaseConfig]]:
     return [(i, p) for i, p in enumerate(phases, start=1) for _ in range(p.epochs)]
 
 
-def forward_inputs(model: nn.Module, inputs: torch.Tensor):
-    """Images [B, 3, H, W], or cached layer features [B, layers, D] of a frozen encoder (head only)."""
-    return model.head(inputs.transpose(0, 1)) if inputs.ndim == 3 else model.forward_stages(inputs)
-
-
 class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient; names the batch's images."""
 
@@ -115,7 +110,7 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
         index = batch["index"].to(pseudo[0].device)
         labels, keep = pseudo[0][index].to(batch["image"].device), pseudo[1][index].to(batch["image"].device)
     with accelerator.autocast():
-        out = forward_inputs(model, batch["image"])
+        out = model(batch["image"], return_stages=True)
         logits, stage_logits, dists = out.logits, out.stage_logits, batch["distribution"]
         if keep is not None:
             logits, stage_logits, dists, labels = logits[keep], stage_logits[:, keep], dists[keep], labels[keep]

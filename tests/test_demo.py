@@ -1,0 +1,192 @@
+"""The demo: the synthetic emotion world, the shipped toy CLIP, and ``hclafter demo``."""
+import argparse
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from hclafter import world
+from hclafter.backbone import backbone_from_config, load_backbone
+from hclafter.baselines import zeroshot_eval
+from hclafter.config import load_config
+from hclafter.data import load_splits
+from hclafter.demo import (DATA_SEED, TOY_CLIP_ZEROSHOT_ACCURACY, add_parser, demo_config, demo_descriptions,
+                           format_table, per_image_latency_ms, toy_clip_dir, toy_clip_model_cfg)
+from hclafter.emotions import MIKELS8
+from hclafter.text import load_descriptions
+
+from .conftest import ROOT
+
+WEIGHTS = toy_clip_dir() / "toy_clip.safetensors"
+
+
+def test_world_is_deterministic_per_seed_with_distributions_summing_to_one():
+    for conditions in (world.CLEAN, world.WILD):
+        a = world.generate(4, 24, 7, conditions)
+        b = world.generate(4, 24, 7, conditions)
+        c = world.generate(4, 24, 8, conditions)
+        assert len(a) == 32 and [im.label for im in a] == [label for label in range(8) for _ in range(4)]
+        assert all(np.array_equal(x.image, y.image) and np.array_equal(x.distribution, y.distribution)
+                   for x, y in zip(a, b))
+        assert not all(np.array_equal(x.image, y.image) for x, y in zip(a, c))
+        for im in a:
+            assert im.image.shape == (24, 24, 3) and im.image.dtype == np.uint8
+            assert im.distribution.sum() == pytest.approx(1.0) and (im.distribution >= 0).all()
+            assert im.distribution.argmax() == im.label  # the label keeps the most votes
+            assert im.secondary in ((im.label + 1) % 8, (im.label - 1) % 8)  # ambiguity with a wheel neighbour
+            assert 0 <= im.mix <= world.MAX_MIX
+    assert len({tuple(im.distribution) for im in world.generate(20, 16, 0, world.WILD)}) > 40  # soft, per image
+
+
+def test_world_cues_separate_the_emotions():
+    """Mean colour alone tells clean images apart far better than chance (a sanity check of the cues)."""
+    images = world.generate(30, 16, 0)
+    means = np.stack([im.image.reshape(-1, 3).mean(0) for im in images])
+    labels = np.array([im.label for im in images])
+    centroids = np.stack([means[labels == c].mean(0) for c in range(8)])
+    nearest = np.linalg.norm(means[:, None] - centroids[None], axis=-1).argmin(1)
+    assert (nearest == labels).mean() > 0.5
+
+
+def test_captions_name_what_is_drawn_and_vary():
+    images = world.generate(3, 16, 0)
+    captions = world.captions(images, 5, 1)
+    assert captions == world.captions(images, 5, 1)
+    flat = [c for group in captions for c in group]
+    assert len(set(flat)) > 0.8 * len(flat)
+    assert all(c and len(c.split()) < 60 for c in flat)
+    emotion_words = {w for name in world.CLASSES for w in [name, *world.NOUNS[name], *world.ADJECTIVES[name]]}
+    assert sum(any(w in c for w in emotion_words) for c in flat) > len(flat) // 2
+
+
+def test_synthetic_manifest_carries_the_world_distributions(tmp_path):
+    cfg = load_config([], ["data.synthetic.per_class=3", "data.synthetic.image_size=16", "data.distribution.source=dataset"])
+    data = load_splits(cfg.data, 0, tmp_path)
+    samples = [s for split in ("train", "val", "test") for s in data[split]]
+    assert len(samples) == 24
+    for s in samples:
+        assert sum(s.distribution) == pytest.approx(1.0, abs=1e-4)
+        assert int(np.argmax(s.distribution)) == s.label
+    other = load_config([], ["data.synthetic.per_class=4", "data.synthetic.image_size=16",
+                             f"data.root={tmp_path / 'mine'}"]).data
+    load_splits(other, 0, tmp_path)
+    other.synthetic.seed = 1  # the same folder with other settings is refused, not silently re-used
+    with pytest.raises(Exception, match="other settings"):
+        load_splits(other, 0, tmp_path)
+
+
+def test_shipped_toy_clip_is_small_and_loads_through_the_backbone_loader():
+    assert WEIGHTS.is_file() and WEIGHTS.stat().st_size < 25e6
+    cfg = toy_clip_model_cfg()
+    assert cfg["vision_cfg"]["layers"] == 12 and cfg["text_cfg"]["vocab_size"] == 49408
+    backbone = load_backbone("toy-clip", str(WEIGHTS), model_cfg=cfg)
+    assert backbone.identity["weights"]["file"] == "toy_clip.safetensors"
+    assert backbone.identity["quick_gelu"] is False
+    with torch.no_grad():
+        text = backbone.model.encode_text(backbone.tokenizer(["a photo that evokes awe.", "rain falling."]))
+        image = backbone.model.encode_image(torch.zeros(1, 3, 32, 32))
+    assert text.shape == (2, cfg["embed_dim"]) and image.shape == (1, cfg["embed_dim"])
+    assert torch.isfinite(text).all() and torch.isfinite(image).all()
+
+
+def test_shipped_toy_clip_gives_the_documented_zeroshot_accuracy(tmp_path):
+    cfg = demo_config(tmp_path, device="cpu")
+    assert backbone_from_config(cfg.backbone).identity["weights"]["sha256"]
+    assert cfg.data.synthetic.seed == DATA_SEED
+    accuracy = zeroshot_eval(cfg, "test", progress=False)["accuracy"]
+    assert accuracy == pytest.approx(TOY_CLIP_ZEROSHOT_ACCURACY, abs=0.02)
+    assert accuracy > 2 / 8
+
+
+def test_readme_documents_the_zeroshot_accuracy():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert f"{TOY_CLIP_ZEROSHOT_ACCURACY:.3f}" in readme
+
+
+def test_demo_descriptions_fit_the_toy_clip():
+    backbone = load_backbone("toy-clip", str(WEIGHTS), model_cfg=toy_clip_model_cfg())
+    corpus = load_descriptions(MIKELS8, str(demo_descriptions()))
+    assert all(len(corpus[c]) >= 20 for c in MIKELS8.classes)
+    assert all(len(backbone.tokenizer.encode(t)) + 2 <= 77 for texts in corpus.values() for t in texts)
+
+
+def test_configs_demo_yaml_is_the_demo_config():
+    from_yaml = load_config([ROOT / "configs" / "demo.yaml"])
+    ours = demo_config(None, device=from_yaml.device)
+    assert (ROOT / from_yaml.backbone.pretrained).resolve() == WEIGHTS.resolve()
+    assert (ROOT / from_yaml.text.descriptions).resolve() == demo_descriptions().resolve()
+    for cfg in (from_yaml, ours):
+        cfg.backbone.pretrained = cfg.text.descriptions = None
+    assert from_yaml == ours
+    lafter = demo_config(None, method="LaFTer")
+    assert lafter.model.stages == [[12]] and not lafter.model.stage_adapters
+    assert lafter.train == ours.train and lafter.data == ours.data
+
+
+def test_pretraining_and_demo_images_come_from_different_seeds():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_toy_clip", ROOT / "scripts" / "train_toy_clip.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.MODEL_CFG == toy_clip_model_cfg()
+    pretraining = world.generate(2, 16, np.random.SeedSequence([0, script.IMAGE_STREAM]))
+    demo = world.generate(2, 16, DATA_SEED, world.WILD)
+    assert not any(np.array_equal(a.image, b.image) for a in pretraining for b in demo)
+
+
+def test_demo_cli_parser_and_table():
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["demo", "--out", "somewhere"])
+    assert args.out == "somewhere" and args.device == "auto" and callable(args.func)
+    assert parser.parse_args(["demo"]).out == "runs/demo"
+    rows = [{"method": "zero-shot", "accuracy": 0.5, "macro_f1": 0.4, "kl": 1.0, "parameters": 0, "latency_ms": 1.0},
+            {"method": "HybridCascade-LaFTer", "accuracy": 0.75, "macro_f1": 0.7, "kl": 0.5, "parameters": 29318,
+             "latency_ms": 1.5}]
+    table = format_table(rows, 0.125)
+    assert "HybridCascade-LaFTer" in table and "29,318" in table and "0.125" in table
+
+
+def test_latency_is_a_per_image_median():
+    calls = []
+
+    def slow(x):
+        calls.append(1)
+        time.sleep(0.002)
+
+    result = per_image_latency_ms({"a": slow, "b": lambda x: None}, torch.zeros(4, 3, 8, 8), repeats=3, warmup=1)
+    assert len(calls) == 4
+    assert result["a"] >= 0.5 > result["b"]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_shows_the_method_working(tmp_path):
+    from hclafter.demo import run_demo
+
+    started = time.time()
+    results = run_demo(tmp_path, device="cpu", progress=False)
+    acc = {r["method"]: r["accuracy"] for r in results["rows"]}
+    assert acc["zero-shot"] == pytest.approx(TOY_CLIP_ZEROSHOT_ACCURACY, abs=0.02)
+    assert min(acc["zero-shot"], acc["text-only"]) >= 2 * results["chance"]
+    assert min(acc["LaFTer"], acc["HybridCascade-LaFTer"]) > max(acc["zero-shot"], acc["text-only"])
+    for name in ("report.md", "results.json", "plots/accuracy.png", "plots/world_samples.png",
+                 "runs/hybrid/summary.json", "runs/lafter/summary.json"):
+        assert (tmp_path / name).is_file(), name
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == results["rows"]
+    print(f"demo took {time.time() - started:.0f}s")
+
+
+@pytest.mark.slow
+def test_toy_clip_training_script_reproduces_the_shipped_zeroshot_accuracy(tmp_path):
+    """Re-runs scripts/train_toy_clip.py with the shipped seed (about 5 minutes on 2 CPU cores)."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "train_toy_clip.py"), "--out", str(tmp_path)], check=True)
+    info = json.loads((tmp_path / "training.json").read_text())
+    shipped = json.loads((toy_clip_dir() / "training.json").read_text())
+    assert info["seed"] == shipped["seed"]
+    assert info["demo_test_zeroshot"]["accuracy"] == pytest.approx(TOY_CLIP_ZEROSHOT_ACCURACY, abs=0.02)
