@@ -32,7 +32,6 @@ import http.client
 import json
 import os
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +41,7 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_write_text
 from .emotions import WHEELS, get_wheel
 
 QUESTIONS: tuple[str, ...] = (
@@ -312,18 +312,7 @@ def partial_path_for(out_path: str | os.PathLike) -> Path:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def _load_partial(path: Path, model: Optional[str]) -> dict:
