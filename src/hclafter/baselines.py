@@ -1,13 +1,10 @@
 """Baselines that need no training: zero-shot CLIP."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
 from .backbone import backbone_from_config
 from .config import Config
 from .data import load_splits, make_dataset, make_loader
-from .evaluation import compute_metrics, predict
+from .evaluation import clip_classifier, compute_metrics, predict
 from .run import cache_dir_of, make_accelerator
 from .text import load_templates, zeroshot_weights
 
@@ -24,12 +21,5 @@ def zeroshot_eval(cfg: Config, split: str = "test", progress: bool = True) -> di
     loader = accelerator.prepare_data_loader(
         make_loader(make_dataset(data[split], data.wheel, backbone.preprocess, cfg.data), cfg.data.eval_batch_size,
                     False, cfg.seed, cfg.data.num_workers))
-
-    scale = backbone.model.logit_scale.exp().item()  # CLIP's own learned temperature
-
-    def classify(images: torch.Tensor):
-        with accelerator.autocast():
-            features = model.encode_image(images)
-        return scale * F.normalize(features.float(), dim=-1) @ weights.to(features.device).T, None
-
+    classify = clip_classifier(model, weights, backbone.model.logit_scale.exp().item(), accelerator)
     return compute_metrics(predict(classify, loader, accelerator, progress=progress), data.wheel)

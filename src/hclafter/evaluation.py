@@ -7,6 +7,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
@@ -31,6 +32,18 @@ class Predictions:
         z = self.logits - self.logits.max(axis=1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(axis=1, keepdims=True)
+
+
+def clip_classifier(model: torch.nn.Module, weight: torch.Tensor, scale: float, accelerator) -> Classify:
+    """Plain CLIP image features (no prompts), L2-normalised, against class weights [C, D]: the
+    zero-shot classifier (template embeddings, CLIP's temperature) or the stage-1 text classifier."""
+
+    def classify(images: torch.Tensor):
+        with accelerator.autocast():
+            features = model.encode_image(images)
+        return scale * F.normalize(features.float(), dim=-1) @ weight.to(features.device).T, None
+
+    return classify
 
 
 @torch.no_grad()

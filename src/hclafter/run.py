@@ -22,7 +22,6 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, skip_first_batches
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -36,7 +35,7 @@ from .checkpoint import CheckpointError, atomic_write_text, load_checkpoint, sav
 from .config import Config, load_config, to_dict
 from .data import SPLITS, DatasetSplits, load_split_files, load_splits, make_dataset, make_loader, write_manifest
 from .emotions import Wheel
-from .evaluation import Predictions, compute_metrics, efficiency, predict
+from .evaluation import Predictions, clip_classifier, compute_metrics, efficiency, predict
 from .feature_cache import cache_applies, cached_datasets
 from .images import ImageError, load_rgb, to_rgb
 from .model import build_model
@@ -295,12 +294,7 @@ def _evaluate_frozen(cfg: Config, out_dir: Path, backbone: Backbone, data: Datas
         weight, stage1 = _text_classifier(backbone, wheel, cfg, cache, accelerator.device)
         scale = 1.0
     model = accelerator.prepare_model(backbone.model, evaluation_mode=True).eval()
-
-    def classify(images: torch.Tensor):
-        with accelerator.autocast():
-            features = model.encode_image(images)
-        return scale * F.normalize(features.float(), dim=-1) @ weight.to(features.device).T, None
-
+    classify = clip_classifier(model, weight, scale, accelerator)
     results = {}
     for split in ("val", "test"):
         loader = accelerator.prepare_data_loader(make_loader(make_dataset(data[split], wheel, backbone.preprocess,
@@ -389,10 +383,7 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
             out = plain(inputs, return_stages=True)
         return out.logits, out.stage_logits
 
-    def text_only(images: torch.Tensor):
-        with accelerator.autocast():
-            features = backbone.model.encode_image(images)
-        return F.normalize(features.float(), dim=-1) @ text_weight.to(features.device).T, None
+    text_only = clip_classifier(backbone.model, text_weight, 1.0, accelerator)
 
     def evaluate(fn, split: str, images: bool = False) -> tuple[dict, Predictions]:
         plain.eval()
