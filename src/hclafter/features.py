@@ -37,7 +37,8 @@ def cls_after_blocks(visual: nn.Module, tokens: torch.Tensor, layers: Sequence[i
     for depth, block in enumerate(transformer.resblocks[: max(layers)], start=1):
         x = block(x)
         if depth in wanted:
-            out.append(x[:, 0] if batch_first else x[0])
+            # A copy, not a view: a view would keep the block's whole [B, N, W] output alive.
+            out.append((x[:, 0] if batch_first else x[0]).clone())
     return torch.stack(out)
 
 
