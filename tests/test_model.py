@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from hclafter.evaluation import count_gflops
 from hclafter.model import NGA, HybridCascadeLaFTer
 
 
@@ -101,3 +102,13 @@ def test_adapter_parameter_count_matches_the_seed(vitb32):
     model = HybridCascadeLaFTer(vitb32, 8)
     n = sum(p.numel() for p in model.adapters.parameters())
     assert n == 3 * (2 * 512 * 512 + 2 * 512)  # ≈ 1.57M
+
+
+def test_flop_count_includes_attention_in_eval_mode(tiny_backbone):
+    """Counted GFLOPs of the image tower equal the hand count: patch conv, per block QKV, QKᵀ and AV,
+    out-projection, MLP; then the final projection. The eval-mode fused attention must be counted."""
+    model = tiny_backbone.model.eval()
+    W, L, T, M, D, p = 32, 12, 1 + 16, 64, 32, 8
+    hand = 2 * 16 * 3 * p * p * W + L * (2 * T * W * 3 * W + 4 * T * T * W + 2 * T * W * W + 4 * T * W * M) + 2 * W * D
+    assert count_gflops(model.encode_image, torch.randn(1, 3, 32, 32)) * 1e9 == pytest.approx(hand, rel=1e-12)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after counting

@@ -14,10 +14,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from .backbone import load_backbone
 from .cascadeclip import CascadeCLIPClassifier
+from .evaluation import count_gflops
 from .model import HybridCascadeLaFTer
 from .training import param_groups
 
@@ -56,12 +56,6 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048, re
         _sync(device)
         times.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(times) / 1e9
-
-
-def count_gflops(fn: Callable[[torch.Tensor], object], images: torch.Tensor) -> float:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        fn(images[:1])
-    return counter.get_total_flops() / 1e9
 
 
 def training_memory_bytes(model: torch.nn.Module, images: torch.Tensor) -> int:
@@ -112,7 +106,7 @@ def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: 
                  "torch": torch.__version__, "threads": torch.get_num_threads(), "batch": batch, "prompts": prompts,
                  "model": name, "precision": precision}
 
-    flops_h, flops_l = count_gflops(hybrid, images), count_gflops(lafter, images)
+    flops_h, flops_l = count_gflops(hybrid, images[:1]), count_gflops(lafter, images[:1])
     out["gflops_per_image"] = {"hybrid": flops_h, "lafter": flops_l}
     out["eval_flops_ratio"] = flops_h / flops_l
 
@@ -193,7 +187,7 @@ def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: 
     with torch.inference_mode(), cast():
         t_c, t_h = _paired_medians(lambda: cascade(images), lambda: hybrid(images), repeats, dev)
     out["cascadeclip_over_hybrid_time"] = t_c / t_h
-    out["gflops_per_image"]["cascadeclip"] = count_gflops(cascade, images)
+    out["gflops_per_image"]["cascadeclip"] = count_gflops(cascade, images[:1])
     out["pipeline_images_per_s"] = pipeline_rate(backbone.preprocess, batch)
     return out
 
