@@ -141,7 +141,12 @@ class CascadeCLIPClassifier(StagedClassifier):
             x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
             if layer in self.extraction_layers:
                 hidden[layer] = x
-        g = F.normalize(project(self.visual, x[:, :1]), dim=-1)  # global CLS, [B, 1, D]
+        return self.decode(hidden, x)
+
+    def decode(self, hidden: dict[int, torch.Tensor], final: torch.Tensor) -> ModelOutput:
+        """Everything after the blocks: the outputs of the extraction layers (by 1-based layer) and of
+        the last block, each [B, T, W] → summed and per-stage class scores."""
+        g = F.normalize(project(self.visual, final[:, :1]), dim=-1)  # global CLS, [B, 1, D]
         t = self.class_embeddings.to(g.dtype).expand(g.shape[0], -1, -1)  # [B, C, D]
         scores = []
         for s, stage in enumerate(self.stages):

@@ -78,12 +78,14 @@ class HybridCascadeLaFTer(StagedClassifier):
         self.classifier = TextClassifier(dim, num_classes, normalize_features)
         self.fusion = StageFusion(len(self.stages))
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] → the first block's input tokens, visual prompts included: [B, N, W]."""
+        tokens = embed_patches(self.visual, images)
+        return self.prompts(tokens) if self.prompts is not None else tokens
+
     def layer_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] → [len(extraction_layers), B, D]."""
-        tokens = embed_patches(self.visual, images)
-        if self.prompts is not None:
-            tokens = self.prompts(tokens)
-        return project(self.visual, cls_after_blocks(self.visual, tokens, self.extraction_layers))
+        return project(self.visual, cls_after_blocks(self.visual, self.embed(images), self.extraction_layers))
 
     def head(self, features: torch.Tensor) -> ModelOutput:
         """Everything after the encoder: [n, B, D] layer features → fused and per-stage logits."""
