@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 make -s setup >&2
 lscpu | grep "Model name" >&2
-.venv/bin/hclafter bench --device cpu --batch 32 --prompts 50 --repeats 6 --json
+.venv/bin/hclafter bench --device cpu --batch 32 --prompts 50 --repeats 5 --json

@@ -41,10 +41,12 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _interleaved(*fns: Callable[[], object], repeats: int, device: torch.device) -> list[list[float]]:
+def _interleaved(*fns: Callable[[], object], repeats: int, device: torch.device,
+                 warmup: bool = True) -> list[list[float]]:
     """Seconds of ``repeats`` runs of each of ``fns``, in rounds whose order alternates forwards and
-    backwards (ABBA, so no side always goes first), after one warm-up each."""
-    for fn in fns:
+    backwards (ABBA, so no side always goes first), after one warm-up each unless the caller has
+    already run them."""
+    for fn in fns if warmup else ():
         fn()
     times: list[list[float]] = [[] for _ in fns]
     order = list(range(len(fns)))
@@ -139,14 +141,14 @@ def _device_name(dev: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
-def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: int = 6,
+def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: int = 5,
               name: str = "ViT-B-32", precision: str = "fp32", model_cfg: Optional[dict] = None) -> dict:
     """Every ratio of the performance targets, for ``name`` at random init (speed does not depend on
     the weights). ``precision`` (fp32 or bf16 autocast) applies to the HybridCascade/LaFTer timings.
 
     Whole forwards and training steps are timed in ``repeats`` interleaved rounds (the training
     step, feature cache and Cascade-CLIP comparisons in half as many, the precision not asked for
-    in one). On a shared machine their minima still move by several per cent between runs, more
+    in one without warm-up). On a shared machine their minima still move by several per cent between runs, more
     than the 0.1 % of work the cascade adds, so the eval, training and Cascade-CLIP ratios are also
     given ``_from_parts``: the models run the same embedding and blocks and differ only in the tail
     after them (milliseconds), which is timed in 20 × ``repeats`` interleaved rounds and added to
@@ -193,10 +195,11 @@ def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: 
     for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         if dtype == eval_dtype:
             t, peak = t_h, reference_flops / min(times[2]) / 1e9
-        else:  # one run: this precision's targets are about a factor of 2
+        else:  # one run without warm-up: this precision's targets are about a factor of 2
             other, other_flops = _reference(dtype, dev, 0)
             with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                t, t_ref = (min(ts) for ts in _interleaved(lambda: hybrid(images), other, repeats=1, device=dev))
+                t, t_ref = (min(ts) for ts in _interleaved(lambda: hybrid(images), other, repeats=1, device=dev,
+                                                           warmup=False))
             peak = other_flops / t_ref / 1e9
         out[f"{label}_matmul_gflops"] = peak
         out[f"{label}_images_per_s"] = batch / t
@@ -215,7 +218,11 @@ def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: 
         return run
 
     hybrid.train(), lafter.train()
-    times = _interleaved(step(hybrid, opt_h), step(lafter, opt_l), repeats=fewer, device=dev)
+    with cast():  # counting the memory also warms both steps up
+        mem_h, mem_l = training_memory_bytes(hybrid, images), training_memory_bytes(lafter, images)
+    out["train_memory_bytes"] = {"hybrid": mem_h, "lafter": mem_l}
+    out["train_memory_ratio"] = mem_h / mem_l
+    times = _interleaved(step(hybrid, opt_h), step(lafter, opt_l), repeats=fewer, device=dev, warmup=False)
     s_h, s_l = min(times[0]), min(times[1])
     block_output = block_output.detach().clone().requires_grad_()
     with cast():
@@ -225,10 +232,6 @@ def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: 
     out["train_step_ratio_from_parts"] = 1 + (min(tails[0]) - min(tails[1])) / s_l
     out["train_images_per_s"] = {"hybrid": batch / s_h, "lafter": batch / s_l}
     noise["train_step"] = _noise(times)
-    with cast():
-        mem_h, mem_l = training_memory_bytes(hybrid, images), training_memory_bytes(lafter, images)
-    out["train_memory_bytes"] = {"hybrid": mem_h, "lafter": mem_l}
-    out["train_memory_ratio"] = mem_h / mem_l
     if dev.type == "cuda":
         peaks = []
         for run in (step(hybrid, opt_h), step(lafter, opt_l)):

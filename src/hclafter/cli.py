@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--prompts", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=6,
+    p.add_argument("--repeats", type=int, default=5,
                    help="interleaved rounds for the eval timing (half for the slower measurements); minima are compared")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="autocast for the model timings")
     p.add_argument("--json", action="store_true", help="print one JSON object")
