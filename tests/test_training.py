@@ -63,7 +63,7 @@ def test_optimizer_learning_rates_and_weight_decay(tiny_backbone):
 def test_train_backbone_adds_the_tower_to_training_and_saving(tiny_backbone):
     cfg = load_config([], ["train.train_backbone=true"])
     model = build_model(tiny_backbone, 8, cfg.model)
-    groups = param_groups(model)
+    assert "visual.conv1.weight" in param_groups(model)["backbone"]
     assert "backbone" not in trained_groups(cfg.train.phases[0], True)
     assert "backbone" in trained_groups(cfg.train.phases[1], True)
     saved = saved_parameter_names(model, cfg)

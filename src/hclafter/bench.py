@@ -8,12 +8,10 @@ reported too (``timing_noise``: median / minimum − 1 of each measurement).
 """
 from __future__ import annotations
 
-import math
 import platform
 import statistics
 import time
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -148,11 +146,11 @@ def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: 
 
     Whole forwards and training steps are timed in ``repeats`` interleaved rounds (the training
     step, feature cache and Cascade-CLIP comparisons in half as many, the precision not asked for
-    in one without warm-up). On a shared machine their minima still move by several per cent between runs, more
-    than the 0.1 % of work the cascade adds, so the eval, training and Cascade-CLIP ratios are also
-    given ``_from_parts``: the models run the same embedding and blocks and differ only in the tail
-    after them (milliseconds), which is timed in 20 × ``repeats`` interleaved rounds and added to
-    the directly measured time of the other side."""
+    in one without warm-up). On a shared machine their minima still move by several per cent
+    between runs, more than the 0.1 % of work the cascade adds, so the eval, training and
+    Cascade-CLIP ratios are also given ``_from_parts``: the models run the same embedding and
+    blocks and differ only in the tail after them (milliseconds), which is timed in
+    20 × ``repeats`` interleaved rounds and added to the directly measured time of the other side."""
     dev = torch.device(device)
     cast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     fewer = max(1, repeats // 2)
