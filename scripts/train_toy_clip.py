@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from hclafter import world
+from hclafter.data import world
 
 MODEL_CFG = {
     "embed_dim": 64,
@@ -150,7 +150,7 @@ def train(args) -> tuple[open_clip.CLIP, dict]:
 
 def demo_zeroshot(weights: Path) -> dict:
     """Zero-shot accuracy of ``weights`` on the demo's test split, as ``hclafter demo`` measures it."""
-    from hclafter.baselines import zeroshot_eval
+    from hclafter.run import zeroshot_eval
     from hclafter.demo import demo_config
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,9 +8,9 @@ from PIL import Image
 from hclafter.cli import main
 from hclafter.config import load_config
 from hclafter.data import load_splits
-from hclafter.datasets import DataError
+from hclafter.data import DataError
 from hclafter.emotions import MIKELS8
-from hclafter.images import ImageError, load_rgb, to_rgb
+from hclafter.data.images import ImageError, load_rgb, to_rgb
 from hclafter.text import TextCorpusError, class_texts, load_descriptions, load_templates
 
 from .conftest import TINY_CONFIG

@@ -8,7 +8,7 @@ from PIL import Image
 
 from hclafter.config import load_config
 from hclafter.data import load_splits
-from hclafter.datasets import DataError
+from hclafter.data import DataError
 from hclafter.emotions import EKMAN6, MIKELS8, POLARITY2
 
 RNG = np.random.default_rng(0)
@@ -276,7 +276,7 @@ def test_custom_wheel_with_distance_matrix(tmp_path):
 @pytest.mark.parametrize("name", ["abstract", "artphoto", "emoset", "emotion6", "fi", "flickrldl", "imagefolder",
                                   "manifest", "twitter1", "twitter2", "twitterldl"])
 def test_every_reader_has_a_dataset_config_that_combines_with_a_method(name):
-    from hclafter.datasets import READERS
+    from hclafter.data import READERS
 
     from .conftest import ROOT
 

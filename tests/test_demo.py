@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from hclafter import world
+from hclafter.data import world
 from hclafter.backbone import backbone_from_config, load_backbone
-from hclafter.baselines import zeroshot_eval
+from hclafter.run import zeroshot_eval
 from hclafter.config import load_config
 from hclafter.data import load_splits
-from hclafter.demo import (DATA_SEED, TOY_CLIP_ZEROSHOT_ACCURACY, add_parser, demo_config, demo_descriptions,
+from hclafter.demo import (TOY_CLIP_ZEROSHOT_ACCURACY, add_parser, demo_config, demo_descriptions,
                            format_table, per_image_latency_ms, toy_clip_dir, toy_clip_model_cfg)
 from hclafter.emotions import MIKELS8
 from hclafter.text import load_descriptions
@@ -94,7 +94,7 @@ def test_shipped_toy_clip_is_small_and_loads_through_the_backbone_loader():
 def test_shipped_toy_clip_gives_the_documented_zeroshot_accuracy(tmp_path):
     cfg = demo_config(tmp_path, device="cpu")
     assert backbone_from_config(cfg.backbone).identity["weights"]["sha256"]
-    assert cfg.data.synthetic.seed == DATA_SEED
+    assert cfg.data.synthetic.seed == demo_config().data.synthetic.seed
     accuracy = zeroshot_eval(cfg, "test", progress=False)["accuracy"]
     assert accuracy == pytest.approx(TOY_CLIP_ZEROSHOT_ACCURACY, abs=0.02)
     assert accuracy > 2 / 8
@@ -119,7 +119,7 @@ def test_configs_demo_yaml_is_the_demo_config():
     assert (ROOT / from_yaml.text.descriptions).resolve() == demo_descriptions().resolve()
     for cfg in (from_yaml, ours):
         cfg.backbone.pretrained = cfg.text.descriptions = None
-    assert from_yaml == ours
+    assert from_yaml == ours  # the shipped settings, and the toy CLIP's architecture as in its config.json
     lafter = demo_config(None, method="LaFTer")
     assert lafter.model.stages == [[12]] and not lafter.model.stage_adapters
     assert lafter.train == ours.train and lafter.data == ours.data
@@ -133,7 +133,7 @@ def test_pretraining_and_demo_images_come_from_different_seeds():
     spec.loader.exec_module(script)
     assert script.MODEL_CFG == toy_clip_model_cfg()
     pretraining = world.generate(2, 16, np.random.SeedSequence([0, script.IMAGE_STREAM]))
-    demo = world.generate(2, 16, DATA_SEED, world.WILD)
+    demo = world.generate(2, 16, demo_config().data.synthetic.seed, world.WILD)
     assert not any(np.array_equal(a.image, b.image) for a in pretraining for b in demo)
 
 

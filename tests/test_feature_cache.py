@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from hclafter.config import load_config
-from hclafter.feature_cache import cache_applies
+from hclafter.data.loading import cache_applies
 from hclafter.run import train_run
 
 from .conftest import TINY_CONFIG

@@ -6,7 +6,7 @@ import torch
 
 from hclafter.config import Config, ConfigError, TextConfig, load_config
 from hclafter.data import DataError, Sample, load_splits, stratified_split
-from hclafter.datasets import read_manifest
+from hclafter.data import read_manifest
 from hclafter.emotions import MIKELS8
 from hclafter.text import (TextCorpusError, class_texts, encode_texts, load_descriptions, load_templates,
                            train_text_classifier)

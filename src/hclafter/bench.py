@@ -9,53 +9,23 @@ reported too (``timing_noise``: median / minimum − 1 of each measurement).
 from __future__ import annotations
 
 import platform
-import statistics
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .backbone import load_backbone
-from .cascadeclip import CascadeCLIPClassifier
+from .data import EmotionImages, Sample, make_loader
+from .emotions import MIKELS8
 from .evaluation import count_gflops
-from .features import project
-from .model import HybridCascadeLaFTer
+from .models import CascadeCLIPClassifier, HybridCascadeLaFTer
+from .models.vit import project
+from .timing import interleaved, timing_noise
 from .training import param_groups
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def _interleaved(*fns: Callable[[], object], repeats: int, device: torch.device,
-                 warmup: bool = True) -> list[list[float]]:
-    """Seconds of ``repeats`` runs of each of ``fns``, in rounds whose order alternates forwards and
-    backwards (ABBA, so no side always goes first), after one warm-up each unless the caller has
-    already run them."""
-    for fn in fns if warmup else ():
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    order = list(range(len(fns)))
-    for r in range(repeats):
-        for i in (order if r % 2 == 0 else order[::-1]):
-            times[i].append(_timed(fns[i], device))
-    return times
-
-
-def _noise(times: list[list[float]]) -> float:
-    return max(statistics.median(t) / min(t) for t in times) - 1
 
 
 def _reference(dtype: torch.dtype, device: torch.device, flops: float) -> tuple[Callable[[], None], float]:
@@ -106,12 +76,12 @@ def _tail(model: HybridCascadeLaFTer, block_output: torch.Tensor) -> torch.Tenso
     a copy of the CLS token at each extraction layer (all from one block output here, at the same
     cost), their projection, and the head."""
     cls = torch.stack([block_output[:, 0].clone() for _ in model.extraction_layers])
-    return model.head(project(model.visual, cls)).logits
+    return model.forward_head(project(model.visual, cls)).logits
 
 
 def _cascade_tail(model: CascadeCLIPClassifier, block_output: torch.Tensor) -> torch.Tensor:
     """Cascade-CLIP's counterpart of ``_tail``: its projections, layer weighting and decoders."""
-    return model.decode({layer: block_output for layer in model.extraction_layers}, block_output).logits
+    return model.forward_head(({layer: block_output for layer in model.extraction_layers}, block_output)).logits
 
 
 def _tail_step(model: HybridCascadeLaFTer, block_output: torch.Tensor,
@@ -139,6 +109,26 @@ def _device_name(dev: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
+@dataclass
+class _Pair:
+    """The two models every ratio compares (same backbone, same prompts) and their inputs."""
+
+    hybrid: HybridCascadeLaFTer
+    lafter: HybridCascadeLaFTer
+    images: torch.Tensor
+    cast: Callable[[], Any]  # the autocast of the asked-for precision
+    precision: str
+    repeats: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    @property
+    def fewer(self) -> int:
+        return max(1, self.repeats // 2)
+
+
 def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: int = 5,
               name: str = "ViT-B-32", precision: str = "fp32", model_cfg: Optional[dict] = None) -> dict:
     """Every ratio of the performance targets, for ``name`` at random init (speed does not depend on
@@ -152,8 +142,6 @@ def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: 
     blocks and differ only in the tail after them (milliseconds), which is timed in
     20 × ``repeats`` interleaved rounds and added to the directly measured time of the other side."""
     dev = torch.device(device)
-    cast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
-    fewer = max(1, repeats // 2)
     torch.manual_seed(0)
     backbone = load_backbone(name, model_cfg=model_cfg)
     backbone.model.to(dev)
@@ -163,32 +151,42 @@ def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: 
     lafter.prompts.load_state_dict(hybrid.prompts.state_dict())
     size = backbone.preprocess_cfg.size
     size = size if isinstance(size, int) else size[0]
-    images = torch.randn(batch, 3, size, size, device=dev)
+    cast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    pair = _Pair(hybrid, lafter, torch.randn(batch, 3, size, size, device=dev), cast, precision, repeats)
     out: dict = {"device": _device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                 "batch": batch, "prompts": prompts, "model": name, "precision": precision, "repeats": repeats}
-    noise = out["timing_noise"] = {}
+                 "batch": batch, "prompts": prompts, "model": name, "precision": precision, "repeats": repeats,
+                 "timing_noise": {}}
+    _eval_ratios(pair, out)
+    _train_ratios(pair, out)
+    out["cache_speedup"], out["timing_noise"]["cache"] = _cache_speedup(hybrid, pair.images, pair.fewer, dev)
+    embeddings = F.normalize(torch.randn(8, hybrid.visual.output_dim), dim=-1)
+    _cascade_ratios(pair, CascadeCLIPClassifier(backbone, 8, embeddings, prompt_tokens=prompts).to(dev).eval(), out)
+    out["pipeline_images_per_s"] = pipeline_rate(backbone.preprocess, batch)
+    return out
 
+
+def _eval_ratios(pair: _Pair, out: dict) -> None:
+    """Inference: FLOPs, time (direct and from parts), images/s, and utilisation in both precisions."""
+    hybrid, lafter, images, dev, batch = pair.hybrid, pair.lafter, pair.images, pair.device, len(pair.images)
     for m in (hybrid, lafter):
         m.eval()
     flops_h, flops_l = count_gflops(hybrid, images[:1]), count_gflops(lafter, images[:1])
     out["gflops_per_image"] = {"hybrid": flops_h, "lafter": flops_l}
     out["eval_flops_ratio"] = flops_h / flops_l
-
     # The reference does the hybrid forward's FLOPs as square matrix products, timed in the same
     # rounds, so that utilisation compares the two under the same load of the machine.
-    eval_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    eval_dtype = torch.bfloat16 if pair.precision == "bf16" else torch.float32
     reference, reference_flops = _reference(eval_dtype, dev, batch * flops_h * 1e9)
-    with torch.inference_mode(), cast():
-        times = _interleaved(lambda: hybrid(images), lambda: lafter(images), reference, repeats=repeats, device=dev)
+    with torch.inference_mode(), pair.cast():
+        times = interleaved([lambda: hybrid(images), lambda: lafter(images), reference], pair.repeats, dev)
         block_output = hybrid.embed(images)  # [B, N, W], the shape of every block's output
-        tails = _interleaved(lambda: _tail(hybrid, block_output), lambda: _tail(lafter, block_output),
-                             repeats=20 * repeats, device=dev)
+        tails = interleaved([lambda: _tail(hybrid, block_output), lambda: _tail(lafter, block_output)],
+                            20 * pair.repeats, dev)
     t_h, t_l = min(times[0]), min(times[1])
     out["eval_time_ratio"] = t_h / t_l
     out["eval_time_ratio_from_parts"] = 1 + (min(tails[0]) - min(tails[1])) / t_l
     out["eval_images_per_s"] = {"hybrid": batch / t_h, "lafter": batch / t_l}
-    noise["eval"] = _noise(times[:2])
-
+    out["timing_noise"]["eval"] = timing_noise(times[:2])
     # Encoder FLOP utilisation in both precisions: images/s × FLOPs per image / matrix-product rate.
     for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         if dtype == eval_dtype:
@@ -196,19 +194,22 @@ def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: 
         else:  # one run without warm-up: this precision's targets are about a factor of 2
             other, other_flops = _reference(dtype, dev, 0)
             with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                t, t_ref = (min(ts) for ts in _interleaved(lambda: hybrid(images), other, repeats=1, device=dev,
-                                                           warmup=False))
+                t, t_ref = (min(ts) for ts in interleaved([lambda: hybrid(images), other], 1, dev, warmup=0))
             peak = other_flops / t_ref / 1e9
         out[f"{label}_matmul_gflops"] = peak
         out[f"{label}_images_per_s"] = batch / t
         out[f"{label}_utilisation"] = batch / t * flops_h / peak
     out["bf16_over_fp32_throughput"] = out["bf16_images_per_s"] / out["fp32_images_per_s"]
 
+
+def _train_ratios(pair: _Pair, out: dict) -> None:
+    """Training: memory kept for backward, step time (direct and from parts), CUDA peak memory."""
+    hybrid, lafter, images, dev, batch = pair.hybrid, pair.lafter, pair.images, pair.device, len(pair.images)
     opt_h, opt_l = _train_all_but_backbone(hybrid), _train_all_but_backbone(lafter)
 
     def step(model, opt):
         def run():
-            with cast():
+            with pair.cast():
                 loss = model.forward_stages(images).logits.float().logsumexp(-1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -216,20 +217,21 @@ def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: 
         return run
 
     hybrid.train(), lafter.train()
-    with cast():  # counting the memory also warms both steps up
+    with pair.cast():  # counting the memory also warms both steps up
         mem_h, mem_l = training_memory_bytes(hybrid, images), training_memory_bytes(lafter, images)
     out["train_memory_bytes"] = {"hybrid": mem_h, "lafter": mem_l}
     out["train_memory_ratio"] = mem_h / mem_l
-    times = _interleaved(step(hybrid, opt_h), step(lafter, opt_l), repeats=fewer, device=dev, warmup=False)
+    times = interleaved([step(hybrid, opt_h), step(lafter, opt_l)], pair.fewer, dev, warmup=0)
     s_h, s_l = min(times[0]), min(times[1])
-    block_output = block_output.detach().clone().requires_grad_()
-    with cast():
-        tails = _interleaved(_tail_step(hybrid, block_output, opt_h), _tail_step(lafter, block_output, opt_l),
-                             repeats=20 * repeats, device=dev)
+    with torch.no_grad():
+        block_output = hybrid.embed(images).detach().requires_grad_()
+    with pair.cast():
+        tails = interleaved([_tail_step(hybrid, block_output, opt_h), _tail_step(lafter, block_output, opt_l)],
+                            20 * pair.repeats, dev)
     out["train_step_ratio"] = s_h / s_l
     out["train_step_ratio_from_parts"] = 1 + (min(tails[0]) - min(tails[1])) / s_l
     out["train_images_per_s"] = {"hybrid": batch / s_h, "lafter": batch / s_l}
-    noise["train_step"] = _noise(times)
+    out["timing_noise"]["train_step"] = timing_noise(times)
     if dev.type == "cuda":
         peaks = []
         for run in (step(hybrid, opt_h), step(lafter, opt_l)):
@@ -238,22 +240,22 @@ def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: 
             peaks.append(torch.cuda.max_memory_allocated(dev))
         out["cuda_peak_memory_ratio"] = peaks[0] / peaks[1]
 
-    out["cache_speedup"], noise["cache"] = _cache_speedup(hybrid, images, fewer, dev)
 
-    embeddings = F.normalize(torch.randn(8, hybrid.visual.output_dim), dim=-1)
-    cascade = CascadeCLIPClassifier(backbone, 8, embeddings, prompt_tokens=prompts).to(dev).eval()
-    with torch.inference_mode(), cast():
-        times = _interleaved(lambda: cascade(images), lambda: hybrid(images), repeats=fewer, device=dev)
+def _cascade_ratios(pair: _Pair, cascade: CascadeCLIPClassifier, out: dict) -> None:
+    """The Cascade-CLIP-style baseline against the hybrid: time (direct and from parts) and FLOPs."""
+    hybrid, images, dev = pair.hybrid, pair.images, pair.device
+    hybrid.eval()
+    with torch.inference_mode(), pair.cast():
+        times = interleaved([lambda: cascade(images), lambda: hybrid(images)], pair.fewer, dev)
         block_output = hybrid.embed(images)
-        tails = _interleaved(lambda: _cascade_tail(cascade, block_output), lambda: _tail(hybrid, block_output),
-                             repeats=20 * repeats, device=dev)
+        tails = interleaved([lambda: _cascade_tail(cascade, block_output), lambda: _tail(hybrid, block_output)],
+                            20 * pair.repeats, dev)
+    t_h = len(images) / out["eval_images_per_s"]["hybrid"]
     out["cascadeclip_over_hybrid_time"] = min(times[0]) / min(times[1])
     out["cascadeclip_over_hybrid_time_from_parts"] = 1 + (min(tails[0]) - min(tails[1])) / t_h
-    noise["cascadeclip"] = _noise(times)
+    out["timing_noise"]["cascadeclip"] = timing_noise(times)
     out["gflops_per_image"]["cascadeclip"] = count_gflops(cascade, images[:1])
-    out["cascadeclip_over_hybrid_flops"] = out["gflops_per_image"]["cascadeclip"] / flops_h
-    out["pipeline_images_per_s"] = pipeline_rate(backbone.preprocess, batch)
-    return out
+    out["cascadeclip_over_hybrid_flops"] = out["gflops_per_image"]["cascadeclip"] / out["gflops_per_image"]["hybrid"]
 
 
 def _cache_speedup(model: HybridCascadeLaFTer, images: torch.Tensor, repeats: int,
@@ -272,7 +274,7 @@ def _cache_speedup(model: HybridCascadeLaFTer, images: torch.Tensor, repeats: in
 
     def head_step(features_fn):
         def run():
-            loss = model.head(features_fn()).logits.logsumexp(-1).mean()
+            loss = model.forward_head(features_fn()).logits.logsumexp(-1).mean()
             head_opt.zero_grad(set_to_none=True)
             loss.backward()
             head_opt.step()
@@ -282,8 +284,8 @@ def _cache_speedup(model: HybridCascadeLaFTer, images: torch.Tensor, repeats: in
         with torch.no_grad():
             return model.layer_features(images)
 
-    times = _interleaved(head_step(encode), head_step(lambda: cached), repeats=repeats, device=device)
-    return min(times[0]) / min(times[1]), _noise(times)
+    times = interleaved([head_step(encode), head_step(lambda: cached)], repeats, device)
+    return min(times[0]) / min(times[1]), timing_noise(times)
 
 
 def pipeline_rate(preprocess, batch: int, images: int = 96, workers: int = 2) -> float:
@@ -293,9 +295,6 @@ def pipeline_rate(preprocess, batch: int, images: int = 96, workers: int = 2) ->
 
     import numpy as np
     from PIL import Image
-
-    from .data import EmotionImages, Sample, make_loader
-    from .emotions import MIKELS8
 
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)

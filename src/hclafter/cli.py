@@ -34,7 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .run import load_run
+    from .inference import load_run
 
     metrics = load_run(args.run_dir, args.device, args.precision).evaluate(args.split, progress=not args.json)
     print(json.dumps(metrics, indent=2) if args.json else _metrics_table(metrics))
@@ -42,7 +42,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .run import load_run
+    from .inference import load_run
 
     result = load_run(args.run_dir, args.device, args.precision).predict(args.images)
     items = [{"image": str(path), "label": label,
@@ -58,7 +58,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
-    from .baselines import zeroshot_eval
+    from .run import zeroshot_eval
 
     cfg = load_config(args.config, args.overrides)
     metrics = zeroshot_eval(cfg, args.split, progress=not args.json)
@@ -68,7 +68,7 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from .data import SPLITS, check_dataset, describe_problems
-    from .run import cache_dir_of
+    from .runtime import cache_dir_of
 
     overrides = [f"data.format={args.format}", f"data.root={args.root}", *args.overrides]
     if args.skip_invalid:
@@ -213,12 +213,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from .backbone import BackboneError
     from .data import DataError
-    from .run import RunError, TrainingInterrupted
+    from .files import RunError
+    from .runtime import DeviceError
     from .text import TextCorpusError
+    from .training import TrainingInterrupted
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, BackboneError, RunError, TextCorpusError, describe.DescribeError,
+    except (ConfigError, DataError, BackboneError, RunError, DeviceError, TextCorpusError, describe.DescribeError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from .models import METHODS, method_class
 
 # Training groups; a model assigns each parameter to one (baselines add projections and decoders).
 PARAM_GROUPS = ("prompts", "layernorms", "classifier", "stage_adapters", "fusion", "nga", "projections", "decoders",
@@ -34,7 +36,7 @@ class BackboneConfig:
 
 @dataclass
 class ModelConfig:
-    method: str = "hybrid"  # hybrid | segmented | cascadeclip (see configs/methods/)
+    method: str = "hybrid"  # a name registered in hclafter.models.METHODS (see configs/methods/)
     aggregation: str = "nga"  # nga | mean (the "w/o NGA" ablation: uniform weights, no σ)
     prompt_tokens: int = 50
     prompt_dropout: float = 0.0
@@ -120,6 +122,14 @@ class PhaseConfig:
     stages: Optional[list[int]] = None
 
 
+def trained_groups(phase: PhaseConfig, train_backbone: bool) -> set[str]:
+    """The groups a phase trains: its list, plus the tower's other weights with ``train_backbone``."""
+    groups = set(phase.train)
+    if train_backbone and "layernorms" in groups:
+        groups.add("backbone")
+    return groups
+
+
 def _default_phases() -> list[PhaseConfig]:
     first = ["stage_adapters", "fusion"]
     every = first + ["nga", "prompts", "layernorms", "classifier"]
@@ -155,6 +165,12 @@ class TrainConfig:
     # Encode each image once and reuse its layer features when the image tower cannot change
     # (no prompts, no LayerNorm or backbone tuning, labels supervision): see feature_cache.py.
     feature_cache: bool = True
+
+
+def tuned_groups(train: TrainConfig) -> set[str]:
+    """The groups any phase trains: they get an optimizer entry, are saved with the run, and count
+    as trained parameters."""
+    return set().union(*(trained_groups(p, train.train_backbone) for p in train.phases))
 
 
 @dataclass
@@ -225,7 +241,7 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
 CHOICES = {
     "mode": ("train", "zeroshot", "textonly"), "precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
     "train.supervision": ("labels", "pseudo"),
-    "model.method": ("hybrid", "segmented", "cascadeclip"), "model.aggregation": ("nga", "mean"),
+    "model.method": tuple(METHODS), "model.aggregation": ("nga", "mean"),
     "train.loss.name": ("ce", "ls_ce", "dual_task"), "train.on_nonfinite": ("stop", "skip"),
     "data.emotion6_label": ("folder", "argmax"), "data.ties": ("skip", "first"),
     "data.distribution.source": ("wheel", "dataset"),
@@ -290,20 +306,11 @@ def validate(cfg: Config) -> None:
             bounds = f"{'[' if low_inclusive else '('}{low}, {high if high is not None else '∞'}" \
                      f"{']' if high_inclusive and high is not None else ')'}"
             raise ConfigError(f"{key} must be in {bounds}, got {value}")
-    depth = _tower_depth(cfg.backbone)
+    try:
+        method_class(cfg.model.method).check_stages(cfg.model.stages, _tower_depth(cfg.backbone))
+    except ValueError as e:
+        raise ConfigError(f"{e} ({cfg.backbone.name}, model.method={cfg.model.method})") from None
     stages = cfg.model.stages
-    if not stages or any(not s for s in stages):
-        raise ConfigError("model.stages must be a non-empty list of non-empty layer lists")
-    for i, stage in enumerate(stages):
-        if any(not 1 <= layer <= depth for layer in stage) or len(set(stage)) != len(stage):
-            raise ConfigError(f"model.stages[{i}] = {stage}: layers must be distinct numbers in 1..{depth} "
-                              f"({cfg.backbone.name} has {depth} image blocks)")
-    flat = [layer for stage in stages for layer in stage]
-    if cfg.model.method != "hybrid" and len(set(flat)) != len(flat):
-        raise ConfigError(f"model.stages {stages}: stages may not share layers for method {cfg.model.method}")
-    if cfg.model.method == "segmented" and flat != list(range(1, depth + 1)):
-        raise ConfigError(f"model.stages {stages}: the segmented method needs consecutive stages covering "
-                          f"blocks 1..{depth} in order")
     if not cfg.train.phases:
         raise ConfigError("train.phases must list at least one phase")
     for i, phase in enumerate(cfg.train.phases):
@@ -330,15 +337,5 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.split_ratios must be 3 non-negative fractions summing to 1 with val > 0, got {ratios}")
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    OmegaConf.save(OmegaConf.structured(cfg), path)
-
-
 def to_dict(cfg: Config) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
-
-
-def config_from_dict(data: DictConfig | dict) -> Config:
-    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), data))  # type: ignore[assignment]
-    validate(cfg)
-    return cfg

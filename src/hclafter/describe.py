@@ -41,7 +41,7 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_text
+from .files import atomic_write_text
 from .emotions import WHEELS, get_wheel
 
 QUESTIONS: tuple[str, ...] = (

@@ -1,19 +1,21 @@
 """Running a classifier over a split and computing the field's metrics."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm.auto import tqdm
 
+from .config import DataConfig
+from .data import eval_loader
 from .emotions import Wheel
 from .metrics import classification_metrics, ldl_metrics, polarity_accuracy, stage_accuracies
+from .timing import interleaved, per_image_ms
 
 # images → (fused logits [B, C], per-stage logits [S, B, C] or None)
 Classify = Callable[[torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
@@ -80,6 +82,13 @@ def compute_metrics(preds: Predictions, wheel: Wheel) -> dict:
     return out
 
 
+def evaluate_classifier(classify: Classify, dataset: Dataset, cfg: DataConfig, wheel: Wheel, accelerator=None,
+                        progress: bool = True, desc: str = "eval") -> dict:
+    """Every metric of ``classify`` on a dataset, through the one evaluation loader."""
+    return compute_metrics(predict(classify, eval_loader(dataset, cfg, accelerator), accelerator, desc=desc,
+                                   progress=progress), wheel)
+
+
 def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query, key, value)
 
@@ -108,11 +117,6 @@ def efficiency(classify: Classify, images: torch.Tensor, repeats: int = 5) -> di
     """GFLOPs per image (counted, so exact for a given input size) and inference latency per image
     (median of ``repeats`` timed batches after one warm-up)."""
     gflops = count_gflops(classify, images[:1])
-    classify(images)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        classify(images)
-        times.append(time.perf_counter() - start)
-    return {"gflops_per_image": gflops,
-            "latency_ms_per_image": 1000 * float(np.median(times)) / len(images), "latency_batch": len(images)}
+    (times,) = interleaved([lambda: classify(images)], repeats, images.device)
+    return {"gflops_per_image": gflops, "latency_ms_per_image": per_image_ms(times, len(images)),
+            "latency_batch": len(images)}

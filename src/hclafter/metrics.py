@@ -10,6 +10,9 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+# The scalar metrics every table and log line reports.
+HEADLINE = ("accuracy", "macro_f1", "polarity_accuracy")
+
 
 def classification_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]

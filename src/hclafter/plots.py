@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 ACCURACY_KEYS = ("train_accuracy", "val_accuracy", "val_macro_f1")
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     """Write the figure as PNG and close it so long runs do not accumulate open figures."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +56,7 @@ def plot_curves(records: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(
@@ -86,7 +86,7 @@ def plot_confusion(
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix" + (" (row-normalised)" if normalize else ""))
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _nested(value: object, index: Sequence[int]) -> float | None:
@@ -148,7 +148,7 @@ def plot_stage_weights(
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_method_bars(rows: list[dict], key: str, path: Path, ylabel: str) -> None:
@@ -171,7 +171,7 @@ def plot_method_bars(rows: list[dict], key: str, path: Path, ylabel: str) -> Non
     ax.grid(True, axis="y", alpha=0.3)
     if len(datasets) > 1:
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_overlaid_curves(curves: dict[str, list[dict]], key: str, path: Path) -> None:
@@ -187,7 +187,7 @@ def plot_overlaid_curves(curves: dict[str, list[dict]], key: str, path: Path) ->
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_learned_weights(weights: dict[str, dict], path: Path) -> None:
@@ -210,4 +210,4 @@ def plot_learned_weights(weights: dict[str, dict], path: Path) -> None:
         ax_fusion.set_xticks(range(len(fusion)))
         ax_fusion.set_xticklabels([f"stage {s + 1}" for s in range(len(fusion))], fontsize=7)
         ax_fusion.set_title(f"{name}: fusion weights", fontsize=9)
-    _save(fig, path)
+    save_figure(fig, path)

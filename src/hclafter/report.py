@@ -7,7 +7,7 @@ import html
 import json
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
+from .files import atomic_write_text
 from .plots import plot_confusion, plot_curves, plot_stage_weights
 
 

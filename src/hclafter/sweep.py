@@ -27,11 +27,11 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from .checkpoint import atomic_write_text, write_json
+from .files import atomic_write_text, write_json
 from .config import ConfigError, load_config
+from .metrics import HEADLINE
 from .plots import plot_learned_weights, plot_method_bars, plot_overlaid_curves
 
-METRICS = ("accuracy", "macro_f1", "polarity_accuracy")
 LDL = ("kl", "chebyshev", "clark", "canberra", "cosine", "intersection")
 
 
@@ -128,7 +128,7 @@ def summarise(runs: list[SweepRun]) -> list[dict]:
     rows = []
     for (dataset, method, variant), summaries in groups.items():
         row: dict[str, Any] = {"dataset": dataset, "method": method, "variant": variant, "seeds": len(summaries)}
-        for key in METRICS:
+        for key in HEADLINE:
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([s["test"][key] for s in summaries])
         for key in LDL:
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([s["test"]["ldl"][key] for s in summaries])

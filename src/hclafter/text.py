@@ -170,3 +170,13 @@ def zeroshot_weights(backbone: Backbone, wheel: Wheel, templates: Sequence[str],
     texts = [t.format(name.replace("_", " ")) for name in wheel.classes for t in templates]
     features = encode_texts(backbone, texts, cache_dir, device=device).view(wheel.num_classes, len(templates), -1)
     return F.normalize(features.mean(dim=1), dim=-1)
+
+
+def train_stage1(backbone: Backbone, wheel: Wheel, cfg: TextConfig, seed: int, cache_dir: Optional[Path] = None,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, dict]:
+    """Stage 1: encode the descriptions and templates, train U on them; returns (U [C, D], a summary)."""
+    texts, labels = class_texts(wheel, load_descriptions(wheel, cfg.descriptions), load_templates(wheel, cfg.templates),
+                                backbone.tokenizer, cfg.descriptions or f"shipped {wheel.name} descriptions")
+    features = encode_texts(backbone, texts, cache_dir, cfg.batch_size, device)
+    weight, history = train_text_classifier(features, torch.tensor(labels), wheel.num_classes, cfg, seed)
+    return weight, {"texts": len(texts), "steps": cfg.steps, "final_loss": history[-1] if history else None}

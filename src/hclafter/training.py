@@ -1,20 +1,37 @@
-"""Stage 2: tuning the image side, phase by phase, with checkpoint selection on validation."""
+"""Stage 2: tuning the image side, phase by phase, with checkpoint selection on validation.
+
+The loop works on a :class:`TrainState`: the prepared model, optimizer, scheduler and loaders,
+and the :class:`Progress` that, with the tensors, is everything a resumed run needs. The state is
+saved atomically after every epoch and every ``train.checkpoint_every_steps`` steps.
+"""
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-import random
-from typing import Callable, Optional, Sequence
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
 import torchvision.transforms as T
-from accelerate import Accelerator
+from accelerate import skip_first_batches
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from .config import PARAM_GROUPS, Config, PhaseConfig
+from .checkpoint import load_state, save_checkpoint, save_state
+from .config import PARAM_GROUPS, Config, PhaseConfig, trained_groups, tuned_groups
+from .emotions import Wheel
+from .evaluation import Predictions, compute_metrics, predict
+from .files import RunError, atomic_write_text, writing
 from .losses import stage_consistency_loss, task_loss
-from .model import HybridCascadeLaFTer
+from .metrics import HEADLINE
+from .models import StagedClassifier
+from .runtime import Runtime
+
 
 
 def param_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
@@ -28,17 +45,10 @@ def param_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
     return {g: groups.get(g, {}) for g in PARAM_GROUPS}
 
 
-def trained_groups(phase: PhaseConfig, train_backbone: bool) -> set[str]:
-    groups = set(phase.train)
-    if train_backbone and "layernorms" in groups:
-        groups.add("backbone")
-    return groups
-
-
-def saved_parameter_names(model: HybridCascadeLaFTer, cfg: Config) -> list[str]:
+def saved_parameter_names(model: StagedClassifier, cfg: Config) -> list[str]:
     """What a run stores: everything outside the frozen tower, plus the tower parts any phase tunes."""
     groups = param_groups(model)
-    tuned = set().union(*(trained_groups(p, cfg.train.train_backbone) for p in cfg.train.phases))
+    tuned = tuned_groups(cfg.train)
     keep = [g for g in PARAM_GROUPS if g not in ("layernorms", "backbone") or g in tuned]
     return sorted(name for g in keep for name in groups[g])
 
@@ -60,7 +70,7 @@ def _no_decay(group: str, param: nn.Parameter) -> bool:
 
 def build_optimizer(groups: dict[str, dict[str, nn.Parameter]], cfg: Config) -> torch.optim.AdamW:
     """AdamW with a learning rate per group; no weight decay on LayerNorms, biases, prompts, σ, β."""
-    tuned = set().union(*(trained_groups(p, cfg.train.train_backbone) for p in cfg.train.phases))
+    tuned = tuned_groups(cfg.train)
     param_sets = []
     for group in PARAM_GROUPS:
         if group not in tuned:
@@ -96,8 +106,9 @@ SUM_KEYS = ("loss", "task_loss", "consistency_loss", "correct", "n")
 
 
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
-               accelerator: Accelerator, cfg: Config, consistency: bool, paths: Sequence[str],
-               pseudo: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, float]:
+               accelerator: Runtime, cfg: Config, consistency: bool, paths: Sequence[str],
+               pseudo: Optional[tuple[torch.Tensor, torch.Tensor]] = None, from_features: bool = False
+               ) -> dict[str, float]:
     """One optimisation step. A non-finite loss or gradient raises NonFiniteError before the
     optimizer touches the weights, so the model stays at its last good values.
 
@@ -110,7 +121,7 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
         index = batch["index"].to(pseudo[0].device)
         labels, keep = pseudo[0][index].to(batch["image"].device), pseudo[1][index].to(batch["image"].device)
     with accelerator.autocast():
-        out = model(batch["image"], return_stages=True)
+        out = model(batch["image"], return_stages=True, from_features=from_features)
         logits, stage_logits, dists = out.logits, out.stage_logits, batch["distribution"]
         if keep is not None:
             logits, stage_logits, dists, labels = logits[keep], stage_logits[:, keep], dists[keep], labels[keep]
@@ -123,15 +134,18 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
         what = f"loss {loss.item()}"
     else:
         accelerator.backward(loss)
+        accelerator.grad_scaler.unscale_(optimizer)
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack([g.detach().float().abs().max() for g in grads])).all():
+        # Under fp16 the scaler skips steps with overflowing gradients by design.
+        if grads and not accelerator.grad_scaler.is_enabled() and not torch.isfinite(torch.stack([g.detach().float().abs().max() for g in grads])).all():
             what = "gradient"
     if what is not None:
         optimizer.zero_grad(set_to_none=True)
         images = [paths[i] for i in batch["index"].tolist()]
         raise NonFiniteError(f"non-finite {what} on a batch of {len(images)} images: "
                              + ", ".join(images[:8]) + (" ..." if len(images) > 8 else ""))
-    optimizer.step()
+    accelerator.grad_scaler.step(optimizer)
+    accelerator.grad_scaler.update()
     scheduler.step()
     n = len(labels)
     return {"loss": loss.item() * n, "task_loss": task.item() * n, "consistency_loss": cons.item() * n,
@@ -151,7 +165,7 @@ def strong_view(size: int | tuple[int, int], mean: Sequence[float], std: Sequenc
     ])
 
 
-def epoch_stats(sums: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+def epoch_stats(sums: dict[str, float], accelerator: Runtime) -> dict[str, float]:
     """Mean losses and accuracy over the epoch, summed across processes."""
     totals = accelerator.reduce(torch.tensor([sums[k] for k in SUM_KEYS], device=accelerator.device,
                                              dtype=torch.float64), reduction="sum")
@@ -161,38 +175,172 @@ def epoch_stats(sums: dict[str, float], accelerator: Accelerator) -> dict[str, f
             "train_accuracy": correct / count}
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """The optimizer as tensors (per-parameter state) and JSON (hyper-parameters per group)."""
-    state = optimizer.state_dict()
-    tensors = {f"{index}.{key}": torch.as_tensor(value) for index, entry in state["state"].items()
-               for key, value in entry.items()}
-    return tensors, state["param_groups"]
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; the state was saved and the run can be resumed."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+def summary_scalars(metrics: dict, prefix: str) -> dict:
+    """The headline metrics of a split, flat, for metrics.jsonl."""
+    out = {f"{prefix}_{k}": metrics[k] for k in HEADLINE}
+    out[f"{prefix}_kl"] = metrics["ldl"]["kl"]
+    return out
 
 
-def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
-    """Every random stream: torch (CPU and CUDA) as tensors; Python and NumPy as JSON."""
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    np_state = np.random.get_state()
-    return tensors, {"python": random.getstate(),
-                     "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+@dataclass
+class Progress:
+    """Where training stands; with the tensors it is everything a resumed run needs."""
+
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # optimisation steps done in the current epoch
+    global_step: int = 0
+    sums: dict = field(default_factory=lambda: dict.fromkeys(SUM_KEYS, 0.0))
+    skipped_batches: list = field(default_factory=list)
+    best_accuracy: float = -1.0
+    best_epoch: int = 0
+    best_val: Optional[dict] = None
+    records: list = field(default_factory=list)
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], data: dict) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    version, internal, gauss = data["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, *rest = data["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+@dataclass
+class TrainState:
+    """One stage-2 training: what the loop reads and updates."""
+
+    cfg: Config
+    out_dir: Path
+    runtime: Runtime
+    model: nn.Module  # as prepared by accelerate (DDP-wrapped under several processes)
+    plain: StagedClassifier  # the same model unwrapped
+    groups: dict[str, dict[str, nn.Parameter]]
+    saved_names: list[str]
+    optimizer: Any
+    scheduler: Any
+    loaders: dict[str, DataLoader]
+    train_sampler: Any
+    train_paths: list[str]
+    wheel: Wheel
+    identity: dict
+    from_features: bool  # the loaders give cached layer features instead of images
+    pseudo: Optional[tuple[torch.Tensor, torch.Tensor]]  # (teacher label, kept) per training image
+    show: bool
+    progress: Progress = field(default_factory=Progress)
+
+    @property
+    def main(self) -> bool:
+        return self.runtime.is_main_process
+
+    @property
+    def epochs(self) -> list[tuple[int, PhaseConfig]]:
+        return phase_of_epoch(self.cfg.train.phases)
+
+    def classify(self, inputs: torch.Tensor, images: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused and per-stage logits of the loaders' inputs, or of ``images`` when the loaders give
+        cached features."""
+        with self.runtime.autocast():
+            out = self.plain(inputs, return_stages=True, from_features=self.from_features and not images)
+        return out.logits, out.stage_logits
+
+    def evaluate(self, split: str) -> tuple[dict, Predictions]:
+        self.plain.eval()
+        preds = predict(self.classify, self.loaders[split], self.runtime, desc=f"eval {split}", progress=self.show)
+        return compute_metrics(preds, self.wheel), preds
+
+    def save(self) -> None:
+        """The resumable state, written by the first process while the others wait."""
+        if self.main:
+            with writing(self.out_dir / "checkpoints"):
+                save_state(self.out_dir / "checkpoints", self.progress.global_step, self.plain, self.saved_names,
+                           self.optimizer, self.scheduler, dataclasses.asdict(self.progress), self.identity)
+        self.runtime.wait_for_everyone()
+
+    def load(self) -> None:
+        self.progress = Progress(**load_state(self.out_dir / "checkpoints", self.plain, self.optimizer,
+                                              self.scheduler, self.identity))
+
+    def save_weights(self, name: str) -> None:
+        if self.main:
+            state = self.plain.state_dict()
+            with writing(self.out_dir / name):
+                save_checkpoint(self.out_dir / name, {n: state[n].float() for n in self.saved_names}, self.identity)
+
+    def rewrite_log(self) -> None:
+        """metrics.jsonl from the saved records (so a torn last line of a killed run is repaired)."""
+        if self.main:
+            with writing(self.out_dir / "metrics.jsonl"):
+                atomic_write_text(self.out_dir / "metrics.jsonl",
+                                  "".join(json.dumps(r) + "\n" for r in self.progress.records))
+
+
+def fit(state: TrainState, stop: dict) -> None:
+    """Train every remaining epoch; after each, validate, keep the best weights (on val) and save.
+    ``stop["signum"]``, set by a signal handler, ends the run at the next step with its state saved."""
+    epochs = state.epochs
+    while state.progress.epoch < len(epochs):
+        phase_no, phase = epochs[state.progress.epoch]
+        set_trainable(state.plain, state.groups, trained_groups(phase, state.cfg.train.train_backbone), phase.stages)
+        started = time.time()
+        train_stats = train_epoch(state, phase_no, phase, stop)
+        end_epoch(state, phase_no, train_stats, time.time() - started)
+
+
+def train_epoch(state: TrainState, phase_no: int, phase: PhaseConfig, stop: dict) -> dict[str, float]:
+    """One epoch's steps (from where a resumed run stopped); returns the epoch's mean losses."""
+    p, cfg = state.progress, state.cfg
+    epoch, total = p.epoch + 1, len(state.loaders["train"])
+    state.plain.train()
+    loader = skip_first_batches(state.loaders["train"], p.step_in_epoch) if p.step_in_epoch else state.loaders["train"]
+    # accelerate's loader re-seeds its sampler with its own epoch counter on every pass: keep both
+    # at the run's epoch, so the order depends on (seed, epoch) only, also after a resume.
+    loader.set_epoch(p.epoch)
+    state.train_sampler.set_epoch(p.epoch)
+    bar = tqdm(loader, desc=f"epoch {epoch}/{len(state.epochs)} (phase {phase_no})", leave=False,
+               disable=not state.show, initial=p.step_in_epoch, total=total)
+    for batch in bar:
+        try:
+            step = train_step(state.model, batch, state.optimizer, state.scheduler, state.runtime, cfg,
+                              phase.consistency, state.train_paths, state.pseudo, state.from_features)
+            for key in SUM_KEYS:
+                p.sums[key] += step[key]
+            bar.set_postfix(loss=f"{step['loss'] / step['n']:.4f}")
+        except NonFiniteError as e:
+            if cfg.train.on_nonfinite != "skip":
+                raise RunError(f"{e}. Stopped; the last good state (step {p.global_step - p.step_in_epoch} or later) "
+                               f"is saved in {state.out_dir}/checkpoints; fix the data or lower the learning rate, "
+                               "then --resume (or set train.on_nonfinite=skip)") from None
+            p.skipped_batches.append(str(e))
+        p.step_in_epoch += 1
+        p.global_step += 1
+        every = cfg.train.checkpoint_every_steps
+        if (every and p.global_step % every == 0) or stop["signum"] is not None:
+            state.save()
+        if stop["signum"] is not None:
+            raise TrainingInterrupted(f"interrupted by signal {stop['signum']} at epoch {epoch}, step "
+                                      f"{p.step_in_epoch}; state saved: continue with --resume", stop["signum"])
+    return epoch_stats(p.sums, state.runtime)
+
+
+def end_epoch(state: TrainState, phase_no: int, train_stats: dict[str, float], seconds: float) -> None:
+    """Validate, log the epoch, keep the weights if they are the best on val so far, save the state."""
+    p = state.progress
+    epoch = p.epoch + 1
+    val, _ = state.evaluate("val")
+    p.records.append({"epoch": epoch, "phase": phase_no, **train_stats, **summary_scalars(val, "val"),
+                      "val_stage_accuracy": val.get("stage_accuracy"),
+                      "lr": {g["group"]: g["lr"] for g in state.optimizer.param_groups},
+                      "nga_weights": state.plain.nga_weights(), "fusion_weights": state.plain.fusion_weights(),
+                      "time_s": seconds})
+    if val["accuracy"] > p.best_accuracy:
+        p.best_accuracy, p.best_epoch, p.best_val = val["accuracy"], epoch, val
+        state.save_weights("model.safetensors")
+    p.epoch, p.step_in_epoch, p.sums = epoch, 0, dict.fromkeys(SUM_KEYS, 0.0)
+    state.save()
+    if state.main:
+        with writing(state.out_dir / "metrics.jsonl"), open(state.out_dir / "metrics.jsonl", "a",
+                                                            encoding="utf-8") as f:
+            f.write(json.dumps(p.records[-1]) + "\n")
+        if state.show:
+            print(f"epoch {epoch}: loss {train_stats['train_loss']:.4f}  val acc {val['accuracy']:.4f}  "
+                  f"macro-F1 {val['macro_f1']:.4f}")

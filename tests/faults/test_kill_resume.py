@@ -16,11 +16,11 @@ FAST = ["data.synthetic.per_class=10", "data.batch_size=16", "text.steps=50", "t
 
 # Each kill point patches one function in the child process so it dies at a chosen moment.
 KILL_POINTS = {
-    "mid-epoch step": ("hclafter.run", "train_step", 7, "after"),
+    "mid-epoch step": ("hclafter.training", "train_step", 7, "after"),
     "torn checkpoint write": ("hclafter.checkpoint", "atomic_write_bytes", 9, "torn"),
-    "after epoch state, before metrics": ("hclafter.run", "_save_state", 4, "after"),
-    "best-model write": ("hclafter.run", "_save_weights", 2, "before"),
-    "final evaluation": ("hclafter.run", "compute_metrics", 7, "before"),
+    "after epoch state, before metrics": ("hclafter.training", "save_state", 4, "after"),
+    "best-model write": ("hclafter.training", "save_checkpoint", 2, "before"),
+    "final evaluation": ("hclafter.training", "compute_metrics", 5, "before"),
 }
 
 CHILD = textwrap.dedent("""
@@ -93,7 +93,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_summary(point, reference, t
 
 def test_sigterm_saves_state_exits_cleanly_and_resumes(reference, tmp_path, cache_dir):
     out = tmp_path / "run"
-    stopped = hclafter(*train_args(out, cache_dir), kill=("hclafter.run", "train_step", 6, "after"), sig=15)
+    stopped = hclafter(*train_args(out, cache_dir), kill=("hclafter.training", "train_step", 6, "after"), sig=15)
     assert stopped.returncode == 128 + 15
     assert "state saved: continue with --resume" in stopped.stderr
     state = json.loads((out / "checkpoints" / "latest.json").read_text())

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import colorsys
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 
-from .emotions import MIKELS8, strategy1
+from ..emotions import MIKELS8, strategy1
 
 CLASSES = MIKELS8.classes
 VOTES = 20  # simulated annotators per image
@@ -334,8 +334,12 @@ def el_anger(c: Canvas, st: Style, rng: np.random.Generator, alpha: float) -> No
 
 
 Painter = Callable[..., None]
-BACKGROUNDS: dict[str, Painter] = {n: globals()[f"bg_{n}"] for n in CLASSES}
-ELEMENTS: dict[str, Painter] = {n: globals()[f"el_{n}"] for n in CLASSES}
+BACKGROUNDS: dict[str, Painter] = {
+    "amusement": bg_amusement, "contentment": bg_contentment, "awe": bg_awe, "excitement": bg_excitement,
+    "fear": bg_fear, "sadness": bg_sadness, "disgust": bg_disgust, "anger": bg_anger}
+ELEMENTS: dict[str, Painter] = {
+    "amusement": el_amusement, "contentment": el_contentment, "awe": el_awe, "excitement": el_excitement,
+    "fear": el_fear, "sadness": el_sadness, "disgust": el_disgust, "anger": el_anger}
 
 
 def _blend_style(a: Style, b: Style, m: float) -> Style:
@@ -491,17 +495,3 @@ def caption(img: WorldImage, rng: np.random.Generator) -> str:
 def captions(images: list[WorldImage], per_image: int, seed: int | np.random.SeedSequence) -> list[list[str]]:
     rng = np.random.default_rng(seed)
     return [[caption(img, rng) for _ in range(per_image)] for img in images]
-
-
-def world_image_grid(images: list[WorldImage], per_class: int = 6, scale: int = 3) -> Optional[np.ndarray]:
-    """A class-per-row mosaic of example images (uint8), for reports."""
-    rows = []
-    for label in range(len(CLASSES)):
-        mine = [im.image for im in images if im.label == label][:per_class]
-        if not mine:
-            return None
-        while len(mine) < per_class:
-            mine.append(np.zeros_like(mine[0]))
-        rows.append(np.concatenate([np.pad(m, ((1, 1), (1, 1), (0, 0)), constant_values=255) for m in mine], axis=1))
-    grid = np.concatenate(rows, axis=0)
-    return grid.repeat(scale, 0).repeat(scale, 1)

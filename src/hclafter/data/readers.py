@@ -11,15 +11,15 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .config import DataConfig
-from .emotions import Wheel
+from ..config import DataConfig
+from ..emotions import Wheel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-SPLIT_NAMES = ("train", "val", "test")
+SPLITS = ("train", "val", "test")
 
 
 class DataError(ValueError):
@@ -100,7 +100,7 @@ def read_imagefolder(root: Path, wheel: Wheel, cfg: DataConfig) -> Listing:
     """``<class>/*.jpg``, or ``{train,val,test}/<class>/*.jpg`` with the split taken from the folders
     (FI, Twitter I/II and any ImageFolder-style dataset)."""
     listing = Listing()
-    split_dirs = [root / s for s in SPLIT_NAMES if (root / s).is_dir()]
+    split_dirs = [root / s for s in SPLITS if (root / s).is_dir()]
     if split_dirs:
         if not (root / "train").is_dir() or not (root / "test").is_dir():
             raise DataError(f"{root}: has {[p.name for p in split_dirs]} but a split layout needs train/ and test/ "
@@ -141,7 +141,7 @@ def read_emoset(root: Path, wheel: Wheel, cfg: DataConfig) -> Listing:
         unknown = sorted(n for n in names if _class_index(wheel, n) is None)
         if unknown:
             raise DataError(f"{info}: emotions {unknown} are not classes of {wheel.name}; set data.label_space")
-    for split in SPLIT_NAMES:
+    for split in SPLITS:
         path = root / f"{split}.json"
         if not path.is_file():
             if split == "val":
@@ -329,8 +329,8 @@ def read_manifest(path: Path, wheel: Wheel, cfg: Optional[DataConfig] = None) ->
                                                            f"probabilities summing to 1, got {raw!r}")
                 continue
         split = row.get("split") or None
-        if split is not None and split not in SPLIT_NAMES:
-            listing.problem("malformed_line", where, f"split {split!r} is not one of {SPLIT_NAMES}")
+        if split is not None and split not in SPLITS:
+            listing.problem("malformed_line", where, f"split {split!r} is not one of {SPLITS}")
             continue
         listing.add(base / str(row["path"]), label, dist, split)
     return listing
@@ -371,3 +371,14 @@ READERS: dict[str, tuple[Reader, str]] = {
     "twitterldl": (read_ldl, "mikels8"),
     "manifest": (read_manifest, "mikels8"),
 }
+
+
+def write_manifest(path: Path, samples: Sequence[Sample], wheel: Wheel, split: Optional[str] = None) -> None:
+    """A CSV manifest (path, label, split, distribution) that :func:`read_manifest` reads back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label", "split", "distribution"])
+        for s in samples:
+            dist = " ".join(f"{p:.6g}" for p in s.distribution) if s.distribution is not None else ""
+            writer.writerow([s.path, wheel.classes[s.label], split or "", dist])

@@ -1,7 +1,7 @@
 """The ``synthetic`` data format: a seeded, labelled emotion dataset with per-image distributions.
 
 For the Mikels-8 label space (the format's default) the images come from the synthetic emotion
-world (:mod:`hclafter.world`): each emotion carried by its own visual cues, ambiguous between
+world (:mod:`hclafter.data.world`): each emotion carried by its own visual cues, ambiguous between
 wheel neighbours, with simulated vote distributions. Other label spaces get simple generic
 images: a colour per class (neighbouring classes on the wheel have similar colours), a stripe
 frequency and a shape, blended by the image's distribution. Used by the demo, the tests and the
@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .config import DataConfig
-from .data import DataError, Sample, write_manifest
-from .emotions import MIKELS8, Wheel, strategy1
+from ..config import DataConfig
+from ..emotions import MIKELS8, Wheel, strategy1
+from .readers import DataError, Sample, write_manifest
+from .world import WILD, generate
 
 GENERATOR_VERSION = 3  # part of the cache key: bump when the images change
 
@@ -59,7 +60,6 @@ def generate_synthetic(root: Path, wheel: Wheel, per_class: int, image_size: int
     """
     samples = []
     if wheel.classes == MIKELS8.classes:
-        from .world import WILD, generate
 
         items = [(im.label, im.image, im.distribution) for im in generate(per_class, image_size, seed, WILD)]
     else:

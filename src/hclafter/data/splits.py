@@ -1,32 +1,21 @@
-"""From a dataset root to checked splits and loaders.
-
-Every sample carries its own label and distribution, so shuffling can never pair an image with
-another image's distribution.
-"""
+"""From a dataset root to checked train / val / test splits (official ones where the dataset has
+them), with every bad input found, counted and reported."""
 from __future__ import annotations
 
-import csv
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import DataConfig
-from .datasets import READERS, DataError, Listing, Problem, Sample, read_manifest
-from .emotions import POLARITY2, Wheel, get_wheel, load_wheel, strategy1
+from ..config import DataConfig
+from ..emotions import POLARITY2, Wheel, get_wheel, load_wheel
 from .images import ImageError, load_rgb
+from .readers import READERS, SPLITS, DataError, Listing, Problem, Sample, read_manifest
+from .synthetic import ensure_synthetic
 
-__all__ = ["DataError", "DatasetSplits", "EmotionImages", "EpochSampler", "Problem", "Sample", "SPLITS",
-           "check_dataset", "describe_problems", "load_split_files", "load_splits", "make_dataset", "make_loader",
-           "stratified_split", "write_manifest"]
-
-SPLITS = ("train", "val", "test")
 VERIFY_DRAFT = (256, 256)  # decoding at this size is enough to prove a file is a readable image
 
 
@@ -44,16 +33,6 @@ class DatasetSplits:
         items = self.skipped + self.dropped
         return {"count": len(items), "by_kind": dict(Counter(p.kind for p in items)),
                 "items": [{"kind": p.kind, "where": p.where, "message": p.message} for p in items]}
-
-
-def write_manifest(path: Path, samples: Sequence[Sample], wheel: Wheel, split: Optional[str] = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "split", "distribution"])
-        for s in samples:
-            dist = " ".join(f"{p:.6g}" for p in s.distribution) if s.distribution is not None else ""
-            writer.writerow([s.path, wheel.classes[s.label], split or "", dist])
 
 
 def stratified_split(samples: Sequence[Sample], ratios: Sequence[float], seed: int) -> dict[str, list[Sample]]:
@@ -126,8 +105,6 @@ def _read(cfg: DataConfig, wheel: Wheel, cache_dir: Path) -> Listing:
             raise DataError(f"data.splits_dir: no train/val/test.csv in {folder}")
         return listing
     if cfg.format == "synthetic":
-        from .synthetic import ensure_synthetic
-
         return read_manifest(ensure_synthetic(cfg, wheel, cache_dir), wheel)
     if cfg.format not in READERS:
         raise DataError(f"data.format: unknown format {cfg.format!r}; available: synthetic, {', '.join(READERS)}")
@@ -241,67 +218,3 @@ def load_split_files(folder: Path, wheel: Wheel) -> DatasetSplits:
                 raise DataError(describe_problems(listing.problems))
             splits[name] = [s for s, _ in listing.entries]
     return DatasetSplits(wheel, splits)
-
-
-class EmotionImages(Dataset):
-    """Images with label, target distribution and index (its identity within the split)."""
-
-    def __init__(self, samples: Sequence[Sample], wheel: Wheel, transform: Callable[[Image.Image], torch.Tensor],
-                 distribution_source: str = "wheel", sigma: float = 1.0, epsilon: float = 0.1,
-                 exclusion: bool = False) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-        table = np.stack([strategy1(wheel, c, sigma, epsilon, exclusion) for c in range(wheel.num_classes)])
-        dists = []
-        for s in self.samples:
-            if distribution_source == "dataset":
-                if s.distribution is None:
-                    raise DataError(f"{s.path}: no per-image distribution, but data.distribution.source is "
-                                    "'dataset'; use source 'wheel' for datasets without votes")
-                dists.append(s.distribution)
-            else:
-                dists.append(table[s.label])
-        self.distributions = torch.tensor(np.asarray(dists), dtype=torch.float32).reshape(len(self.samples), -1)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        try:
-            image = self.transform(load_rgb(sample.path))
-        except ImageError as e:
-            raise DataError(str(e)) from None
-        return {"image": image, "label": sample.label, "distribution": self.distributions[index], "index": index}
-
-
-def make_dataset(samples: Sequence[Sample], wheel: Wheel, transform: Callable, cfg: DataConfig) -> EmotionImages:
-    d = cfg.distribution
-    if d.source not in ("wheel", "dataset"):
-        raise DataError(f"data.distribution.source: {d.source!r} is not one of wheel, dataset")
-    return EmotionImages(samples, wheel, transform, d.source, d.sigma, d.epsilon, d.exclusion)
-
-
-class EpochSampler(Sampler[int]):
-    """A shuffle that is a pure function of (seed, epoch), so a resumed run sees the same order."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
-    """Shuffled loaders use an EpochSampler: call ``loader.sampler.set_epoch`` before each epoch."""
-    sampler = EpochSampler(len(dataset), seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0)

@@ -11,17 +11,19 @@ tower's ``ln_post``/``proj`` and are trained (it left them frozen at random init
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import Backbone
-from .features import check_vit, embed_patches, project
-from .model import ModelOutput, StagedClassifier
-from .prompts import VisualPrompts
-from .segmented import group_parameters, stage_projection
+from .base import ModelOutput, StagedClassifier
+from .layers import VisualPrompts, stage_projection
+from .vit import check_vit, embed_patches, project, run_blocks
+
+if TYPE_CHECKING:
+    from ..backbone import Backbone
+    from ..config import ModelConfig
 
 __all__ = ["CascadeCLIPClassifier", "gaussian_layer_weights"]
 
@@ -94,17 +96,19 @@ class CascadeCLIPClassifier(StagedClassifier):
     decoders; summed stage scores. It has no shared text classifier: the text enters through the
     class queries, so ``class_embeddings`` (the stage-1 text embeddings, [C, D]) are required."""
 
-    def __init__(self, backbone: Backbone, num_classes: int, class_embeddings: torch.Tensor,
+    shared_classifier = False
+    needs_class_embeddings = True
+    group_owners = {"prompts": "prompts", "projections": "projections", "nga": "nga", "queries": "decoders",
+                    "decoders": "decoders"}
+    stage_owned = ("projections", "nga", "queries", "decoders")
+
+    def __init__(self, backbone: "Backbone", num_classes: int, class_embeddings: torch.Tensor,
                  stages: Sequence[Sequence[int]] = ((6, 7, 8), (9, 10, 11), (12,)), decoder_layers: int = 3,
                  decoder_heads: int = 8, prompt_tokens: int = 50, prompt_dropout: float = 0.0) -> None:
         super().__init__()
         self.visual = backbone.model.visual
         self.depth = check_vit(self.visual)
-        self.stages = [sorted(stage) for stage in stages]
-        for i, stage in enumerate(self.stages):
-            if not stage or len(set(stage)) != len(stage) or not all(1 <= layer <= self.depth for layer in stage):
-                raise ValueError(f"model.stages[{i}] = {stage}: layers must be distinct numbers in 1..{self.depth} "
-                                 f"(this backbone has {self.depth} blocks)")
+        self.stages = self.check_stages(stages, self.depth)
         self.extraction_layers = sorted({layer for stage in self.stages for layer in stage})
         dim = self.visual.output_dim
         if tuple(class_embeddings.shape) != (num_classes, dim):
@@ -127,25 +131,37 @@ class CascadeCLIPClassifier(StagedClassifier):
         self.queries = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in self.stages)
         self.decoders = nn.ModuleList(StageDecoder(dim, decoder_heads, decoder_layers) for _ in self.stages)
 
+    @classmethod
+    def from_config(cls, backbone: "Backbone", num_classes: int, cfg: "ModelConfig",
+                    class_embeddings: Optional[torch.Tensor] = None) -> "CascadeCLIPClassifier":
+        if cfg.aggregation != "nga":
+            raise ValueError(f"model.aggregation={cfg.aggregation} does not apply to this method: it learns its "
+                             "own unnormalised layer weights")
+        if class_embeddings is None:
+            raise ValueError("this method needs class_embeddings (the [classes, embed_dim] stage-1 text "
+                             "embeddings) for its class queries")
+        return cls(backbone, num_classes, class_embeddings, stages=cfg.stages, decoder_layers=cfg.decoder_layers,
+                   decoder_heads=cfg.decoder_heads, prompt_tokens=cfg.prompt_tokens,
+                   prompt_dropout=cfg.prompt_dropout)
+
     def _project(self, s: int, layer: int, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens of one layer of stage s, [B, T, W] → joint space [B, T, D]."""
         return project(self.visual, tokens) if layer == self.depth else self.projections[s][str(layer)](tokens)
 
-    def forward_stages(self, images: torch.Tensor) -> ModelOutput:
+    def forward_features(self, images: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """The outputs of the extraction layers (by 1-based layer) and of the last block, [B, T, W] each."""
         x = embed_patches(self.visual, images)
         if self.prompts is not None:
             x = self.prompts(x)
-        batch_first = getattr(self.visual.transformer, "batch_first", True)
         hidden: dict[int, torch.Tensor] = {}
-        for layer, block in enumerate(self.visual.transformer.resblocks, start=1):
-            x = block(x) if batch_first else block(x.transpose(0, 1)).transpose(0, 1)
+        for layer, x in run_blocks(self.visual, x, 1, self.depth):
             if layer in self.extraction_layers:
                 hidden[layer] = x
-        return self.decode(hidden, x)
+        return hidden, x
 
-    def decode(self, hidden: dict[int, torch.Tensor], final: torch.Tensor) -> ModelOutput:
-        """Everything after the blocks: the outputs of the extraction layers (by 1-based layer) and of
-        the last block, each [B, T, W] → summed and per-stage class scores."""
+    def forward_head(self, features: tuple[dict[int, torch.Tensor], torch.Tensor]) -> ModelOutput:
+        """Everything after the blocks: ``forward_features`` output → summed and per-stage class scores."""
+        hidden, final = features
         g = F.normalize(project(self.visual, final[:, :1]), dim=-1)  # global CLS, [B, 1, D]
         t = self.class_embeddings.to(g.dtype).expand(g.shape[0], -1, -1)  # [B, C, D]
         scores = []
@@ -156,17 +172,6 @@ class CascadeCLIPClassifier(StagedClassifier):
             scores.append(self.decoders[s](self.queries[s](torch.cat([t * g, t], dim=-1)), tokens))
         stage_logits = torch.stack(scores)
         return ModelOutput(stage_logits.sum(0), stage_logits)
-
-    def param_groups(self) -> dict[str, dict[str, nn.Parameter]]:
-        """Parameters by training group (see ``config.PARAM_GROUPS``)."""
-        return group_parameters(self, {"prompts": "prompts", "projections": "projections", "nga": "nga",
-                                       "queries": "decoders", "decoders": "decoders"})
-
-    def stage_of_parameter(self, name: str) -> Optional[int]:
-        """1-based stage owning a parameter (its projections, layer weights, queries, decoder); None
-        for the shared prompts and the tower."""
-        head, _, rest = name.partition(".")
-        return int(rest.split(".", 1)[0]) + 1 if head in ("projections", "nga", "queries", "decoders") else None
 
     def nga_weights(self) -> list[list[float]]:
         return [w.tolist() for w in self.nga]

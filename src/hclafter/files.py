@@ -1,0 +1,48 @@
+"""Crash-safe file writes: a kill at any moment leaves the old file or the new one, never a torn one."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class RunError(RuntimeError):
+    """A run directory is incomplete, belongs to another setup, or cannot be written."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename it over ``path``:
+    a kill at any moment leaves either the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+@contextmanager
+def writing(what: Path) -> Iterator[None]:
+    """Turn a failed write (disk full, quota, permissions) into a message that says what is safe."""
+    try:
+        yield
+    except OSError as e:
+        raise RunError(f"cannot write {what}: {e}. Files written earlier are intact (every write is atomic); "
+                       "free space or fix permissions, then continue with --resume") from None

@@ -1,0 +1,92 @@
+"""HybridCascade-LaFTer: the whole forward pass.
+
+images → patch embedding (+ visual prompts) → CLS after each extraction layer, through the
+tower's own ln_post/proj → per-stage NGA → stage adapters → shared text-trained classifier →
+learned fusion of the stage logits.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .base import ModelOutput, StagedClassifier
+from .layers import NGA, MeanAggregation, StageAdapter, StageFusion, TextClassifier, VisualPrompts
+from .vit import check_vit, cls_after_blocks, embed_patches, project
+
+if TYPE_CHECKING:
+    from ..backbone import Backbone
+    from ..config import ModelConfig
+
+
+def aggregation_modules(stages: Sequence[Sequence[int]], aggregation: str, init_sigma: float) -> nn.ModuleList:
+    """Per stage, NGA over its layers, or the uniform mean of the "w/o NGA" ablation."""
+    if aggregation not in ("nga", "mean"):
+        raise ValueError(f"model.aggregation: {aggregation!r} is not one of nga, mean")
+    return nn.ModuleList(NGA(len(stage), init_sigma) if aggregation == "nga" else MeanAggregation(len(stage))
+                         for stage in stages)
+
+
+class HybridCascadeLaFTer(StagedClassifier):
+    """Multi-stage CLS features of a prompted CLIP ViT, classified by one shared text classifier.
+
+    With ``stages=[[L]]`` and no adapters it is plain LaFTer (final layer only).
+    """
+
+    supports_feature_cache = True
+    allows_shared_layers = True
+    group_owners = {"prompts": "prompts", "classifier": "classifier", "adapters": "stage_adapters",
+                    "fusion": "fusion", "nga": "nga"}
+    stage_owned = ("nga", "adapters")
+
+    def __init__(self, backbone: "Backbone", num_classes: int, prompt_tokens: int = 50,
+                 stages: Sequence[Sequence[int]] = ((5, 6, 7), (8, 9), (10, 11, 12)),
+                 stage_adapters: bool = True, nga_init_sigma: float = 1.0, prompt_dropout: float = 0.0,
+                 normalize_features: bool = True, aggregation: str = "nga") -> None:
+        super().__init__()
+        self.visual = backbone.model.visual
+        self.stages = self.check_stages(stages, check_vit(self.visual))
+        self.extraction_layers = sorted({layer for stage in self.stages for layer in stage})
+        # Positions of each stage's layers in the stacked layer-feature tensor.
+        self._stage_index = [[self.extraction_layers.index(layer) for layer in stage] for stage in self.stages]
+
+        width = self.visual.conv1.out_channels
+        dim = self.visual.output_dim
+        patch = self.visual.conv1.kernel_size[0]
+        self.prompts = VisualPrompts(prompt_tokens, width, patch, prompt_dropout) if prompt_tokens > 0 else None
+        self.nga = aggregation_modules(self.stages, aggregation, nga_init_sigma)
+        self.adapters = nn.ModuleList(StageAdapter(dim) for _ in self.stages) if stage_adapters else None
+        self.classifier = TextClassifier(dim, num_classes, normalize_features)
+        self.fusion = StageFusion(len(self.stages))
+
+    @classmethod
+    def from_config(cls, backbone: "Backbone", num_classes: int, cfg: "ModelConfig",
+                    class_embeddings: Optional[torch.Tensor] = None) -> "HybridCascadeLaFTer":
+        return cls(backbone, num_classes, prompt_tokens=cfg.prompt_tokens, stages=cfg.stages,
+                   stage_adapters=cfg.stage_adapters, nga_init_sigma=cfg.nga_init_sigma,
+                   prompt_dropout=cfg.prompt_dropout, normalize_features=cfg.normalize_features,
+                   aggregation=cfg.aggregation)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] → the first block's input tokens, visual prompts included: [B, N, W]."""
+        tokens = embed_patches(self.visual, images)
+        return self.prompts(tokens) if self.prompts is not None else tokens
+
+    def layer_features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] → [len(extraction_layers), B, D]."""
+        return project(self.visual, cls_after_blocks(self.visual, self.embed(images), self.extraction_layers))
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.layer_features(images)
+
+    def forward_head(self, features: torch.Tensor) -> ModelOutput:
+        """Everything after the encoder: [n, B, D] layer features → fused and per-stage logits."""
+        stage_logits = []
+        for s, index in enumerate(self._stage_index):
+            z = self.nga[s](features[index])
+            if self.adapters is not None:
+                z = self.adapters[s](z)
+            stage_logits.append(self.classifier(z))
+        stacked = torch.stack(stage_logits)
+        return ModelOutput(self.fusion(stacked), stacked)

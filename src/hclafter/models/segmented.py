@@ -1,0 +1,78 @@
+"""The seed's "segmented" multi-layer-prompt baseline (the reference's MultiLayerLaFTer), done right.
+
+The tower's blocks are split into consecutive stages. Each stage inserts its own new prompt
+tokens right after CLS before its first block (so the sequence grows stage by stage), collects
+the CLS token after each of its blocks, aggregates them with NGA, maps the result into the joint
+space with its own LayerNorm + projection, and classifies it with the shared text classifier;
+the stage logits are fused with learned weights. Unlike the reference, the prompts, σ's,
+projections and fusion weights train, and the multi-stage path is used in training and in
+evaluation alike.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .base import ModelOutput, StagedClassifier
+from .hybrid import aggregation_modules
+from .layers import StageFusion, TextClassifier, VisualPrompts, stage_projection
+from .vit import check_vit, embed_patches, run_blocks
+
+if TYPE_CHECKING:
+    from ..backbone import Backbone
+    from ..config import ModelConfig
+
+
+class SegmentedLaFTer(StagedClassifier):
+    """Stage-wise prompts inserted at stage starts; per-stage NGA, projection; shared classifier; fusion."""
+
+    needs_consecutive_cover = True
+    group_owners = {"prompts": "prompts", "nga": "nga", "projections": "projections", "classifier": "classifier",
+                    "fusion": "fusion"}
+    stage_owned = ("prompts", "nga", "projections")
+
+    def __init__(self, backbone: "Backbone", num_classes: int,
+                 stages: Sequence[Sequence[int]] = ((1, 2, 3, 4), (5, 6, 7, 8), (9, 10, 11), (12,)),
+                 stage_prompt_tokens: int = 16, nga_init_sigma: float = 1.0, prompt_dropout: float = 0.0,
+                 normalize_features: bool = True, aggregation: str = "nga") -> None:
+        super().__init__()
+        self.visual = backbone.model.visual
+        self.stages = self.check_stages(stages, check_vit(self.visual))
+        self.extraction_layers = [layer for stage in self.stages for layer in stage]
+        if stage_prompt_tokens < 0:
+            raise ValueError(f"model.stage_prompt_tokens must be >= 0, got {stage_prompt_tokens}")
+
+        width = self.visual.conv1.out_channels
+        patch = self.visual.conv1.kernel_size[0]
+        self.prompts = (nn.ModuleList(VisualPrompts(stage_prompt_tokens, width, patch, prompt_dropout)
+                                      for _ in self.stages) if stage_prompt_tokens > 0 else None)
+        self.nga = aggregation_modules(self.stages, aggregation, nga_init_sigma)
+        self.projections = nn.ModuleList(stage_projection(self.visual) for _ in self.stages)
+        self.classifier = TextClassifier(self.visual.output_dim, num_classes, normalize_features)
+        self.fusion = StageFusion(len(self.stages))
+
+    @classmethod
+    def from_config(cls, backbone: "Backbone", num_classes: int, cfg: "ModelConfig",
+                    class_embeddings: Optional[torch.Tensor] = None) -> "SegmentedLaFTer":
+        return cls(backbone, num_classes, stages=cfg.stages, stage_prompt_tokens=cfg.stage_prompt_tokens,
+                   nga_init_sigma=cfg.nga_init_sigma, prompt_dropout=cfg.prompt_dropout,
+                   normalize_features=cfg.normalize_features, aggregation=cfg.aggregation)
+
+    def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Per stage, the NGA-aggregated CLS tokens of its blocks mapped to the joint space: S × [B, D]."""
+        x = embed_patches(self.visual, images)  # [B, 1 + N, W]
+        features = []
+        for s, stage in enumerate(self.stages):
+            if self.prompts is not None:
+                x = self.prompts[s](x)  # right after CLS, ahead of earlier stages' prompts
+            cls_tokens = []
+            for _, x in run_blocks(self.visual, x, stage[0], stage[-1]):
+                cls_tokens.append(x[:, 0])
+            features.append(self.projections[s](self.nga[s](torch.stack(cls_tokens))))
+        return features
+
+    def forward_head(self, features: list[torch.Tensor]) -> ModelOutput:
+        stage_logits = torch.stack([self.classifier(z) for z in features])
+        return ModelOutput(self.fusion(stage_logits), stage_logits)
