@@ -1,5 +1,5 @@
 """Integrity (issue 14): a total deadline per LLM request, files that honour the umask, no torch
-with CVE-2025-32434."""
+with CVE-2025-32434, verified text caches."""
 import os
 import stat
 import threading
@@ -11,7 +11,10 @@ import torch
 from packaging.requirements import Requirement
 
 from hclafter.checkpoint import atomic_write_text, save_checkpoint
+from hclafter.config import TextConfig
 from hclafter.describe import ChatClient, ChatError
+from hclafter.emotions import MIKELS8
+from hclafter.text import Stage1Error, encode_texts, train_text_classifier, zeroshot_weights
 
 from ..conftest import ROOT
 
@@ -79,3 +82,33 @@ def test_dependencies_exclude_torch_before_2_6():
     requirements = {r.name: r.specifier for r in map(Requirement, project["dependencies"])}
     assert "2.5.1" not in requirements["torch"] and "2.6.0" in requirements["torch"]
     assert "0.20.1" not in requirements["torchvision"] and "0.21.0" in requirements["torchvision"]
+
+
+# 4. the text-embedding cache is verified; stage 1 stops on a non-finite loss
+
+
+def test_a_corrupt_text_cache_entry_is_recomputed_with_a_warning(tiny_backbone, tmp_path):
+    texts = [t.format(c) for c in MIKELS8.classes for t in ("a photo that evokes {}.", "{} in a picture.")]
+    clean = encode_texts(tiny_backbone, texts, tmp_path)
+    (entry,) = (tmp_path / "text").glob("*.safetensors")
+    data = bytearray(entry.read_bytes())
+    for offset in (5, 77, 301):  # flip bits in the stored floats
+        data[-offset] ^= 0x40
+    entry.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="text-embedding cache entry failed verification.*content hash mismatch"):
+        again = encode_texts(tiny_backbone, texts, tmp_path)
+    assert torch.equal(again, clean)
+    with pytest.warns(UserWarning, match="recomputing"):
+        entry.write_bytes(b"")
+        weights = zeroshot_weights(tiny_backbone, MIKELS8, ["a photo that evokes {}.", "{} in a picture."], tmp_path)
+    assert torch.isfinite(weights).all()
+    assert torch.equal(encode_texts(tiny_backbone, texts, tmp_path), clean)  # the repaired entry verifies
+
+
+def test_stage1_stops_on_a_non_finite_loss():
+    features = torch.nn.functional.normalize(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    features[3, 2] = 3e38  # what a flipped exponent bit makes of an embedding
+    labels = torch.arange(4).repeat(4)
+    with pytest.raises(Stage1Error, match=r"stage 1 \(text classifier\): non-finite loss .* 1 of 16 text "
+                                          r"embeddings are not finite unit vectors.*backbone\.pretrained"):
+        train_text_classifier(features, labels, 4, TextConfig(steps=5), seed=0)
