@@ -113,11 +113,21 @@ def _architecture(cfg: BackboneConfig) -> dict[str, Any]:
 def load_backbone(name: str = "ViT-B-32", pretrained: Optional[str] = None, *,
                   quick_gelu: Optional[bool] = None, model_cfg: Optional[dict[str, Any]] = None,
                   init_seed: int = 0) -> Backbone:
-    """Build an open_clip model and load its weights from a local file or an open_clip tag."""
-    return backbone_from_config(BackboneConfig(name, pretrained, quick_gelu, model_cfg, init_seed))
+    """Build an open_clip model and load its weights from a local file or an open_clip tag; without
+    ``pretrained`` it is randomly initialised (a caller of the API asks for that explicitly)."""
+    return _load(BackboneConfig(name, pretrained, quick_gelu, model_cfg, init_seed=init_seed))
 
 
 def backbone_from_config(cfg: BackboneConfig) -> Backbone:
+    """The backbone of a run config. A config without weights is refused unless it says
+    ``random_init: true``: a forgotten ``-c`` would otherwise train a random ViT for minutes."""
+    if cfg.pretrained is None and not cfg.random_init:
+        raise BackboneError(f"backbone {cfg.name} has no weights: set backbone.pretrained=/path/to/weights "
+                            "(or an open_clip tag), or backbone.random_init=true for a random-initialised backbone")
+    return _load(cfg)
+
+
+def _load(cfg: BackboneConfig) -> Backbone:
     identity: dict[str, Any] = {"architecture": _architecture(cfg)}
     pretrained = cfg.pretrained
     if pretrained is None:

@@ -22,7 +22,8 @@ PARAM_GROUPS = ("prompts", "layernorms", "classifier", "stage_adapters", "fusion
 class BackboneConfig:
     name: str = "ViT-B-32"
     # A local weights file (OpenAI JIT archive, OpenAI/open_clip state dict, .safetensors) or an
-    # open_clip pretrained tag (needs network access). None: random initialisation.
+    # open_clip pretrained tag (needs network access). None: random initialisation, which train,
+    # eval and zeroshot refuse unless random_init is true (a forgotten weights file is a mistake).
     pretrained: Optional[str] = None
     # None: automatic (QuickGELU for OpenAI weights, as they were trained with it).
     quick_gelu: Optional[bool] = None
@@ -30,6 +31,7 @@ class BackboneConfig:
     # not built in, e.g. the tiny test models. `name` then only labels it.
     model_cfg: Optional[dict[str, Any]] = None
     init_seed: int = 0
+    random_init: bool = False  # tests, benchmarks and toy runs: a backbone without weights is intended
 
 
 @dataclass
@@ -325,6 +327,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.supervision == "pseudo" and cfg.train.loss.name == "dual_task":
         raise ConfigError("train.loss.name: dual_task needs label-derived distributions; with "
                           "train.supervision=pseudo use ce or ls_ce")
+    if cfg.backbone.random_init and cfg.backbone.pretrained is not None:
+        raise ConfigError(f"backbone.random_init=true contradicts backbone.pretrained={cfg.backbone.pretrained}; "
+                          "drop one of them")
     ratios = cfg.data.split_ratios
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6 or ratios[1] <= 0:
         raise ConfigError(f"data.split_ratios must be 3 non-negative fractions summing to 1 with val > 0, got {ratios}")

@@ -1,5 +1,5 @@
-"""Integrity (issue 14): a total deadline per LLM request, files that honour the umask, no torch
-with CVE-2025-32434, verified text caches."""
+"""Integrity (issue 14): no silent random weights, a total deadline per LLM request, files that
+honour the umask, no torch with CVE-2025-32434, verified text caches."""
 import os
 import stat
 import threading
@@ -10,13 +10,42 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
+from hclafter.backbone import BackboneError, backbone_from_config, load_backbone
 from hclafter.checkpoint import atomic_write_text, save_checkpoint
-from hclafter.config import TextConfig
+from hclafter.cli import main
+from hclafter.config import BackboneConfig, ConfigError, TextConfig, load_config
 from hclafter.describe import ChatClient, ChatError
 from hclafter.emotions import MIKELS8
 from hclafter.text import Stage1Error, encode_texts, train_text_classifier, zeroshot_weights
 
-from ..conftest import ROOT
+from ..conftest import ROOT, TINY_CFG, TINY_CONFIG
+
+TOY_WEIGHTS = ROOT / "src" / "hclafter" / "resources" / "toy_clip" / "toy_clip.safetensors"
+
+
+# 6. a backbone without weights only when asked for
+
+
+def test_a_config_without_weights_is_refused_unless_random_init_is_set():
+    with pytest.raises(BackboneError, match=r"no weights: set backbone\.pretrained=.*backbone\.random_init=true"):
+        backbone_from_config(BackboneConfig(name="tiny", model_cfg=TINY_CFG))
+    chosen = backbone_from_config(BackboneConfig(name="tiny", model_cfg=TINY_CFG, random_init=True))
+    assert chosen.identity["weights"] == "random-init(seed=0)"
+    # the Python API asks for random weights by leaving out `pretrained`
+    assert load_backbone("tiny", model_cfg=TINY_CFG).identity == chosen.identity
+    assert load_config([TINY_CONFIG]).backbone.random_init
+
+
+@pytest.mark.parametrize("command", ["train", "zeroshot"])
+def test_cli_refuses_a_backbone_without_weights(command, tmp_path, cache_dir, capsys):
+    out = ["--out", str(tmp_path / "run")] if command == "train" else []
+    assert main([command, "-c", str(TINY_CONFIG), *out, "backbone.random_init=false", f"cache_dir={cache_dir}"]) == 2
+    assert "backbone.random_init=true" in capsys.readouterr().err
+
+
+def test_random_init_with_weights_is_a_contradiction():
+    with pytest.raises(ConfigError, match="backbone.random_init=true contradicts backbone.pretrained"):
+        load_config([TINY_CONFIG], [f"backbone.pretrained={TOY_WEIGHTS}"])
 
 
 # 10. describe: --timeout bounds the whole request
