@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import BackboneConfig
+from .config import BackboneConfig, looks_like_path
 
 # Keys OpenAI stores beside the weights; their presence marks an OpenAI checkpoint (QuickGELU).
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -161,12 +161,11 @@ def _load(cfg: BackboneConfig) -> Backbone:
 
 
 def _from_tag(cfg: BackboneConfig, tag: str) -> tuple[bool, nn.Module]:
+    if looks_like_path(tag):
+        raise BackboneError(f"backbone.pretrained: weights file not found: {tag}")
     if cfg.model_cfg is not None:
         raise BackboneError("backbone.model_cfg cannot be combined with an open_clip tag; give a weights file "
                             "as backbone.pretrained, or drop model_cfg and name a built-in architecture")
-    looks_like_path = any(s in tag for s in ("/", "\\")) or Path(tag).suffix in (".pt", ".pth", ".bin", ".safetensors")
-    if looks_like_path:
-        raise BackboneError(f"backbone.pretrained: weights file not found: {tag}")
     tags = open_clip.list_pretrained_tags_by_model(cfg.name)
     if tag not in tags:
         raise BackboneError(f"backbone.pretrained: {tag!r} is neither a file nor an open_clip tag of "

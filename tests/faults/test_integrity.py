@@ -1,5 +1,6 @@
-"""Integrity (issue 14): no silent random weights, a total deadline per LLM request, files that
-honour the umask, no torch with CVE-2025-32434, verified text caches."""
+"""Integrity (issue 14): no silent random weights, config paths anchored to their file, a total
+deadline per LLM request, files that honour the umask, no torch with CVE-2025-32434, verified text
+caches."""
 import os
 import stat
 import threading
@@ -46,6 +47,45 @@ def test_cli_refuses_a_backbone_without_weights(command, tmp_path, cache_dir, ca
 def test_random_init_with_weights_is_a_contradiction():
     with pytest.raises(ConfigError, match="backbone.random_init=true contradicts backbone.pretrained"):
         load_config([TINY_CONFIG], [f"backbone.pretrained={TOY_WEIGHTS}"])
+
+
+# 8. relative paths in a config file are relative to that file
+
+
+def test_config_file_paths_are_relative_to_the_file_and_overrides_to_the_working_directory(tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    (conf / "base").mkdir(parents=True)
+    (conf / "base" / "common.yaml").write_text("text: {descriptions: words.json}\ncache_dir: ~/hc-cache\n")
+    (conf / "run.yaml").write_text(
+        "include: [base/common.yaml]\n"
+        "backbone: {name: tiny, model_cfg: null, pretrained: weights/w.safetensors}\n"
+        "data: {root: ../data, splits_dir: splits, wheel_file: wheel.yaml}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config([conf / "run.yaml"], ["data.splits_dir=mine", "backbone.name=ViT-B-32"])
+    assert cfg.text.descriptions == str(conf / "base" / "words.json")
+    assert cfg.cache_dir == str(os.path.expanduser("~/hc-cache"))
+    assert cfg.backbone.pretrained == str(conf / "weights" / "w.safetensors")
+    assert cfg.data.root == str(tmp_path / "data")
+    assert cfg.data.wheel_file == str(conf / "wheel.yaml")
+    assert cfg.data.splits_dir == str(elsewhere / "mine")  # a command-line override: the working directory
+    (conf / "tag.yaml").write_text("backbone: {pretrained: openai}\n")
+    assert load_config([conf / "tag.yaml"]).backbone.pretrained == "openai"  # a tag stays a tag
+
+
+def test_the_demo_config_finds_the_toy_clip_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config([ROOT / "configs" / "demo.yaml"])
+    assert cfg.backbone.pretrained == str(TOY_WEIGHTS)
+    assert os.path.isfile(cfg.text.descriptions)
+
+
+def test_a_missing_weights_path_is_reported_as_missing_not_as_a_tag(tmp_path):
+    (tmp_path / "run.yaml").write_text("backbone: {pretrained: clip/toy.safetensors}\n")
+    cfg = load_config([tmp_path / "run.yaml"], ["backbone.name=tiny", f"backbone.model_cfg={TINY_CFG}"])
+    with pytest.raises(BackboneError, match=f"weights file not found: {tmp_path / 'clip' / 'toy.safetensors'}"):
+        backbone_from_config(cfg.backbone)
 
 
 # 10. describe: --timeout bounds the whole request
