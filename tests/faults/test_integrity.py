@@ -1,12 +1,14 @@
-"""Integrity (issue 14): no silent random weights, config paths anchored to their file, a total
-deadline per LLM request, files that honour the umask, no torch with CVE-2025-32434, verified text
-caches."""
+"""Integrity (issue 14): no silent random weights, no minute-long offline retries, config paths
+anchored to their file, a total deadline per LLM request, files that honour the umask, no torch with
+CVE-2025-32434, verified text caches."""
 import os
+import socket
 import stat
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import open_clip
 import pytest
 import torch
 from packaging.requirements import Requirement
@@ -47,6 +49,32 @@ def test_cli_refuses_a_backbone_without_weights(command, tmp_path, cache_dir, ca
 def test_random_init_with_weights_is_a_contradiction():
     with pytest.raises(ConfigError, match="backbone.random_init=true contradicts backbone.pretrained"):
         load_config([TINY_CONFIG], [f"backbone.pretrained={TOY_WEIGHTS}"])
+
+
+# 7. an open_clip tag offline fails in seconds
+
+
+def test_offline_tag_fails_within_seconds_with_the_clear_message(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # nothing cached
+
+    def offline(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", offline)
+    monkeypatch.setattr(socket, "create_connection", offline)
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained_from_url", offline)
+    start = time.monotonic()
+    with pytest.raises(BackboneError) as info:
+        load_backbone("ViT-B-32", "openai")
+    assert time.monotonic() - start < 10
+    message = str(info.value)
+    assert "ViT-B-32/openai" in message and "not in the local cache" in message
+    assert "backbone.pretrained=/path/to/weights.pt" in message
+    assert hf_constants.HF_HUB_OFFLINE is False  # restored
 
 
 # 8. relative paths in a config file are relative to that file
