@@ -5,20 +5,25 @@ instead of a copy of the frozen weights.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import socket
+import threading
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
+from urllib.parse import urlsplit
 
 import open_clip
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import BackboneConfig
+from .config import BackboneConfig, looks_like_path
 
 # Keys OpenAI stores beside the weights; their presence marks an OpenAI checkpoint (QuickGELU).
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -113,11 +118,21 @@ def _architecture(cfg: BackboneConfig) -> dict[str, Any]:
 def load_backbone(name: str = "ViT-B-32", pretrained: Optional[str] = None, *,
                   quick_gelu: Optional[bool] = None, model_cfg: Optional[dict[str, Any]] = None,
                   init_seed: int = 0) -> Backbone:
-    """Build an open_clip model and load its weights from a local file or an open_clip tag."""
-    return backbone_from_config(BackboneConfig(name, pretrained, quick_gelu, model_cfg, init_seed))
+    """Build an open_clip model and load its weights from a local file or an open_clip tag; without
+    ``pretrained`` it is randomly initialised (a caller of the API asks for that explicitly)."""
+    return _load(BackboneConfig(name, pretrained, quick_gelu, model_cfg, init_seed=init_seed))
 
 
 def backbone_from_config(cfg: BackboneConfig) -> Backbone:
+    """The backbone of a run config. A config without weights is refused unless it says
+    ``random_init: true``: a forgotten ``-c`` would otherwise train a random ViT for minutes."""
+    if cfg.pretrained is None and not cfg.random_init:
+        raise BackboneError(f"backbone {cfg.name} has no weights: set backbone.pretrained=/path/to/weights "
+                            "(or an open_clip tag), or backbone.random_init=true for a random-initialised backbone")
+    return _load(cfg)
+
+
+def _load(cfg: BackboneConfig) -> Backbone:
     identity: dict[str, Any] = {"architecture": _architecture(cfg)}
     pretrained = cfg.pretrained
     if pretrained is None:
@@ -151,23 +166,78 @@ def backbone_from_config(cfg: BackboneConfig) -> Backbone:
 
 
 def _from_tag(cfg: BackboneConfig, tag: str) -> tuple[bool, nn.Module]:
+    if looks_like_path(tag):
+        raise BackboneError(f"backbone.pretrained: weights file not found: {tag}")
     if cfg.model_cfg is not None:
         raise BackboneError("backbone.model_cfg cannot be combined with an open_clip tag; give a weights file "
                             "as backbone.pretrained, or drop model_cfg and name a built-in architecture")
-    looks_like_path = any(s in tag for s in ("/", "\\")) or Path(tag).suffix in (".pt", ".pth", ".bin", ".safetensors")
-    if looks_like_path:
-        raise BackboneError(f"backbone.pretrained: weights file not found: {tag}")
     tags = open_clip.list_pretrained_tags_by_model(cfg.name)
     if tag not in tags:
         raise BackboneError(f"backbone.pretrained: {tag!r} is neither a file nor an open_clip tag of "
                             f"{cfg.name} (tags: {tags})")
-    qg = open_clip.get_pretrained_cfg(cfg.name, tag).get("quick_gelu", False) if cfg.quick_gelu is None else cfg.quick_gelu
+    pretrained_cfg = open_clip.get_pretrained_cfg(cfg.name, tag)
+    qg = pretrained_cfg.get("quick_gelu", False) if cfg.quick_gelu is None else cfg.quick_gelu
+    host, port = _download_server(pretrained_cfg)
+    online = _reachable(host, port)
     try:
-        model = open_clip.create_model(cfg.name, pretrained=tag, force_quick_gelu=qg)
+        with contextlib.nullcontext() if online else _hub_offline():
+            model = open_clip.create_model(cfg.name, pretrained=tag, force_quick_gelu=qg)
     except Exception as e:
+        why = type(e).__name__ if online else f"no connection to {host}, and they are not in the local cache"
         raise BackboneError(
-            f"could not fetch open_clip weights {cfg.name}/{tag} ({type(e).__name__}); this needs network "
+            f"could not fetch open_clip weights {cfg.name}/{tag} ({why}); this needs network "
             f"access. Download the weights file elsewhere (e.g. OpenAI's ViT-B-32.pt) and pass it as "
             f"backbone.pretrained=/path/to/weights.pt"
         ) from None
     return qg, model
+
+
+def _download_server(pretrained_cfg: dict[str, Any]) -> tuple[str, int]:
+    """Host and port open_clip fetches a tag's weights from: the Hugging Face hub where the tag has
+    a hub entry (open_clip prefers it), else the tag's URL; the proxy instead, where one is set."""
+    if pretrained_cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
+        from huggingface_hub import constants
+
+        url = constants.ENDPOINT
+    else:
+        url = pretrained_cfg.get("url", "")
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def _reachable(host: str, port: int, seconds: float = 5.0) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``seconds``, name lookup included
+    (a lookup that hangs is waited for in a daemon thread, not by the caller)."""
+    opened: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=seconds).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(opened)
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Hugging Face hub offline mode: without a network the hub client retries for a minute before
+    it looks in its cache; offline, it answers from the cache at once. The environment variable
+    is read at import, so the parsed flag is set (and restored)."""
+    if not open_clip.pretrained.has_hf_hub():
+        yield
+        return
+    from huggingface_hub import constants
+
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous

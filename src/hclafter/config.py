@@ -24,7 +24,8 @@ PARAM_GROUPS = ("prompts", "layernorms", "classifier", "stage_adapters", "fusion
 class BackboneConfig:
     name: str = "ViT-B-32"
     # A local weights file (OpenAI JIT archive, OpenAI/open_clip state dict, .safetensors) or an
-    # open_clip pretrained tag (needs network access). None: random initialisation.
+    # open_clip pretrained tag (needs network access). None: random initialisation, which train,
+    # eval and zeroshot refuse unless random_init is true (a forgotten weights file is a mistake).
     pretrained: Optional[str] = None
     # None: automatic (QuickGELU for OpenAI weights, as they were trained with it).
     quick_gelu: Optional[bool] = None
@@ -32,6 +33,7 @@ class BackboneConfig:
     # not built in, e.g. the tiny test models. `name` then only labels it.
     model_cfg: Optional[dict[str, Any]] = None
     init_seed: int = 0
+    random_init: bool = False  # tests, benchmarks and toy runs: a backbone without weights is intended
 
 
 @dataclass
@@ -211,14 +213,48 @@ def _with_includes(paths: Sequence[str | Path], seen: tuple[Path, ...] = ()) -> 
     return out
 
 
+# Keys that name files or folders; relative values are anchored where they were written.
+PATH_KEYS = ("backbone.pretrained", "data.root", "data.splits_dir", "data.wheel_file", "text.descriptions", "cache_dir")
+WEIGHTS_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def looks_like_path(value: str) -> bool:
+    """Whether a ``backbone.pretrained`` value means a file rather than an open_clip tag."""
+    return any(s in value for s in ("/", "\\")) or Path(value).suffix in WEIGHTS_SUFFIXES
+
+
+def _anchor_paths(node: DictConfig, base: Path) -> None:
+    """Make the relative paths in ``node`` absolute against ``base``: the folder of the config file
+    that set them, or the working directory for command-line overrides. Anchored at load time, a
+    config means the same files from any directory, and a missing file is reported as missing
+    (a weights path left relative could be taken for an open_clip tag)."""
+    for key in PATH_KEYS:
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(node, parent_key) if parent_key else node
+        if not isinstance(parent, DictConfig) or leaf not in parent or OmegaConf.is_missing(parent, leaf) \
+                or OmegaConf.is_interpolation(parent, leaf):
+            continue
+        value = parent[leaf]
+        if not isinstance(value, str) or not value:
+            continue
+        path = base / Path(value).expanduser()
+        if key == "backbone.pretrained" and not looks_like_path(value) and not path.exists():
+            continue  # an open_clip tag such as 'openai'
+        parent[leaf] = str(path.resolve())
+
+
 def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
-    """Merge YAML files (later ones win) and ``key.sub=value`` overrides onto the defaults."""
+    """Merge YAML files (later ones win) and ``key.sub=value`` overrides onto the defaults.
+
+    Relative paths (``PATH_KEYS``) are relative to the config file that sets them, and to the
+    working directory on the command line; the config returned holds absolute paths."""
     merged = OmegaConf.structured(Config)
     required: set[str] = set()  # keys a file marks '???': the user must supply them
     for path in _with_includes(paths):
         try:
             loaded = OmegaConf.load(path)
             loaded.pop("include", None)
+            _anchor_paths(loaded, path.parent)
             required |= OmegaConf.missing_keys(loaded)
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
@@ -227,7 +263,9 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
     try:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        given = OmegaConf.from_dotlist(list(overrides))
+        _anchor_paths(given, Path.cwd())
+        merged = OmegaConf.merge(merged, given)
     except OmegaConfBaseException as e:
         raise ConfigError(f"command-line override: {e.msg if hasattr(e, 'msg') else e}") from None
     missing = sorted(k for k in required | OmegaConf.missing_keys(merged) if OmegaConf.select(merged, k) in (None, "???"))
@@ -332,6 +370,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.supervision == "pseudo" and cfg.train.loss.name == "dual_task":
         raise ConfigError("train.loss.name: dual_task needs label-derived distributions; with "
                           "train.supervision=pseudo use ce or ls_ce")
+    if cfg.backbone.random_init and cfg.backbone.pretrained is not None:
+        raise ConfigError(f"backbone.random_init=true contradicts backbone.pretrained={cfg.backbone.pretrained}; "
+                          "drop one of them")
     ratios = cfg.data.split_ratios
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6 or ratios[1] <= 0:
         raise ConfigError(f"data.split_ratios must be 3 non-negative fractions summing to 1 with val > 0, got {ratios}")

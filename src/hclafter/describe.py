@@ -32,6 +32,8 @@ import http.client
 import json
 import os
 import re
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -83,9 +85,10 @@ class Completer(Protocol):
 class ChatClient:
     """Minimal OpenAI-compatible chat-completions client (``POST {base_url}/chat/completions``).
 
-    Connection errors, timeouts, HTTP 429 and 5xx are retried up to ``retries`` times with
-    exponential backoff (``backoff * 2**attempt`` seconds, at most ``max_backoff``; a numeric
-    ``Retry-After`` header is honoured within that cap). Other HTTP errors fail at once.
+    ``timeout`` bounds each request as a whole, connection to last byte. Connection errors,
+    timeouts, HTTP 429 and 5xx are retried up to ``retries`` times with exponential backoff
+    (``backoff * 2**attempt`` seconds, at most ``max_backoff``; a numeric ``Retry-After`` header
+    is honoured within that cap). Other HTTP errors fail at once.
     """
 
     def __init__(self, base_url: str, model: str, api_key: Optional[str] = None, timeout: float = 60.0,
@@ -140,18 +143,15 @@ class ChatClient:
         for attempt in range(attempts):
             request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = response.read()
-                return self._parse(payload)
-            except urllib.error.HTTPError as e:
-                detail = _http_detail(e)
+                return self._parse(self._post(request))
+            except _HTTPStatus as e:
                 if e.code not in RETRY_STATUS:
                     hint = " (check --api-key / HCLAFTER_LLM_API_KEY)" if e.code in (401, 403) else ""
-                    raise ChatError(f"{self.url}: HTTP {e.code} {e.reason}{hint}: {detail}") from None
+                    raise ChatError(f"{self.url}: HTTP {e.code} {e.reason}{hint}: {e.detail}") from None
                 if attempt + 1 == attempts:
                     raise ChatError(f"{self.url}: HTTP {e.code} {e.reason} after {attempts} attempt(s): "
-                                    f"{detail}") from None
-                wait = self._delay(attempt, e.headers.get("Retry-After") if e.headers else None)
+                                    f"{e.detail}") from None
+                wait = self._delay(attempt, e.retry_after)
             except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets
                 if attempt + 1 == attempts:
                     reason = getattr(e, "reason", None) or e
@@ -159,6 +159,27 @@ class ChatClient:
                 wait = self._delay(attempt)
             self._sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _post(self, request: urllib.request.Request) -> bytes:
+        """The response body, read within ``timeout`` seconds in total (an error status raises
+        _HTTPStatus with its body's start). Socket timeouts bound each read only, so a server that
+        trickles bytes could hold one request for ever: a watchdog shuts the connection down."""
+        deadline = _Deadline(self.timeout)
+        try:
+            with deadline:
+                try:
+                    with deadline.opener().open(request, timeout=self.timeout) as response:
+                        payload = response.read()
+                except urllib.error.HTTPError as e:
+                    raise _HTTPStatus(e.code, e.reason, _http_detail(e),
+                                      e.headers.get("Retry-After") if e.headers else None) from None
+        except (OSError, http.client.HTTPException):
+            if deadline.expired:
+                raise TimeoutError(f"no complete response within {self.timeout:g} s (--timeout)") from None
+            raise
+        if deadline.expired:  # the shut-down connection may have ended a body without a length early
+            raise TimeoutError(f"no complete response within {self.timeout:g} s (--timeout)")
+        return payload
 
     def _parse(self, payload: bytes) -> str:
         try:
@@ -169,6 +190,70 @@ class ChatClient:
         if not contents:
             raise ChatError(f"{self.url}: the response has no choices: {payload[:200]!r}")
         return "\n".join(contents)
+
+
+class _HTTPStatus(Exception):
+    """An error status with what the retry decision and the message need."""
+
+    def __init__(self, code: int, reason: str, detail: str, retry_after: Optional[str]) -> None:
+        super().__init__(code)
+        self.code, self.reason, self.detail, self.retry_after = code, reason, detail, retry_after
+
+
+class _Deadline:
+    """Shuts a request's connections down ``seconds`` after it starts (``with deadline:``), which
+    ends any read in progress; ``expired`` then says why the request failed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+    def _track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shutdown(sock)
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """A urllib opener whose connections this deadline shuts down."""
+        deadline = self
+
+        def tracked(handler: type) -> type:
+            class Tracked(handler):
+                def do_open(self, http_class, req, **kwargs):
+                    class Connection(http_class):
+                        def connect(self) -> None:
+                            super().connect()
+                            deadline._track(self.sock)
+
+                    return super().do_open(Connection, req, **kwargs)
+
+            return Tracked
+
+        return urllib.request.build_opener(tracked(urllib.request.HTTPHandler), tracked(urllib.request.HTTPSHandler))
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
 
 
 def _http_detail(error: urllib.error.HTTPError) -> str:
@@ -429,7 +514,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--api-key", default=None,
                    help="bearer token (env HCLAFTER_LLM_API_KEY, else OPENAI_API_KEY); optional for local servers")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds allowed for each request in total (default 120)")
     p.add_argument("--retries", type=int, default=3,
                    help="retries on connection errors, 429 and 5xx, with exponential backoff (default 3)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")

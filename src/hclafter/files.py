@@ -13,13 +13,29 @@ class RunError(RuntimeError):
     """A run directory is incomplete, belongs to another setup, or cannot be written."""
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``os.umask`` can only
+    set it, which races with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename it over ``path``:
-    a kill at any moment leaves either the old file or the new one, never a torn one."""
+    a kill at any moment leaves either the old file or the new one, never a torn one. The file
+    gets the permissions ``open`` would give it (mkstemp's are 0600 whatever the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

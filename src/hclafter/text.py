@@ -7,21 +7,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from .backbone import Backbone
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TextConfig
 from .emotions import MIKELS8, Wheel
 
 
 class TextCorpusError(ValueError):
     """A descriptions or templates problem, naming the file and class."""
+
+
+class Stage1Error(TextCorpusError):
+    """Stage 1 cannot train (a non-finite loss); a TextCorpusError so the CLI reports it as one."""
 
 
 def _resource(*parts: str):
@@ -112,11 +117,17 @@ def _too_long(tokenizer, texts: Sequence[str]) -> list[int]:
 @torch.no_grad()
 def encode_texts(backbone: Backbone, texts: Sequence[str], cache_dir: Optional[Path] = None,
                  batch_size: int = 256, device: torch.device | str = "cpu") -> torch.Tensor:
-    """L2-normalised text embeddings [N, D], cached on disk by backbone identity and texts."""
+    """L2-normalised text embeddings [N, D], cached on disk by backbone identity and texts.
+
+    A cache entry carries a content hash; one that fails it (a flipped bit, a torn or foreign file)
+    is recomputed with a warning, never used: stage 1 would train on it without complaint."""
     key = hashlib.sha256(json.dumps([backbone.identity, list(texts)], sort_keys=True).encode()).hexdigest()[:24]
     cache = cache_dir / "text" / f"{key}.safetensors" if cache_dir is not None else None
     if cache is not None and cache.is_file():
-        return load_file(str(cache))["features"]
+        try:
+            return load_checkpoint(cache, backbone.identity)["features"]
+        except CheckpointError as e:
+            warnings.warn(f"text-embedding cache entry failed verification, recomputing it: {e}", stacklevel=2)
     too_long = _too_long(backbone.tokenizer, texts)
     if too_long:
         raise TextCorpusError(f"{len(too_long)} text(s) exceed the {backbone.tokenizer.context_length}-token context, "
@@ -128,10 +139,7 @@ def encode_texts(backbone: Backbone, texts: Sequence[str], cache_dir: Optional[P
         chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
     features = torch.cat(chunks)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        save_file({"features": features.contiguous()}, str(tmp))
-        tmp.replace(cache)
+        save_checkpoint(cache, {"features": features}, backbone.identity)
     return features
 
 
@@ -153,9 +161,15 @@ def train_text_classifier(features: torch.Tensor, labels: torch.Tensor, num_clas
         counts = torch.bincount(labels, minlength=num_classes).float()
         weight = counts.sum() / (num_classes * counts.clamp(min=1))
     history = []
-    for _ in range(cfg.steps):
+    for step in range(cfg.steps):
         noisy = features + torch.randn(features.shape, generator=generator) * cfg.noise_std
         loss = F.cross_entropy(linear(noisy), labels, weight=weight, label_smoothing=cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            bad = int(((features.norm(dim=1) - 1).abs() > 1e-3).logical_or(~torch.isfinite(features).all(1)).sum())
+            raise Stage1Error(f"stage 1 (text classifier): non-finite loss {loss.item()} at step {step + 1} of "
+                              f"{cfg.steps}; " + (f"{bad} of {len(features)} text embeddings are not finite unit "
+                                                  "vectors: check the backbone weights (backbone.pretrained)" if bad
+                                                  else "the embeddings are sound: lower text.lr"))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
