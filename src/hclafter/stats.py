@@ -58,9 +58,10 @@ def paired_bootstrap_ci(correct_a: ArrayLike, correct_b: ArrayLike, n_boot: int 
     The arrays are paired predictions of two methods, pooled across seeds by concatenation. A unit
     is one entry, or with ``groups`` (e.g. image paths) one group: an image predicted under three
     seeds is then resampled as one, so agreement between seeds does not pass for more evidence
-    than the test set holds. Each replicate is the pooled mean over the drawn units. Drawing ``m``
-    units with replacement is drawn here as multinomial counts over the distinct (sum, size) unit
-    values, the same distribution in O(n_boot) memory; a given ``seed`` gives the same CI.
+    than the test set holds. Each replicate is the pooled mean over the drawn units. Drawing the
+    ``m`` units with replacement is done as multinomial counts over the distinct (sum, size) unit
+    values: the same distribution, in memory that does not grow with the test set. A given
+    ``seed`` gives the same CI.
     """
     a, b = _paired_correct(correct_a, correct_b)
     if not 0 < level < 1:
