@@ -224,7 +224,7 @@ class _Deadline:
             for sock in self._sockets:
                 _shutdown(sock)
 
-    def _track(self, sock: socket.socket) -> None:
+    def track(self, sock: socket.socket) -> None:
         with self._lock:
             self._sockets.append(sock)
             if self.expired:
@@ -240,7 +240,7 @@ class _Deadline:
                     class Connection(http_class):
                         def connect(self) -> None:
                             super().connect()
-                            deadline._track(self.sock)
+                            deadline.track(self.sock)
 
                     return super().do_open(Connection, req, **kwargs)
 

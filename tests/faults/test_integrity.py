@@ -14,7 +14,8 @@ import torch
 from packaging.requirements import Requirement
 
 from hclafter.backbone import BackboneError, backbone_from_config, load_backbone
-from hclafter.checkpoint import atomic_write_text, save_checkpoint
+from hclafter.checkpoint import save_checkpoint
+from hclafter.files import atomic_write_text
 from hclafter.cli import main
 from hclafter.config import BackboneConfig, ConfigError, TextConfig, load_config
 from hclafter.describe import ChatClient, ChatError

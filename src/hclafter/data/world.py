@@ -24,8 +24,9 @@ and the neighbour's shapes are drawn faintly; its vote distribution is simulated
 around ``(1-m)·y + m·s`` (plus a little wheel-shaped spread), so the label always has the most
 votes. :class:`Conditions` say how an image is "photographed": ``CLEAN`` for the captioned
 pre-training images of the toy CLIP, ``WILD`` (colour casts, exposure changes, unrelated clutter,
-more neighbour mixing) for the emotion datasets it is evaluated and tuned on. Captions
-(:func:`caption`) describe what was drawn and the evoked emotion in varied wording.
+more neighbour mixing) for the emotion datasets it is evaluated and tuned on; the named worlds
+(:mod:`hclafter.worlds`) add blur, sensor noise and low light, each documented with the cue it
+hurts. Captions (:func:`caption`) describe what was drawn and the evoked emotion in varied wording.
 
 Nothing here resembles real photographs; it exists so that a small CLIP can be trained to
 align images and text within minutes (``scripts/train_toy_clip.py``).
@@ -381,10 +382,11 @@ def vote_distribution(label: int, secondary: int, mix: float, rng: np.random.Gen
 class Conditions:
     """How an image is "photographed": the nuisances that separate a dataset from clean examples.
 
-    ``CLEAN`` images show their emotion's cues plainly. ``WILD`` ones (the demo's emotion dataset)
-    carry faint shapes of an unrelated emotion, a colour cast and an exposure change, and lean on
-    a wheel neighbour more often. A colour cast hits the global colour cue but leaves the fine
-    textures intact. ``swap`` and ``cue_keep`` make harder worlds still (unused by the presets).
+    ``CLEAN`` images show their emotion's cues plainly. ``WILD`` ones (the demo's emotion dataset
+    so far) carry faint shapes of an unrelated emotion, a colour cast and an exposure change, and
+    lean on a wheel neighbour more often. A colour cast hits the global colour cue but leaves the
+    fine textures intact; blur and noise hit the fine textures; low light (``light``, ``gamma``)
+    hits both. The named worlds (:mod:`hclafter.worlds`) say which preset changes what and why.
     """
 
     mix_rate: float = 0.65  # probability that an image shares cues with a wheel neighbour
@@ -393,6 +395,21 @@ class Conditions:
     clutter: float = 0.0  # probability of faint shapes of an unrelated emotion
     colour_cast: float = 0.0  # standard deviation of a global hue rotation, in turns
     exposure: float = 0.0  # standard deviation of the log contrast change
+    light: float = 1.0  # share of the light reaching the camera (0.5: one stop under)
+    gamma: float = 1.0  # exponent on intensities before dimming; above 1 it crushes the shadows
+    blur: float = 0.0  # standard deviation of a Gaussian lens blur, in pixels
+    noise: float = 0.0  # standard deviation of per-pixel, per-channel sensor noise (on [0, 1] values)
+
+    def __post_init__(self) -> None:
+        for name in ("mix_rate", "swap", "cue_keep", "clutter"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"Conditions.{name} is a probability in [0, 1], got {getattr(self, name)}")
+        for name in ("colour_cast", "exposure", "blur", "noise"):
+            if not 0.0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"Conditions.{name} must be finite and >= 0, got {getattr(self, name)}")
+        for name in ("light", "gamma"):
+            if not 0.0 < getattr(self, name) < float("inf"):
+                raise ValueError(f"Conditions.{name} must be finite and > 0, got {getattr(self, name)}")
 
 
 CLEAN = Conditions()
@@ -407,6 +424,17 @@ def _hue_rotate(rgb: np.ndarray, turns: float) -> np.ndarray:
     skew = np.array([[0, -1, 1], [1, 0, -1], [-1, 1, 0]]) / np.sqrt(3)
     m = cos * np.eye(3) + (1 - cos) * k + sin * skew
     return rgb @ m.T
+
+
+def _gaussian_blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of an [H, W, 3] image, ``sigma`` in pixels, mirrored at the borders."""
+    radius = max(1, int(np.ceil(3 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    h, w = rgb.shape[:2]
+    padded = np.pad(rgb, ((radius, radius), (radius, radius), (0, 0)), mode="reflect")
+    rows = sum(t * padded[i:i + h] for i, t in enumerate(taps))
+    return sum(t * rows[:, i:i + w] for i, t in enumerate(taps))
 
 
 def sample_image(rng: np.random.Generator, label: int, size: int, conditions: Conditions = CLEAN) -> WorldImage:
@@ -434,6 +462,14 @@ def sample_image(rng: np.random.Generator, label: int, size: int, conditions: Co
         rgb = _hue_rotate(rgb, rng.normal(0, cond.colour_cast))
     if cond.exposure > 0:
         rgb = (rgb - 0.5) * np.exp(rng.normal(0, cond.exposure)) + 0.5 + rng.normal(0, cond.exposure / 3)
+    # Then the camera: dim light (tone curve, then the light level), lens blur, sensor noise. Off,
+    # they draw no random numbers, so the presets above keep their images.
+    if cond.light != 1 or cond.gamma != 1:
+        rgb = cond.light * np.clip(rgb, 0, 1) ** cond.gamma
+    if cond.blur > 0:
+        rgb = _gaussian_blur(rgb, cond.blur)
+    if cond.noise > 0:
+        rgb = rgb + rng.normal(0, cond.noise, rgb.shape)
     rgb = np.clip(rgb + rng.normal(0, 0.015, rgb.shape), 0, 1)
     return WorldImage((rgb * 255 + 0.5).astype(np.uint8), label, secondary, mix,
                       vote_distribution(label, secondary, mix, rng), colour_phrase(rgb.mean(axis=(0, 1))),
