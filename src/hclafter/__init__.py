@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .export import EmotionModel
     from .run import TrainedRun
 
 
@@ -14,3 +15,11 @@ def load_run(run_dir: Any, device: Any = None, precision: Any = None) -> "Traine
     from .run import load_run as _load_run
 
     return _load_run(run_dir, device, precision)
+
+
+def from_pretrained(model_dir_or_id: Any, **kwargs: Any) -> "EmotionModel":
+    """A model exported with ``hclafter export RUN --format hf`` (a local directory or a Hub id);
+    see ``hclafter.export.EmotionModel``."""
+    from .export import EmotionModel
+
+    return EmotionModel.from_pretrained(model_dir_or_id, **kwargs)

@@ -126,6 +126,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_hf, export_onnx
+
+    if args.format == "hf":
+        out = export_hf(args.run_dir, args.out, include_backbone=args.include_backbone)
+        print(f"Hugging Face model directory written to {out} (config.json, model.safetensors, README.md); it "
+              f"predicts as the run does. Load it with hclafter.from_pretrained({str(out)!r}), push it with "
+              f".push_to_hub('user/name')")
+        return 0
+    if args.include_backbone:
+        print("error: --include-backbone applies to --format hf; an ONNX graph always contains the backbone",
+              file=sys.stderr)
+        return 2
+    result = export_onnx(args.run_dir, args.out)
+    print(f"ONNX model written to {result['path']} (opset {result['opset']}, dynamic batch); ONNX Runtime matches "
+          f"PyTorch within {result['max_abs_diff']:.1e} on {result['images_checked']} test images")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hclafter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="autocast for the model timings")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="a run as a Hugging Face model directory or an ONNX graph")
+    p.add_argument("run_dir")
+    p.add_argument("--format", required=True, choices=("hf", "onnx"),
+                   help="hf: config.json + model.safetensors + README.md model card; onnx: images -> fused "
+                        "probabilities and per-stage logits (needs hclafter[onnx])")
+    p.add_argument("out", help="output directory (hf) or .onnx file")
+    p.add_argument("--include-backbone", action="store_true",
+                   help="hf: embed the CLIP image tower instead of referencing its weights file by name and hash")
+    p.set_defaults(func=cmd_export)
 
     describe.add_parser(sub)
     demo.add_parser(sub)
