@@ -1,5 +1,6 @@
-"""Hugging Face directory and ONNX export of a trained run."""
+"""Hugging Face directory and ONNX export of a trained run, and the ONNX latency bench."""
 import json
+import math
 import sys
 
 import numpy as np
@@ -15,7 +16,7 @@ from hclafter.config import load_config
 from hclafter.export import ExportError, write_onnx
 from hclafter.images import load_rgb
 
-from .conftest import TINY_CONFIG
+from .conftest import TINY_CFG, TINY_CONFIG
 from .tiny_runs import train_tiny
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="needs hclafter[onnx]")
@@ -158,3 +159,12 @@ def test_onnx_without_the_extra_names_it(run_dir, tmp_path, monkeypatch):
         write_onnx(hclafter.load_run(run_dir).model, tmp_path / "m.onnx", torch.zeros(1, 3, 32, 32))
     assert main(["export", str(run_dir), "--format", "onnx", str(tmp_path / "m.onnx")]) == 2
 
+
+def test_bench_onnx_latency():
+    from hclafter.bench import onnx_latency
+
+    out = onnx_latency(batch=2, prompts=2, repeats=2, name="tiny", model_cfg=TINY_CFG)
+    for key in ("pytorch_ms_per_image", "onnxruntime_ms_per_image", "onnxruntime_speedup"):
+        assert math.isfinite(out[key]) and out[key] > 0, key
+    assert out["max_abs_diff"] <= 1e-4
+    assert out["onnxruntime_speedup"] == pytest.approx(out["pytorch_ms_per_image"] / out["onnxruntime_ms_per_image"])

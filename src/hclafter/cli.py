@@ -115,9 +115,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .bench import onnx_latency, run_bench
 
-    result = run_bench(args.device, args.batch, args.prompts, args.repeats, precision=args.precision)
+    if args.onnx:
+        result = onnx_latency(args.batch, args.prompts, args.repeats)
+    else:
+        result = run_bench(args.device, args.batch, args.prompts, args.repeats, precision=args.precision)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -203,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved rounds for the eval timing (half for the slower measurements); minima are compared")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="autocast for the model timings")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--onnx", action="store_true",
+                   help="instead: ONNX Runtime vs PyTorch latency per image of HybridCascade-LaFTer on CPU "
+                        "(needs hclafter[onnx])")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="a run as a Hugging Face model directory or an ONNX graph")
