@@ -148,6 +148,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.run_dir, args.host, args.port, args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hclafter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -220,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-backbone", action="store_true",
                    help="hf: embed the CLIP image tower instead of referencing its weights file by name and hash")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="a local web demo of a run (needs hclafter[serve])")
+    p.add_argument("run_dir")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=cmd_serve)
 
     describe.add_parser(sub)
     demo.add_parser(sub)
