@@ -102,6 +102,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
+    if args.launcher or args.collect or args.wait:
+        from .launchers import cluster_sweep
+
+        return cluster_sweep(Path(args.sweep), Path(args.out), args.overrides, launcher=args.launcher, wait=args.wait)
     run_sweep(Path(args.sweep), Path(args.out), args.overrides, progress=not args.quiet)
     print(f"results: {Path(args.out) / 'results.md'} and results.csv; plots in {Path(args.out) / 'plots'}")
     return 0
@@ -199,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="sweep directory (re-running it finishes missing runs only)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--launcher", choices=("slurm",), default=None,
+                   help="submit the unfinished runs as a SLURM job array (settings under the sweep file's "
+                        "'slurm:' key; needs hclafter[slurm]) instead of running them here")
+    p.add_argument("--wait", action="store_true", help="with --launcher: wait for the jobs, then write the tables")
+    p.add_argument("--collect", action="store_true",
+                   help="write the tables of a submitted sweep once every run has finished (lists those that have not)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="a self-contained HTML report of one finished run")
