@@ -115,7 +115,9 @@ def test_bad_uploads_get_a_message_and_the_server_keeps_serving(server, image, t
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
 def test_page_renders_upload_and_results_in_chromium(server, run_dir, image, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright (hclafter[test])")
-    expected = hclafter.load_run(run_dir).predict([image]).labels[0]
+    run = hclafter.load_run(run_dir)
+    expected = run.predict([image]).labels[0]
+    expected_first = run.wheel.classes[0]  # the first example shows one image of the first class
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
     with playwright.sync_playwright() as p:
@@ -136,4 +138,7 @@ def test_page_renders_upload_and_results_in_chromium(server, run_dir, image, tmp
         page.get_by_text("fused", exact=True).first.wait_for(state="detached", timeout=30_000)
         page.locator("input[type=file]").first.set_input_files(str(bad))
         page.get_by_text("broken.png is not an image this demo can read").first.wait_for(timeout=30_000)
+        page.get_by_label("Clear").first.click()
+        page.get_by_text(f"{expected_first} (", exact=False).first.click()  # a test-split example
+        page.get_by_text("fused", exact=True).first.wait_for(timeout=30_000)
         browser.close()

@@ -132,6 +132,7 @@ class RunJob:
         if submitit.JobEnvironment().num_tasks > 1:  # one process per GPU: what accelerate reads
             TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         resume = (out_dir / "checkpoints" / "latest.json").is_file()
+        print(f"{'resuming' if resume else 'starting'} {out_dir}", flush=True)  # the job's log
         train_run(load_config(list(configs), list(overrides)), out_dir, progress=False, resume=resume)
         return "resumed and finished" if resume else "finished"
 
