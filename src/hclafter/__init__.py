@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
+
+__all__ = ["__version__", "from_pretrained", "load_run"]
 
 if TYPE_CHECKING:
+    from .export import EmotionModel
     from .inference import TrainedRun
 
 
@@ -14,3 +17,11 @@ def load_run(run_dir: Any, device: Any = None, precision: Any = None) -> "Traine
     from .inference import load_run as _load_run
 
     return _load_run(run_dir, device, precision)
+
+
+def from_pretrained(model_dir_or_id: Any, **kwargs: Any) -> "EmotionModel":
+    """A model exported with ``hclafter export RUN --format hf`` (a local directory or a Hub id);
+    see ``hclafter.export.EmotionModel``."""
+    from .export import EmotionModel
+
+    return EmotionModel.from_pretrained(model_dir_or_id, **kwargs)

@@ -308,3 +308,35 @@ def pipeline_rate(preprocess, batch: int, images: int = 96, workers: int = 2) ->
         for _ in loader:
             pass
         return images / (time.perf_counter() - start)
+
+
+def onnx_latency(batch: int = 32, prompts: int = 50, repeats: int = 5, name: str = "ViT-B-32",
+                 model_cfg: Optional[dict] = None) -> dict:
+    """Per-image eval latency of HybridCascade-LaFTer on CPU: ONNX Runtime against PyTorch, on the
+    same random-init model exported as ``hclafter export --format onnx`` does, in interleaved
+    rounds (minima compared), both with PyTorch's thread count."""
+    import tempfile
+    from importlib.metadata import version
+
+    from .export import onnx_session, write_onnx
+
+    dev = torch.device("cpu")
+    torch.manual_seed(0)
+    backbone = load_backbone(name, model_cfg=model_cfg)
+    model = HybridCascadeLaFTer(backbone, 8, prompt_tokens=prompts).eval()
+    size = backbone.preprocess_cfg.size
+    size = size if isinstance(size, int) else size[0]
+    images = torch.randn(batch, 3, size, size)
+    with tempfile.TemporaryDirectory() as tmp:
+        session = onnx_session(write_onnx(model, Path(tmp) / "model.onnx", images[:2]), torch.get_num_threads())
+        feed = {"images": images.numpy()}
+        with torch.inference_mode():
+            times = interleaved([lambda: model.forward_stages(images), lambda: session.run(None, feed)], repeats, dev)
+            expected = model.forward_stages(images).logits.softmax(-1).numpy()
+        diff = float(abs(session.run(None, feed)[0] - expected).max())
+    t_torch, t_onnx = min(times[0]), min(times[1])
+    return {"device": _device_name(dev), "torch": torch.__version__, "onnxruntime": version("onnxruntime"),
+            "threads": torch.get_num_threads(), "batch": batch, "prompts": prompts, "model": name,
+            "repeats": repeats, "pytorch_ms_per_image": 1000 * t_torch / batch,
+            "onnxruntime_ms_per_image": 1000 * t_onnx / batch, "onnxruntime_speedup": t_torch / t_onnx,
+            "max_abs_diff": diff, "timing_noise": timing_noise(times)}

@@ -102,6 +102,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
+    if args.launcher or args.collect or args.wait:
+        from .launchers import cluster_sweep
+
+        return cluster_sweep(Path(args.sweep), Path(args.out), args.overrides, launcher=args.launcher, wait=args.wait)
     run_sweep(Path(args.sweep), Path(args.out), args.overrides, progress=not args.quiet)
     print(f"results: {Path(args.out) / 'results.md'} and results.csv; plots in {Path(args.out) / 'plots'}")
     return 0
@@ -115,14 +119,43 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .bench import onnx_latency, run_bench
 
-    result = run_bench(args.device, args.batch, args.prompts, args.repeats, precision=args.precision)
+    if args.onnx:
+        result = onnx_latency(args.batch, args.prompts, args.repeats)
+    else:
+        result = run_bench(args.device, args.batch, args.prompts, args.repeats, precision=args.precision)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         for key, value in result.items():
             print(f"{key:<30}{value:.4f}" if isinstance(value, float) else f"{key:<30}{value}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_hf, export_onnx
+
+    if args.format == "hf":
+        out = export_hf(args.run_dir, args.out, include_backbone=args.include_backbone)
+        print(f"Hugging Face model directory written to {out} (config.json, model.safetensors, README.md); it "
+              f"predicts as the run does. Load it with hclafter.from_pretrained({str(out)!r}), push it with "
+              f".push_to_hub('user/name')")
+        return 0
+    if args.include_backbone:
+        print("error: --include-backbone applies to --format hf; an ONNX graph always contains the backbone",
+              file=sys.stderr)
+        return 2
+    result = export_onnx(args.run_dir, args.out)
+    print(f"ONNX model written to {result['path']} (opset {result['opset']}, dynamic batch); ONNX Runtime matches "
+          f"PyTorch within {result['max_abs_diff']:.1e} on {result['images_checked']} test images")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.run_dir, args.host, args.port, args.device)
     return 0
 
 
@@ -170,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="sweep directory (re-running it finishes missing runs only)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--launcher", choices=("slurm",), default=None,
+                   help="submit the unfinished runs as a SLURM job array (settings under the sweep file's "
+                        "'slurm:' key; needs hclafter[slurm]) instead of running them here")
+    p.add_argument("--wait", action="store_true", help="with --launcher: wait for the jobs, then write the tables")
+    p.add_argument("--collect", action="store_true",
+                   help="write the tables of a submitted sweep once every run has finished (lists those that have not)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="a self-contained HTML report of one finished run")
@@ -184,7 +223,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved rounds for the eval timing (half for the slower measurements); minima are compared")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="autocast for the model timings")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--onnx", action="store_true",
+                   help="instead: ONNX Runtime vs PyTorch latency per image of HybridCascade-LaFTer on CPU "
+                        "(needs hclafter[onnx])")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="a run as a Hugging Face model directory or an ONNX graph")
+    p.add_argument("run_dir")
+    p.add_argument("--format", required=True, choices=("hf", "onnx"),
+                   help="hf: config.json + model.safetensors + README.md model card; onnx: images -> fused "
+                        "probabilities and per-stage logits (needs hclafter[onnx])")
+    p.add_argument("out", help="output directory (hf) or .onnx file")
+    p.add_argument("--include-backbone", action="store_true",
+                   help="hf: embed the CLIP image tower instead of referencing its weights file by name and hash")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="a local web demo of a run (needs hclafter[serve])")
+    p.add_argument("run_dir")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=cmd_serve)
 
     describe.add_parser(sub)
     demo.add_parser(sub)

@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
-from . import __version__
+from .version import __version__
 from .backbone import Backbone, backbone_from_config
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .config import Config, load_config, to_dict, tuned_groups

@@ -9,6 +9,7 @@ A sweep file (YAML; paths relative to it)::
     overrides: [data.root=/data/FI]      # optional, every run
     grid: {train.loss.lam: [0.5, 0.8]}   # optional, a cartesian product of overrides
     seeds: [0, 1, 2]
+    slurm: {partition: gpu, gpus_per_run: 1}  # optional, for --launcher slurm (see launchers.py)
 
 Finished runs (with a summary.json) are skipped and interrupted ones resumed, so starting an
 interrupted sweep again finishes only what is missing.
@@ -63,10 +64,10 @@ def plan(sweep_file: Path, out_dir: Path, extra: Sequence[str] = ()) -> list[Swe
         spec = yaml.safe_load(sweep_file.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{sweep_file}: cannot read the sweep file ({e})") from None
-    unknown = sorted(set(spec) - {"base", "methods", "datasets", "overrides", "grid", "seeds"})
+    unknown = sorted(set(spec) - {"base", "methods", "datasets", "overrides", "grid", "seeds", "slurm"})
     if unknown:
         raise ConfigError(f"{sweep_file}: unknown keys {unknown}; expected base, methods, datasets, overrides, "
-                          "grid, seeds")
+                          "grid, seeds, slurm")
     if not spec.get("methods"):
         raise ConfigError(f"{sweep_file}: 'methods' must map method names to config files")
     here = sweep_file.parent
