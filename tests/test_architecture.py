@@ -14,7 +14,8 @@ from hclafter.checkpoint import load_weights, save_checkpoint
 from hclafter.config import load_config, trained_groups
 from hclafter.models import METHODS, build_model
 from hclafter.runtime import Runtime
-from hclafter.training import build_optimizer, param_groups, saved_parameter_names, set_trainable, train_step
+from hclafter.training import (build_optimizer, param_groups, saved_parameter_names, set_trainable, train_step,
+                               trained_parameters)
 
 from .conftest import ROOT, TINY_CONFIG
 
@@ -112,9 +113,13 @@ METHOD_CONFIGS = {path.stem: path for path in (ROOT / "configs" / "methods").glo
                   if "mode:" not in path.read_text()}
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_registered_method_builds_trains_each_phase_saves_and_loads(method, tiny_backbone, tmp_path):
-    path = next(p for p in METHOD_CONFIGS.values() if load_config([TINY_CONFIG, p]).model.method == method)
+def test_every_registered_method_has_a_method_config():
+    assert {load_config([TINY_CONFIG, p]).model.method for p in METHOD_CONFIGS.values()} == set(METHODS)
+
+
+@pytest.mark.parametrize("name", sorted(METHOD_CONFIGS))
+def test_every_method_config_builds_trains_each_phase_saves_and_loads(name, tiny_backbone, tmp_path):
+    path = METHOD_CONFIGS[name]
     cfg = load_config([TINY_CONFIG, path])
     embeddings = torch.randn(8, tiny_backbone.model.visual.output_dim, generator=torch.Generator().manual_seed(0))
     model = build_model(tiny_backbone, 8, cfg.model, class_embeddings=embeddings)
@@ -133,6 +138,9 @@ def test_every_registered_method_builds_trains_each_phase_saves_and_loads(method
         assert step["n"] == 4 and torch.isfinite(torch.tensor(step["loss"]))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= set(saved_parameter_names(model, cfg))
+    # "Trained parameters" are exactly those a step of some phase moved.
+    sizes = dict((n, p.numel()) for n, p in model.named_parameters())
+    assert trained_parameters(model, groups, cfg)["trained"] == sum(sizes[n] for n in changed)
     model.eval()
     with torch.no_grad():
         expected = model(batch["image"], return_stages=True)

@@ -7,7 +7,7 @@ import yaml
 
 from hclafter import run as run_module
 from hclafter.cli import main
-from hclafter.config import load_config
+from hclafter.config import ConfigError, load_config
 from hclafter.emotions import MIKELS8
 from hclafter.model import build_model
 from hclafter.run import train_run
@@ -52,7 +52,7 @@ def test_baseline_models_are_built_from_their_configs(tiny_backbone, cache_dir):
     segmented = build_model(tiny_backbone, 8, method_cfg("segmented").model)
     assert len(segmented.stages) == 4 and param_groups(segmented)["projections"]
     cfg = method_cfg("cascadeclip")
-    cascade = run_module.build_run_model(tiny_backbone, MIKELS8, cfg, cache_dir, torch.device("cpu"), torch.zeros(8, 32))
+    cascade = run_module.build_run_model(tiny_backbone, MIKELS8, cfg, torch.zeros(8, 32))
     groups = param_groups(cascade)
     assert groups["decoders"] and groups["projections"] and not groups["classifier"]
     assert not hasattr(cascade, "classifier")
@@ -90,7 +90,7 @@ def _tiny_sweep(tmp_path):
         "methods": {"zeroshot": str(METHODS / "zeroshot.yaml"), "lafter": str(METHODS / "lafter.yaml"),
                     "hybrid": str(METHODS / "hybrid.yaml")},
         "overrides": [*SHORT, "train.phases=[{epochs: 1, train: [prompts, classifier, fusion]}]"],
-        "seeds": [0, 1]}, sort_keys=False))
+        "headline": "hybrid", "reference": "lafter", "seeds": [0, 1]}, sort_keys=False))
     return sweep
 
 
@@ -115,11 +115,17 @@ def test_sweep_tables_and_restart_after_a_kill(tmp_path, cache_dir, monkeypatch)
     assert main(["sweep", str(sweep), "--out", str(out), "--quiet", f"cache_dir={cache_dir}"]) == 0
     assert [p.parent.parent.name for p in counted] == ["lafter", "hybrid", "hybrid"]  # only the missing runs
     table = (out / "results.md").read_text()
-    for method in ("zeroshot", "lafter", "hybrid"):
+    for method in ("zero-shot CLIP", "LaFTer-sup (last block)", "HybridCascade-LaFTer"):
         assert f"| default | {method} | 2 |" in table
     rows = {r["method"]: r for r in __import__("csv").DictReader(open(out / "results.csv"))}
     assert rows["hybrid"]["seeds"] == "2" and float(rows["hybrid"]["gflops_per_image"]) > 0
-    assert int(rows["hybrid"]["added_over_lafter"]) > 0 and rows["lafter"]["added_over_lafter"] == "0"
+    assert int(rows["hybrid"]["added_over_reference"]) > 0 and rows["lafter"]["added_over_reference"] == "0"
+    assert rows["zeroshot"]["added_over_reference"] == ""  # frozen: "–" in the table, never a negative number
+    # The evidence table: the headline against each row, with CI, McNemar p and a verdict in words.
+    evidence = table[table.index("## default"):]
+    assert "Δ accuracy vs HybridCascade-LaFTer" in evidence and "(headline)" in evidence
+    assert evidence.count("not distinguishable at 95 %") + evidence.count("better") + evidence.count("worse") >= 2
+    assert "carry no meaning" in evidence  # random-initialised tiny backbone
     assert float(rows["lafter"]["accuracy_std"]) >= 0 and "±" in table
     for plot in ("accuracy.png", "train_loss.png", "learned_weights.png"):
         assert (out / "plots" / plot).stat().st_size > 0
@@ -133,3 +139,17 @@ def test_report_is_a_self_contained_page(tmp_path, cache_dir):
     summary = json.loads((out / "summary.json").read_text())
     assert f"{100 * summary['test']['accuracy']:.2f}" in page
     assert page.count("data:image/png;base64,") == 3 and "stage 3" in page
+
+
+def test_a_phase_that_trains_nothing_of_the_method_is_rejected():
+    """LaFTer-sup has no adapters, and one stage of one layer: its β and σ never get a gradient."""
+    lafter = ROOT / "configs" / "methods" / "lafter.yaml"
+    with pytest.raises(ConfigError, match=r"train\.phases\[0\]\.train = \['stage_adapters', 'fusion', 'nga'\]: no "
+                                          r"parameter .* train one of \['classifier', 'layernorms', 'prompts'\]"):
+        load_config([TINY_CONFIG, lafter], ["train.phases=[{epochs: 1, train: [stage_adapters, fusion, nga]}]"])
+    with pytest.raises(ConfigError, match=r"train\.phases\[1\]"):
+        load_config([TINY_CONFIG, lafter], ["train.phases=[{epochs: 1, train: [prompts]}, {epochs: 1, train: [fusion]}]"])
+    adapter = load_config([TINY_CONFIG, lafter], ["model.stage_adapters=true",
+                                                  "train.phases=[{epochs: 1, train: [stage_adapters]}]"])
+    assert adapter.train.phases[0].train == ["stage_adapters"]
+    assert load_config([TINY_CONFIG, lafter], ["mode=textonly", "train.phases=[{epochs: 1, train: [fusion]}]"])

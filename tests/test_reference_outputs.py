@@ -67,9 +67,9 @@ def run_summaries(out_dir: Path, cache_dir: Path) -> dict[str, dict]:
 def test_method_logits_equal_the_stored_reference():
     stored = load_file(LOGITS)
     now = method_logits()
-    assert sorted(now) == sorted(stored)
-    for key, value in now.items():
-        assert torch.equal(value, stored[key]), key
+    assert set(stored) <= set(now)  # method configs added later have no reference
+    for key, value in stored.items():
+        assert torch.equal(now[key], value), key
 
 
 def summaries_in_fresh_process(out_dir: Path) -> dict:

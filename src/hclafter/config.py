@@ -16,8 +16,8 @@ from omegaconf.errors import OmegaConfBaseException
 from .models import METHODS, method_class
 
 # Training groups; a model assigns each parameter to one (baselines add projections and decoders).
-PARAM_GROUPS = ("prompts", "layernorms", "classifier", "stage_adapters", "fusion", "nga", "projections", "decoders",
-                "backbone")
+PARAM_GROUPS = ("prompts", "layernorms", "classifier", "stage_adapters", "fusion", "nga", "layer_weights",
+                "projections", "decoders", "backbone")
 
 
 @dataclass
@@ -45,6 +45,7 @@ class ModelConfig:
     stages: list[list[int]] = field(default_factory=lambda: [[5, 6, 7], [8, 9], [10, 11, 12]])
     nga_init_sigma: float = 1.0
     stage_adapters: bool = True
+    shared_adapter: bool = False  # one adapter for every stage (the capacity ablation) instead of one each
     # Legacy behaviour of the reference code: feed un-normalised image features to the classifier.
     normalize_features: bool = True
     stage_prompt_tokens: int = 16  # segmented: new prompt tokens inserted at each stage's first block
@@ -65,6 +66,9 @@ class SyntheticConfig:
     per_class: int = 40
     image_size: int = 64
     seed: int = 0
+    # Mikels-8 images: a named world of resources/worlds/ (or a world YAML file): the nuisances the
+    # images are taken under. "wild" is the original demo data; the demo itself defaults to "mixed".
+    world: str = "wild"
 
 
 @dataclass
@@ -146,6 +150,8 @@ class TrainConfig:
         default_factory=lambda: {
             "prompts": 1e-4, "layernorms": 1e-4, "classifier": 1e-4,
             "stage_adapters": 1e-4, "fusion": 1e-4, "nga": 1e-5, "projections": 1e-4, "decoders": 1e-4,
+            # Cascade-CLIP's unnormalised layer weights (the reference trains them at about 2e-4)
+            "layer_weights": 2e-4,
             "backbone": 1e-5,
         }
     )
@@ -180,6 +186,7 @@ class Config:
     # train: stage 1 + stage 2. zeroshot / textonly: evaluate zero-shot CLIP or the stage-1 text
     # classifier on image features, without image training (the baselines of the tables).
     mode: str = "train"
+    name: Optional[str] = None  # the method's name in tables and reports (the method configs set it)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16
@@ -344,11 +351,13 @@ def validate(cfg: Config) -> None:
             bounds = f"{'[' if low_inclusive else '('}{low}, {high if high is not None else '∞'}" \
                      f"{']' if high_inclusive and high is not None else ')'}"
             raise ConfigError(f"{key} must be in {bounds}, got {value}")
+    depth = _tower_depth(cfg.backbone)
     try:
-        method_class(cfg.model.method).check_stages(cfg.model.stages, _tower_depth(cfg.backbone))
+        method_class(cfg.model.method).check_stages(cfg.model.stages, depth)
     except ValueError as e:
         raise ConfigError(f"{e} ({cfg.backbone.name}, model.method={cfg.model.method})") from None
     stages = cfg.model.stages
+    trainable = method_class(cfg.model.method).trained_groups(cfg.model, depth)
     if not cfg.train.phases:
         raise ConfigError("train.phases must list at least one phase")
     for i, phase in enumerate(cfg.train.phases):
@@ -357,6 +366,10 @@ def validate(cfg: Config) -> None:
         unknown = sorted(set(phase.train) - set(PARAM_GROUPS))
         if unknown:
             raise ConfigError(f"train.phases[{i}].train: unknown groups {unknown}; valid: {list(PARAM_GROUPS)}")
+        if cfg.mode == "train" and not set(phase.train) & trainable:
+            raise ConfigError(f"train.phases[{i}].train = {phase.train}: no parameter of these groups receives a "
+                              f"gradient with model.method={cfg.model.method} and these model settings, so the "
+                              f"phase would change nothing; train one of {sorted(trainable)}")
         if phase.stages is not None and any(not 1 <= s <= len(stages) for s in phase.stages):
             raise ConfigError(f"train.phases[{i}].stages {phase.stages}: stage numbers must be in 1..{len(stages)}")
     missing = sorted(set(PARAM_GROUPS) - set(cfg.train.lr))

@@ -108,7 +108,7 @@ def hf_config(run: TrainedRun, include_backbone: bool) -> dict[str, Any]:
                               "polarity": cfg.data.polarity, "few_shot": cfg.data.few_shot,
                               "distribution": cfg.data.distribution.source,
                               "num_samples": summary.get("num_samples")},
-                     "parameters": summary.get("parameters", {}).get("trainable"),
+                     "parameters": summary.get("parameters", {}).get("trained"),
                      "results": _seed_results(run.run_dir)},
     }
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .backbone import Backbone, backbone_from_config
-from .checkpoint import load_weights
+from .checkpoint import load_checkpoint, load_weights
 from .config import Config, load_config
 from .data import DatasetSplits, eval_loader, load_split_files, make_dataset
 from .data.images import ImageError, load_rgb, to_rgb
@@ -23,20 +23,17 @@ from .emotions import Wheel
 from .evaluation import compute_metrics, predict
 from .files import RunError
 from .models import StagedClassifier, build_model, method_class
-from .runtime import cache_dir_of, make_runtime
-from .text import load_templates, zeroshot_weights
+from .runtime import make_runtime
 
 __all__ = ["Prediction", "TrainedRun", "build_run_model", "load_run"]
 
 
-def build_run_model(backbone: Backbone, wheel: Wheel, cfg: Config, cache: Path, device: torch.device,
-                    text_weight: Optional[torch.Tensor] = None) -> StagedClassifier:
-    """The configured method's model; a shared classifier starts from the stage-1 weights."""
-    class_embeddings = None
-    if method_class(cfg.model.method).needs_class_embeddings:
-        class_embeddings = zeroshot_weights(backbone, wheel, load_templates(wheel, cfg.text.templates), cache, device)
-    model = build_model(backbone, wheel.num_classes, cfg.model, class_embeddings=class_embeddings)
-    if text_weight is not None and model.shared_classifier:
+def build_run_model(backbone: Backbone, wheel: Wheel, cfg: Config, text_weight: torch.Tensor) -> StagedClassifier:
+    """The configured method's model built on the stage-1 text classifier U [C, D]: a shared
+    classifier starts from it, and class queries (Cascade-CLIP-style) are its rows."""
+    embeddings = text_weight if method_class(cfg.model.method).needs_class_embeddings else None
+    model = build_model(backbone, wheel.num_classes, cfg.model, class_embeddings=embeddings)
+    if model.shared_classifier:
         with torch.no_grad():
             model.classifier.linear.weight.copy_(text_weight)
     return model
@@ -72,7 +69,9 @@ class TrainedRun:
                            f"(run: {info['backbone'].get('weights')}, now: {self.backbone.identity.get('weights')}); "
                            "pass the same weights file")
         self.runtime = make_runtime(self.cfg)
-        self.model = build_run_model(self.backbone, self.wheel, self.cfg, cache_dir_of(self.cfg), self.runtime.device)
+        # The stage-1 classifier, which the saved weights replace where the method tuned it.
+        text_weight = load_checkpoint(self.run_dir / "text_classifier.safetensors", self.backbone.identity)["weight"]
+        self.model = build_run_model(self.backbone, self.wheel, self.cfg, text_weight)
         load_weights(self.model, self.run_dir / "model.safetensors", self.backbone.identity)
         self.model = self.runtime.prepare_model(self.model, evaluation_mode=True).eval()
 

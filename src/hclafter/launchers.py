@@ -34,7 +34,7 @@ import yaml
 
 from .files import RunError, write_json
 from .config import ConfigError, load_config
-from .sweep import SweepRun, plan, summarise, write_results
+from .sweep import SweepRun, plan, summarise, sweep_roles, write_results
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                  "REQUEUE_HOLD", "REQUEUE_FED"}
@@ -240,8 +240,9 @@ def collect(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = ()) -> l
         raise LaunchError(f"{len(missing)} of {len(runs)} runs have not finished:\n" + "\n".join(lines) +
                           "\nrun --collect again when they have; a failed run is started again by submitting the "
                           "sweep again (finished runs are skipped, interrupted ones resumed)")
-    rows = summarise(runs)
-    write_results(rows, runs, out_dir)
+    roles = sweep_roles(sweep_file)
+    rows = summarise(runs, roles["reference"])
+    write_results(rows, runs, out_dir, **roles)
     return rows
 
 

@@ -29,7 +29,8 @@ from .config import Config, load_config, to_dict, tuned_groups
 from .data import SPLITS, DatasetSplits, eval_loader, load_splits, make_dataset, make_loader, write_manifest
 from .data.loading import cache_applies, cached_datasets
 from .emotions import Wheel
-from .evaluation import Classify, Predictions, clip_classifier, efficiency, evaluate_classifier, predict
+from .evaluation import (Classify, Predictions, clip_classifier, compute_metrics, efficiency, evaluate_classifier,
+                         predict)
 from .files import RunError, atomic_write_text, write_json, writing
 from .inference import build_run_model
 from .metrics import HEADLINE
@@ -37,7 +38,7 @@ from .plots import plot_confusion, plot_curves, plot_stage_weights
 from .runtime import Runtime, cache_dir_of, make_runtime
 from .text import load_templates, train_stage1, zeroshot_weights
 from .training import (TrainingInterrupted, TrainState, build_optimizer, fit, param_groups,
-                       saved_parameter_names, set_trainable, strong_view, warmup_cosine)
+                       saved_parameter_names, set_trainable, strong_view, trained_parameters, warmup_cosine)
 
 __all__ = ["RunError", "TrainingInterrupted", "train_run", "zeroshot_eval"]
 
@@ -146,7 +147,7 @@ def _prepare_training(cfg: Config, out_dir: Path, backbone: Backbone, data: Data
     fixed), loaders, optimizer and schedule, prepared for the runtime's processes. Also returns
     the plain image datasets and a batch of test images for the efficiency numbers."""
     wheel = data.wheel
-    model = build_run_model(backbone, wheel, cfg, cache, runtime.device, text_weight)
+    model = build_run_model(backbone, wheel, cfg, text_weight)
     groups = param_groups(model)
     saved_names = saved_parameter_names(model, cfg)
     # Everything any phase tunes requires grad while the model is wrapped (DDP registers those).
@@ -216,15 +217,13 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
     test_last, _ = state.evaluate("test")
     state.runtime.wait_for_everyone()
     load_weights(state.plain, state.out_dir / "model.safetensors", state.identity)
+    _, val_preds = state.evaluate("val")
     test, preds = state.evaluate("test")
     p, cfg, out_dir = state.progress, state.cfg, state.out_dir
-    counts = {g: sum(param.numel() for param in params.values()) for g, params in state.groups.items()}
     summary = {
         "val": p.best_val, "test": test, "test_last": test_last, "text_only": text_only_metrics,
         "best_epoch": p.best_epoch, "epochs": len(state.epochs), "stage1": stage1,
-        "parameters": {"trainable": sum(counts[g] for g in tuned_groups(cfg.train)),
-                       "added": sum(n for g, n in counts.items() if g not in ("layernorms", "backbone")),
-                       "by_group": counts},
+        "parameters": trained_parameters(state.plain, state.groups, cfg),
         "num_samples": {s: len(data[s]) for s in SPLITS},
         "skipped": data.skipped_summary(),
         "nonfinite_batches_skipped": p.skipped_batches,
@@ -236,6 +235,7 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
                                                     sample_images.to(state.runtime.device)))
         with writing(out_dir):
             _write_predictions(out_dir / "predictions.csv", preds, data["test"], data.wheel)
+            _write_predictions(out_dir / "predictions_val.csv", val_preds, data["val"], data.wheel)
             plot_curves(p.records, out_dir / "plots" / "curves.png")
             plot_confusion(test["confusion_matrix"], data.wheel.classes, out_dir / "plots" / "confusion.png")
             plot_stage_weights(p.records, out_dir / "plots" / "stage_weights.png",
@@ -257,13 +257,19 @@ def _write_run_files(out_dir: Path, cfg: Config, wheel: Wheel, identity: dict, s
 
 
 def _write_predictions(path: Path, preds: Predictions, samples: Sequence, wheel: Wheel) -> None:
+    """One row per image: path, label, prediction, then per class the predicted probability
+    ``p_``, the fused logit ``z_`` (for temperature scaling) and the target distribution ``t_``, so
+    that every metric, calibrated or not, can be recomputed from the file."""
     probs = preds.probabilities
+    classes = wheel.classes
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "label", "prediction", *[f"p_{c}" for c in wheel.classes]])
+        writer.writerow(["path", "label", "prediction", *[f"p_{c}" for c in classes], *[f"z_{c}" for c in classes],
+                         *[f"t_{c}" for c in classes]])
         for i, idx in enumerate(preds.indices):
-            writer.writerow([samples[idx].path, wheel.classes[preds.labels[i]], wheel.classes[probs[i].argmax()],
-                             *[f"{p:.6f}" for p in probs[i]]])
+            writer.writerow([samples[idx].path, classes[preds.labels[i]], classes[probs[i].argmax()],
+                             *[f"{p:.6f}" for p in probs[i]], *[f"{z:.7g}" for z in preds.logits[i]],
+                             *[f"{t:.6f}" for t in preds.distributions[i]]])
 
 
 def frozen_classifier(cfg: Config, backbone: Backbone, wheel: Wheel, runtime: Runtime,
@@ -286,14 +292,21 @@ def _evaluate_frozen(cfg: Config, out_dir: Path, backbone: Backbone, data: Datas
     """A zero-shot or text-only run: val and test metrics, no training."""
     wheel = data.wheel
     classify, stage1 = frozen_classifier(cfg, backbone, wheel, runtime, cache)
-    results = {split: evaluate_classifier(classify, make_dataset(data[split], wheel, backbone.preprocess, cfg.data),
-                                          cfg.data, wheel, runtime, show, f"eval {split}") for split in ("val", "test")}
+    results, preds = {}, {}
+    for split in ("val", "test"):
+        dataset = make_dataset(data[split], wheel, backbone.preprocess, cfg.data)
+        preds[split] = predict(classify, eval_loader(dataset, cfg.data, runtime), runtime, desc=f"eval {split}",
+                               progress=show)
+        results[split] = compute_metrics(preds[split], wheel)
     images = torch.stack([make_dataset(data["test"][:8], wheel, backbone.preprocess, cfg.data)[i]["image"]
                           for i in range(min(8, len(data["test"])))]).to(runtime.device)
     summary = {"val": results["val"], "test": results["test"], "stage1": stage1, "epochs": 0,
-               "parameters": {"trainable": 0, "added": 0, "by_group": {}},
+               "parameters": {"trained": 0, "added": 0, "by_group": {}},
                "num_samples": {s: len(data[s]) for s in SPLITS}, "skipped": data.skipped_summary()}
     if runtime.is_main_process:
+        with writing(out_dir):
+            _write_predictions(out_dir / "predictions.csv", preds["test"], data["test"], wheel)
+            _write_predictions(out_dir / "predictions_val.csv", preds["val"], data["val"], wheel)
         _write_run_files(out_dir, cfg, wheel, backbone.identity, summary, started,
                          efficiency=efficiency(classify, images))
     return summary

@@ -172,53 +172,60 @@ def expected_calibration_error(probs: ArrayLike, labels: ArrayLike, bins: int = 
 
 @dataclass(frozen=True)
 class RunPredictions:
-    """One run's test predictions as ``predictions.csv`` holds them; classes by name."""
+    """One run's predictions as ``predictions.csv`` holds them; classes by name."""
 
     paths: tuple[str, ...]
     labels: np.ndarray  # [N] indices into ``classes``
     predictions: np.ndarray  # [N] indices into ``classes``
     probabilities: np.ndarray  # [N, C] columns in ``classes`` order
     classes: tuple[str, ...]
+    logits: Optional[np.ndarray] = None  # [N, C] fused logits (``z_`` columns), when the file has them
+    targets: Optional[np.ndarray] = None  # [N, C] target distributions (``t_`` columns), when the file has them
 
 
 def read_predictions(path: Union[str, Path], classes: Optional[Sequence[str]] = None) -> RunPredictions:
-    """Read a run's ``predictions.csv`` (columns ``path, label, prediction, p_<class>...``).
+    """Read a run's ``predictions.csv``: ``path, label, prediction``, then per class ``p_<class>``
+    (probabilities) and, when present, ``z_<class>`` (logits) and ``t_<class>`` (targets); other
+    columns are ignored.
 
-    Classes are matched by name: with ``classes`` the probability columns are put in that order
-    (the file must hold exactly those classes), else in the file's order.
+    Classes are matched by name: with ``classes`` the columns are put in that order (the file must
+    hold exactly those classes), else in the file's order.
     """
     path = Path(path)
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    if not rows or rows[0][:3] != ["path", "label", "prediction"] or len(rows[0]) < 4 or \
-            not all(c.startswith("p_") for c in rows[0][3:]):
+    header = rows[0] if rows else []
+    file_classes = [c[2:] for c in header if c.startswith("p_")]
+    if header[:3] != ["path", "label", "prediction"] or not file_classes:
         raise PredictionsFileError(f"{path}: the header must be path,label,prediction,p_<class>...; "
-                                   f"got {rows[0] if rows else 'an empty file'}")
-    file_classes = [c[2:] for c in rows[0][3:]]
+                                   f"got {header if rows else 'an empty file'}")
     order = tuple(classes) if classes is not None else tuple(file_classes)
     if sorted(order) != sorted(file_classes) or len(set(order)) != len(order):
         raise PredictionsFileError(f"{path}: holds classes {file_classes}, expected {list(order)}")
     index = {c: i for i, c in enumerate(order)}
-    columns = [file_classes.index(c) for c in order]
-    paths, labels, preds, probs = [], [], [], []
+    blocks = {prefix: [header.index(f"{prefix}{c}") for c in order] for prefix in ("p_", "z_", "t_")
+              if all(f"{prefix}{c}" in header for c in order)}
+    paths, labels, preds = [], [], []
+    values: dict[str, list] = {prefix: [] for prefix in blocks}
     for line, row in enumerate(rows[1:], start=2):
-        if len(row) != len(rows[0]):
-            raise PredictionsFileError(f"{path}:{line}: {len(row)} fields, the header has {len(rows[0])}")
+        if len(row) != len(header):
+            raise PredictionsFileError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
         unknown = [v for v in row[1:3] if v not in index]
         if unknown:
             raise PredictionsFileError(f"{path}:{line}: unknown class {unknown[0]!r} (classes: {list(order)})")
         try:
-            values = [float(v) for v in row[3:]]
+            for prefix, columns in blocks.items():
+                values[prefix].append([float(row[c]) for c in columns])
         except ValueError as e:
             raise PredictionsFileError(f"{path}:{line}: {e}") from None
         paths.append(row[0])
         labels.append(index[row[1]])
         preds.append(index[row[2]])
-        probs.append([values[c] for c in columns])
     if not paths:
         raise PredictionsFileError(f"{path}: no predictions")
-    return RunPredictions(tuple(paths), np.array(labels), np.array(preds), np.array(probs).reshape(len(paths), -1),
-                          order)
+    arrays = {prefix: np.array(v).reshape(len(paths), -1) for prefix, v in values.items()}
+    return RunPredictions(tuple(paths), np.array(labels), np.array(preds), arrays["p_"], order,
+                          arrays.get("z_"), arrays.get("t_"))
 
 
 # (labels, predictions) or (labels, predictions, image ids) of one seed, or that seed's file read.

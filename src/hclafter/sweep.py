@@ -23,11 +23,12 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import yaml
 
+from .evidence import MethodRuns, comparison_rows, markdown_table, random_backbone, table_notes
 from .files import atomic_write_text, write_json
 from .config import ConfigError, load_config
 from .metrics import HEADLINE
@@ -47,6 +48,9 @@ class SweepRun:
     out: Path
 
 
+SWEEP_KEYS = ("base", "methods", "datasets", "overrides", "grid", "seeds", "headline", "reference", "slurm")
+
+
 def _paths(base: Path, value: Any, key: str) -> list[Path]:
     items = [value] if isinstance(value, str) else list(value or [])
     paths = [(base / p).resolve() for p in items]
@@ -64,10 +68,9 @@ def plan(sweep_file: Path, out_dir: Path, extra: Sequence[str] = ()) -> list[Swe
         spec = yaml.safe_load(sweep_file.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{sweep_file}: cannot read the sweep file ({e})") from None
-    unknown = sorted(set(spec) - {"base", "methods", "datasets", "overrides", "grid", "seeds", "slurm"})
+    unknown = sorted(set(spec) - set(SWEEP_KEYS))
     if unknown:
-        raise ConfigError(f"{sweep_file}: unknown keys {unknown}; expected base, methods, datasets, overrides, "
-                          "grid, seeds, slurm")
+        raise ConfigError(f"{sweep_file}: unknown keys {unknown}; expected {', '.join(SWEEP_KEYS)}")
     if not spec.get("methods"):
         raise ConfigError(f"{sweep_file}: 'methods' must map method names to config files")
     here = sweep_file.parent
@@ -75,6 +78,9 @@ def plan(sweep_file: Path, out_dir: Path, extra: Sequence[str] = ()) -> list[Swe
     datasets = {name: _paths(here, files, f"datasets.{name}") for name, files in (spec.get("datasets") or
                                                                                  {"default": []}).items()}
     methods = {name: _paths(here, files, f"methods.{name}") for name, files in spec["methods"].items()}
+    for role in ("headline", "reference"):
+        if spec.get(role) is not None and spec[role] not in methods:
+            raise ConfigError(f"{sweep_file}: {role} {spec[role]!r} is not one of the methods {list(methods)}")
     grid = spec.get("grid") or {}
     variants = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
     seeds = spec.get("seeds") or [0]
@@ -93,24 +99,37 @@ def plan(sweep_file: Path, out_dir: Path, extra: Sequence[str] = ()) -> list[Swe
     return runs
 
 
-def run_sweep(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), progress: bool = True) -> list[dict]:
-    """Run (or finish) every run of the sweep, then write the results tables and plots."""
+def sweep_roles(sweep_file: Path) -> dict[str, Optional[str]]:
+    """The sweep file's ``headline`` method (compared with every other row) and ``reference`` method
+    (parameters added are counted against it), both optional."""
+    spec = yaml.safe_load(Path(sweep_file).read_text(encoding="utf-8")) or {}
+    return {"headline": spec.get("headline"), "reference": spec.get("reference")}
+
+
+def execute(runs: Sequence[SweepRun], progress: bool = True) -> None:
+    """Run every run not finished yet: finished ones are skipped, interrupted ones resumed."""
     from .run import train_run
 
-    out_dir = Path(out_dir)
-    runs = plan(sweep_file, out_dir, overrides)
     for i, run in enumerate(runs, start=1):
         name = f"[{i}/{len(runs)}] {run.dataset} / {run.method}{' / ' + run.variant if run.variant else ''} / seed {run.seed}"
         if (run.out / "summary.json").is_file():
-            print(f"{name}: done earlier, skipped")
+            print(f"{name}: done earlier, skipped", flush=True)
             continue
         resume = (run.out / "checkpoints" / "latest.json").is_file()
         if run.out.exists() and not resume:
             shutil.rmtree(run.out)  # started but never reached a saved state: nothing to keep
-        print(f"{name}: {'resuming' if resume else 'running'}")
+        print(f"{name}: {'resuming' if resume else 'running'}", flush=True)
         train_run(load_config(run.configs, run.overrides), run.out, progress=progress, resume=resume)
-    rows = summarise(runs)
-    write_results(rows, runs, out_dir)
+
+
+def run_sweep(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), progress: bool = True) -> list[dict]:
+    """Run (or finish) every run of the sweep, then write the results tables and plots."""
+    out_dir = Path(out_dir)
+    runs = plan(sweep_file, out_dir, overrides)
+    execute(runs, progress)
+    roles = sweep_roles(sweep_file)
+    rows = summarise(runs, roles["reference"])
+    write_results(rows, runs, out_dir, **roles)
     return rows
 
 
@@ -119,8 +138,9 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
 
 
-def summarise(runs: list[SweepRun]) -> list[dict]:
-    """One row per (dataset, method, variant): mean and std over seeds, and efficiency."""
+def summarise(runs: list[SweepRun], reference: Optional[str] = None) -> list[dict]:
+    """One row per (dataset, method, variant): mean and std over seeds, efficiency, and the
+    parameters added relative to the ``reference`` method (None where that means nothing)."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
         summary = json.loads((run.out / "summary.json").read_text(encoding="utf-8"))
@@ -128,53 +148,80 @@ def summarise(runs: list[SweepRun]) -> list[dict]:
         groups.setdefault((run.dataset, run.method, run.variant), []).append(summary)
     rows = []
     for (dataset, method, variant), summaries in groups.items():
-        row: dict[str, Any] = {"dataset": dataset, "method": method, "variant": variant, "seeds": len(summaries)}
+        row: dict[str, Any] = {"dataset": dataset, "method": method, "name": _display_name(runs, method),
+                               "variant": variant, "seeds": len(summaries), "frozen": summaries[0]["epochs"] == 0}
         for key in HEADLINE:
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([s["test"][key] for s in summaries])
         for key in LDL:
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([s["test"]["ldl"][key] for s in summaries])
         first = summaries[0]
-        row["trainable_params"] = first["parameters"]["trainable"]
+        row["trained_params"] = first["parameters"]["trained"]
         row["added_params"] = first["parameters"]["added"]
         row["gflops_per_image"] = first["efficiency"]["gflops_per_image"]
         row["latency_ms_per_image"] = float(np.median([s["efficiency"]["latency_ms_per_image"] for s in summaries]))
         rows.append(row)
-    lafter = {(r["dataset"], r["variant"]): r["added_params"] for r in rows if r["method"] == "lafter"}
+    base = {(r["dataset"], r["variant"]): r["added_params"] for r in rows if r["method"] == reference}
     for row in rows:
-        reference = lafter.get((row["dataset"], row["variant"]))
-        row["added_over_lafter"] = row["added_params"] - reference if reference is not None else None
+        ref = base.get((row["dataset"], row["variant"]))
+        meaningful = ref is not None and not row["frozen"] and row["added_params"] >= ref
+        row["added_over_reference"] = row["added_params"] - ref if meaningful else None
     return rows
 
 
-def _markdown(rows: list[dict]) -> str:
+def _display_name(runs: Sequence[SweepRun], method: str) -> str:
+    """A method's name as its config gives it (``name:``), else its sweep key."""
+    run = next(r for r in runs if r.method == method)
+    return load_config(run.configs, run.overrides).name or method
+
+
+def _markdown(rows: list[dict], reference: Optional[str]) -> str:
     header = ["dataset", "method", "seeds", "accuracy %", "macro-F1 %", "polarity %", "KL ↓", "cosine ↑",
-              "trainable", "added vs LaFTer", "GFLOPs/img", "latency ms/img"]
+              "trained", f"added vs {reference or 'reference'}", "GFLOPs/img", "latency ms/img"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def pct(row, key):
         return f"{100 * row[key + '_mean']:.2f} ± {100 * row[key + '_std']:.2f}"
 
     for r in rows:
-        method = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
-        added = "" if r["added_over_lafter"] is None else f"{r['added_over_lafter']:+,d}"
+        method = r["name"] + (f" ({r['variant']})" if r["variant"] else "")
+        added = "–" if r["added_over_reference"] is None else f"+{r['added_over_reference']:,d}"
         lines.append("| " + " | ".join([
             r["dataset"], method, str(r["seeds"]), pct(r, "accuracy"), pct(r, "macro_f1"), pct(r, "polarity_accuracy"),
             f"{r['kl_mean']:.4f} ± {r['kl_std']:.4f}", f"{r['cosine_mean']:.4f} ± {r['cosine_std']:.4f}",
-            f"{r['trainable_params']:,d}", added, f"{r['gflops_per_image']:.3f}", f"{r['latency_ms_per_image']:.2f}",
+            f"{r['trained_params']:,d}", added, f"{r['gflops_per_image']:.3f}", f"{r['latency_ms_per_image']:.2f}",
         ]) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_results(rows: list[dict], runs: list[SweepRun], out_dir: Path) -> None:
+def evidence_markdown(runs: Sequence[SweepRun], headline: str, reference: Optional[str]) -> str:
+    """Per dataset and variant, the comparison table of the evidence protocol (SPEC §9)."""
+    parts = []
+    for dataset, variant in dict.fromkeys((r.dataset, r.variant) for r in runs):
+        group = [r for r in runs if (r.dataset, r.variant) == (dataset, variant)]
+        methods = [MethodRuns(m, _display_name(group, m), [r.out for r in group if r.method == m])
+                   for m in dict.fromkeys(r.method for r in group)]
+        rows = comparison_rows(methods, headline, reference)
+        names = {m.key: m.name for m in methods}
+        parts.append(f"## {dataset}{' / ' + variant if variant else ''}\n\n"
+                     + markdown_table(rows, names[headline], names.get(reference)) + "\n"
+                     + table_notes(rows, random_backbone(group[0].out)))
+    return "\n".join(parts)
+
+
+def write_results(rows: list[dict], runs: list[SweepRun], out_dir: Path, headline: Optional[str] = None,
+                  reference: Optional[str] = None) -> None:
+    """results.csv and results.md (with the comparison tables when the sweep names a headline
+    method), sweep.json, and the plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else [])
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out_dir / "results.csv", table.getvalue())
+    comparisons = evidence_markdown(runs, headline, reference) if headline else ""
     atomic_write_text(out_dir / "results.md", "# Sweep results (test split, mean ± std over seeds)\n\n" +
-                      _markdown(rows) + "\nPlots: `plots/accuracy.png`, `plots/train_loss.png`, "
-                                        "`plots/learned_weights.png`.\n")
+                      _markdown(rows, reference) + "\nPlots: `plots/accuracy.png`, `plots/train_loss.png`, "
+                                                   "`plots/learned_weights.png`.\n\n" + comparisons)
     write_json(out_dir / "sweep.json", [{"dataset": r.dataset, "method": r.method, "variant": r.variant,
                                          "seed": r.seed, "out": str(r.out)} for r in runs])
     plot_method_bars(rows, "accuracy", out_dir / "plots" / "accuracy.png", "test accuracy")

@@ -53,6 +53,18 @@ def saved_parameter_names(model: StagedClassifier, cfg: Config) -> list[str]:
     return sorted(name for g in keep for name in groups[g])
 
 
+def trained_parameters(model: StagedClassifier, groups: dict[str, dict[str, nn.Parameter]], cfg: Config) -> dict:
+    """Parameter counts: ``trained``, those that receive a gradient in some phase (a tuned group's
+    parameters less the model's inert ones); ``added``, the trained ones outside the CLIP tower;
+    ``by_group``, every group's size."""
+    inert = model.inert_parameters()
+    tuned = tuned_groups(cfg.train)
+    trained = {g: sum(p.numel() for n, p in groups[g].items() if n not in inert) for g in tuned}
+    return {"trained": sum(trained.values()),
+            "added": sum(n for g, n in trained.items() if g not in ("layernorms", "backbone")),
+            "by_group": {g: sum(p.numel() for p in params.values()) for g, params in groups.items()}}
+
+
 def set_trainable(model: nn.Module, groups: dict[str, dict[str, nn.Parameter]], trained: set[str],
                   stages: Optional[Sequence[int]] = None) -> None:
     """Train exactly the ``trained`` groups; with ``stages``, only those stages' own parameters

@@ -23,7 +23,8 @@ from PIL import Image
 from ..config import DataConfig
 from ..emotions import MIKELS8, Wheel, strategy1
 from .readers import DataError, Sample, write_manifest
-from .world import WILD, generate
+from .world import generate
+from .worlds import load_world
 
 GENERATOR_VERSION = 3  # part of the cache key: bump when the images change
 
@@ -52,16 +53,18 @@ def _render_generic(wheel: Wheel, label: int, dist: np.ndarray, size: int, rng: 
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def generate_synthetic(root: Path, wheel: Wheel, per_class: int, image_size: int, seed: int) -> Path:
+def generate_synthetic(root: Path, wheel: Wheel, per_class: int, image_size: int, seed: int,
+                       world: str = "wild") -> Path:
     """Write ``images/<class>/<n>.png`` and ``manifest.csv`` under ``root``; return the manifest.
 
-    Mikels-8 images come from the emotion world (``world.generate(per_class, image_size, seed)``);
-    the manifest's ``distribution`` column holds each image's vote distribution.
+    Mikels-8 images come from the emotion world (``world.generate(per_class, image_size, seed)``)
+    under the named ``world``'s conditions; the manifest's ``distribution`` column holds each
+    image's vote distribution.
     """
     samples = []
     if wheel.classes == MIKELS8.classes:
-
-        items = [(im.label, im.image, im.distribution) for im in generate(per_class, image_size, seed, WILD)]
+        conditions = load_world(world)
+        items = [(im.label, im.image, im.distribution) for im in generate(per_class, image_size, seed, conditions)]
     else:
         rng = np.random.default_rng(seed)
         items = []
@@ -90,6 +93,8 @@ def ensure_synthetic(cfg: DataConfig, wheel: Wheel, cache_dir: Path) -> Path:
     s = cfg.synthetic
     params = {"wheel": list(wheel.classes), "per_class": s.per_class, "size": s.image_size, "seed": s.seed,
               "v": GENERATOR_VERSION}
+    if wheel.classes == MIKELS8.classes:
+        params["world"] = s.world
     if cfg.root is not None:
         root = Path(cfg.root).expanduser()
     else:
@@ -109,7 +114,7 @@ def ensure_synthetic(cfg: DataConfig, wheel: Wheel, cache_dir: Path) -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root.parent))
     try:
-        generate_synthetic(tmp, wheel, s.per_class, s.image_size, s.seed)
+        generate_synthetic(tmp, wheel, s.per_class, s.image_size, s.seed, s.world)
         (tmp / "synthetic.json").write_text(json.dumps(params) + "\n", encoding="utf-8")
         if root.is_dir():
             root.rmdir()

@@ -17,6 +17,7 @@ from typing import Union
 
 import yaml
 
+from .readers import DataError
 from .world import Conditions
 
 HURTS = ("none", "global", "fine", "both")
@@ -26,7 +27,7 @@ _KEYS = ("description", "why", "hurts", "conditions")
 _FIELDS = tuple(f.name for f in dataclasses.fields(Conditions))
 
 
-class WorldError(ValueError):
+class WorldError(DataError):
     """A world that does not exist or whose file is not a valid world."""
 
 

@@ -74,6 +74,17 @@ class StagedClassifier(nn.Module):
             raise ValueError(f"model.stages = {stages}: stages may not share layers for this method")
         return stages if cls.needs_consecutive_cover else [sorted(stage) for stage in stages]
 
+    @classmethod
+    def trained_groups(cls, cfg: "ModelConfig", depth: int) -> set[str]:
+        """The training groups in which the model built from ``cfg`` on a tower of ``depth`` blocks has a
+        parameter that can receive a gradient ("backbone" aside, which follows the tower's LayerNorms):
+        every phase must train one of them."""
+        raise NotImplementedError
+
+    def inert_parameters(self) -> set[str]:
+        """Parameters that no loss can move, whatever trains: they are not counted as trained."""
+        return set()
+
     def forward_features(self, images: torch.Tensor) -> Any:
         raise NotImplementedError
 

@@ -98,8 +98,8 @@ class CascadeCLIPClassifier(StagedClassifier):
 
     shared_classifier = False
     needs_class_embeddings = True
-    group_owners = {"prompts": "prompts", "projections": "projections", "nga": "nga", "queries": "decoders",
-                    "decoders": "decoders"}
+    group_owners = {"prompts": "prompts", "projections": "projections", "nga": "layer_weights",
+                    "queries": "decoders", "decoders": "decoders"}
     stage_owned = ("projections", "nga", "queries", "decoders")
 
     def __init__(self, backbone: "Backbone", num_classes: int, class_embeddings: torch.Tensor,
@@ -143,6 +143,15 @@ class CascadeCLIPClassifier(StagedClassifier):
         return cls(backbone, num_classes, class_embeddings, stages=cfg.stages, decoder_layers=cfg.decoder_layers,
                    decoder_heads=cfg.decoder_heads, prompt_tokens=cfg.prompt_tokens,
                    prompt_dropout=cfg.prompt_dropout)
+
+    @classmethod
+    def trained_groups(cls, cfg: "ModelConfig", depth: int) -> set[str]:
+        groups = {"layernorms", "layer_weights", "decoders"}
+        if cfg.prompt_tokens > 0:
+            groups.add("prompts")
+        if any(layer != depth for stage in cfg.stages for layer in stage):
+            groups.add("projections")  # every layer but the tower's last gets its own projection
+        return groups
 
     def _project(self, s: int, layer: int, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens of one layer of stage s, [B, T, W] → joint space [B, T, D]."""

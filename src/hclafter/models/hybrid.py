@@ -43,7 +43,7 @@ class HybridCascadeLaFTer(StagedClassifier):
     def __init__(self, backbone: "Backbone", num_classes: int, prompt_tokens: int = 50,
                  stages: Sequence[Sequence[int]] = ((5, 6, 7), (8, 9), (10, 11, 12)),
                  stage_adapters: bool = True, nga_init_sigma: float = 1.0, prompt_dropout: float = 0.0,
-                 normalize_features: bool = True, aggregation: str = "nga") -> None:
+                 normalize_features: bool = True, aggregation: str = "nga", shared_adapter: bool = False) -> None:
         super().__init__()
         self.visual = backbone.model.visual
         self.stages = self.check_stages(stages, check_vit(self.visual))
@@ -56,7 +56,12 @@ class HybridCascadeLaFTer(StagedClassifier):
         patch = self.visual.conv1.kernel_size[0]
         self.prompts = VisualPrompts(prompt_tokens, width, patch, prompt_dropout) if prompt_tokens > 0 else None
         self.nga = aggregation_modules(self.stages, aggregation, nga_init_sigma)
-        self.adapters = nn.ModuleList(StageAdapter(dim) for _ in self.stages) if stage_adapters else None
+        # One adapter per stage, or one shared by all (the ablation that separates adapter capacity from
+        # per-stage specialisation).
+        count = 1 if shared_adapter else len(self.stages)
+        self.adapters = nn.ModuleList(StageAdapter(dim) for _ in range(count)) if stage_adapters else None
+        if shared_adapter:
+            self.stage_owned = ("nga",)
         self.classifier = TextClassifier(dim, num_classes, normalize_features)
         self.fusion = StageFusion(len(self.stages))
 
@@ -66,7 +71,26 @@ class HybridCascadeLaFTer(StagedClassifier):
         return cls(backbone, num_classes, prompt_tokens=cfg.prompt_tokens, stages=cfg.stages,
                    stage_adapters=cfg.stage_adapters, nga_init_sigma=cfg.nga_init_sigma,
                    prompt_dropout=cfg.prompt_dropout, normalize_features=cfg.normalize_features,
-                   aggregation=cfg.aggregation)
+                   aggregation=cfg.aggregation, shared_adapter=cfg.shared_adapter)
+
+    @classmethod
+    def trained_groups(cls, cfg: "ModelConfig", depth: int) -> set[str]:
+        groups = {"layernorms", "classifier"}
+        if cfg.prompt_tokens > 0:
+            groups.add("prompts")
+        if cfg.stage_adapters:
+            groups.add("stage_adapters")
+        if len(cfg.stages) > 1:
+            groups.add("fusion")
+        if cfg.aggregation == "nga" and any(len(stage) > 1 for stage in cfg.stages):
+            groups.add("nga")
+        return groups
+
+    def inert_parameters(self) -> set[str]:
+        """β of a single stage (its softmax is 1) and σ of a one-layer stage (its weight is 1)."""
+        inert = {"fusion.beta"} if len(self.stages) == 1 else set()
+        return inert | {f"nga.{s}.sigma" for s, stage in enumerate(self.stages)
+                        if len(stage) == 1 and isinstance(self.nga[s], NGA)}
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] → the first block's input tokens, visual prompts included: [B, N, W]."""
@@ -86,7 +110,7 @@ class HybridCascadeLaFTer(StagedClassifier):
         for s, index in enumerate(self._stage_index):
             z = self.nga[s](features[index])
             if self.adapters is not None:
-                z = self.adapters[s](z)
+                z = self.adapters[s % len(self.adapters)](z)
             stage_logits.append(self.classifier(z))
         stacked = torch.stack(stage_logits)
         return ModelOutput(self.fusion(stacked), stacked)

@@ -17,7 +17,7 @@ from torch import nn
 
 from .base import ModelOutput, StagedClassifier
 from .hybrid import aggregation_modules
-from .layers import StageFusion, TextClassifier, VisualPrompts, stage_projection
+from .layers import NGA, StageFusion, TextClassifier, VisualPrompts, stage_projection
 from .vit import check_vit, embed_patches, run_blocks
 
 if TYPE_CHECKING:
@@ -59,6 +59,24 @@ class SegmentedLaFTer(StagedClassifier):
         return cls(backbone, num_classes, stages=cfg.stages, stage_prompt_tokens=cfg.stage_prompt_tokens,
                    nga_init_sigma=cfg.nga_init_sigma, prompt_dropout=cfg.prompt_dropout,
                    normalize_features=cfg.normalize_features, aggregation=cfg.aggregation)
+
+    @classmethod
+    def trained_groups(cls, cfg: "ModelConfig", depth: int) -> set[str]:
+        groups = {"layernorms", "classifier", "projections"}
+        if cfg.stage_prompt_tokens > 0:
+            groups.add("prompts")
+        if len(cfg.stages) > 1:
+            groups.add("fusion")
+        if cfg.aggregation == "nga" and any(len(stage) > 1 for stage in cfg.stages):
+            groups.add("nga")
+        return groups
+
+    def inert_parameters(self) -> set[str]:
+        """As the hybrid's, and the tower's own ln_post, which the stages' projection copies replace."""
+        inert = {"fusion.beta"} if len(self.stages) == 1 else set()
+        inert |= {f"visual.ln_post.{n}" for n, _ in self.visual.ln_post.named_parameters()}
+        return inert | {f"nga.{s}.sigma" for s, stage in enumerate(self.stages)
+                        if len(stage) == 1 and isinstance(self.nga[s], NGA)}
 
     def forward_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Per stage, the NGA-aggregated CLS tokens of its blocks mapped to the joint space: S × [B, D]."""
