@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .models import METHODS, method_class
 
 # Training groups; a model assigns each parameter to one (baselines add projections and decoders).
-PARAM_GROUPS = ("prompts", "layernorms", "classifier", "stage_adapters", "fusion", "nga", "layer_weights",
+PARAM_GROUPS = ("prompts", "layernorms", "classifier", "stage_adapters", "fusion", "nga", "mixer", "layer_weights",
                 "projections", "decoders", "backbone")
 
 
@@ -46,6 +46,12 @@ class ModelConfig:
     nga_init_sigma: float = 1.0
     stage_adapters: bool = True
     shared_adapter: bool = False  # one adapter for every stage (the capacity ablation) instead of one each
+    # Beyond the seed (SPEC §10), off by default. static: learned weights softmax(β); adaptive: per-image
+    # weights from a gate over the stage features, starting at the static ones.
+    fusion: str = "static"
+    # none, or attention: the stage features attend to each other (residual, identity at start).
+    stage_mixer: str = "none"
+    mixer_heads: int = 4
     # Legacy behaviour of the reference code: feed un-normalised image features to the classifier.
     normalize_features: bool = True
     stage_prompt_tokens: int = 16  # segmented: new prompt tokens inserted at each stage's first block
@@ -119,6 +125,17 @@ class LossConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Stage distillation (SPEC §10): a teacher's predictions guide every stage."""
+
+    # None: off. "fused": the model's own detached fused prediction (self-distillation); or the path of a
+    # finished run, whose predictions on the training images are computed once and cached.
+    teacher: Optional[str] = None
+    weight: float = 1.0
+    temperature: float = 2.0
+
+
+@dataclass
 class PhaseConfig:
     epochs: int = 1
     train: list[str] = field(default_factory=list)
@@ -149,7 +166,7 @@ class TrainConfig:
     lr: dict[str, float] = field(
         default_factory=lambda: {
             "prompts": 1e-4, "layernorms": 1e-4, "classifier": 1e-4,
-            "stage_adapters": 1e-4, "fusion": 1e-4, "nga": 1e-5, "projections": 1e-4, "decoders": 1e-4,
+            "stage_adapters": 1e-4, "fusion": 1e-4, "nga": 1e-5, "mixer": 1e-4, "projections": 1e-4, "decoders": 1e-4,
             # Cascade-CLIP's unnormalised layer weights (the reference trains them at about 2e-4)
             "layer_weights": 2e-4,
             "backbone": 1e-5,
@@ -162,6 +179,7 @@ class TrainConfig:
     train_backbone: bool = False
     loss: LossConfig = field(default_factory=LossConfig)
     consistency_weight: float = 0.1
+    distill: DistillConfig = field(default_factory=DistillConfig)
     # Resumable state is saved after every epoch and, if > 0, every this many steps.
     checkpoint_every_steps: int = 0
     on_nonfinite: str = "stop"  # stop: keep the last good state and exit; skip: skip the batch and count it
@@ -287,6 +305,7 @@ CHOICES = {
     "mode": ("train", "zeroshot", "textonly"), "precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
     "train.supervision": ("labels", "pseudo"),
     "model.method": tuple(METHODS), "model.aggregation": ("nga", "mean"),
+    "model.fusion": ("static", "adaptive"), "model.stage_mixer": ("none", "attention"),
     "train.loss.name": ("ce", "ls_ce", "dual_task"), "train.on_nonfinite": ("stop", "skip"),
     "data.emotion6_label": ("folder", "argmax"), "data.ties": ("skip", "first"),
     "data.distribution.source": ("wheel", "dataset"),
@@ -296,6 +315,8 @@ RANGES = {
     "model.prompt_tokens": (0, True, None, True), "model.prompt_dropout": (0, True, 1, False),
     "model.nga_init_sigma": (0, False, None, True), "model.stage_prompt_tokens": (1, True, None, True),
     "model.decoder_layers": (1, True, None, True), "model.decoder_heads": (1, True, None, True),
+    "model.mixer_heads": (1, True, None, True), "train.distill.weight": (0, True, None, True),
+    "train.distill.temperature": (0, False, None, True),
     "data.batch_size": (1, True, None, True), "data.eval_batch_size": (1, True, None, True),
     "data.num_workers": (0, True, None, True), "data.few_shot": (1, True, None, True),
     "data.distribution.sigma": (0, False, None, True), "data.distribution.epsilon": (0, True, None, True),

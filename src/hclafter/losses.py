@@ -38,3 +38,13 @@ def task_loss(cfg: LossConfig, logits: torch.Tensor, labels: torch.Tensor,
         return dual_task_loss(logits, labels, distributions, cfg.lam, cfg.temperature)
     smoothing = cfg.label_smoothing if cfg.name == "ls_ce" else 0.0
     return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+
+
+def stage_distillation_loss(stage_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                            temperature: float = 2.0) -> torch.Tensor:
+    """T² · mean over stages of KL(softmax(t/T) ‖ softmax(z_s/T)) (batch mean): every stage learns
+    the teacher's softened prediction (Hinton et al.'s distillation, once per stage)."""
+    target = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    log_p = F.log_softmax(stage_logits.float() / temperature, dim=-1)
+    kl = [F.kl_div(log_p[s], target, reduction="batchmean", log_target=True) for s in range(stage_logits.shape[0])]
+    return temperature**2 * torch.stack(kl).mean()

@@ -32,7 +32,7 @@ from .emotions import Wheel
 from .evaluation import (Classify, Predictions, clip_classifier, compute_metrics, efficiency, evaluate_classifier,
                          predict)
 from .files import RunError, atomic_write_text, write_json, writing
-from .inference import build_run_model
+from .inference import build_run_model, load_run
 from .metrics import HEADLINE
 from .plots import plot_confusion, plot_curves, plot_stage_weights
 from .runtime import Runtime, cache_dir_of, make_runtime
@@ -68,6 +68,8 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
     text_only = clip_classifier(backbone.model, text_weight, 1.0, runtime)
     if cfg.train.supervision == "pseudo":
         state.pseudo = _teacher_labels(text_only, data, backbone, cfg, runtime, show)
+    if cfg.train.distill.teacher not in (None, "fused"):
+        state.teacher = _teacher_run_logits(Path(cfg.train.distill.teacher), data, out_dir, show)
     if resume:
         state.load()
         text_only_metrics = stage1.pop("text_only")
@@ -191,6 +193,31 @@ def _teacher_labels(text_only: Classify, data: DatasetSplits, backbone: Backbone
     return labels, confidence >= cfg.train.pseudo_threshold
 
 
+def _teacher_run_logits(teacher_dir: Path, data: DatasetSplits, out_dir: Path, show: bool) -> torch.Tensor:
+    """A finished run's fused logits on this run's training images ([N, C], columns in this run's
+    class order, matched by name), computed once and kept in ``teacher_logits.safetensors``."""
+    path = out_dir / "teacher_logits.safetensors"
+    if path.is_file():
+        return load_checkpoint(path)["logits"]
+    teacher = load_run(teacher_dir)
+    if sorted(teacher.wheel.classes) != sorted(data.wheel.classes):
+        raise RunError(f"train.distill.teacher: {teacher_dir} predicts {list(teacher.wheel.classes)}, this run "
+                       f"has {list(data.wheel.classes)}; a teacher must share the class names")
+
+    def classify(images: torch.Tensor):
+        with teacher.runtime.autocast():
+            return teacher.model.forward_stages(images).logits, None
+
+    dataset = make_dataset(data["train"], data.wheel, teacher.backbone.preprocess, teacher.cfg.data)
+    logits = predict(classify, eval_loader(dataset, teacher.cfg.data, teacher.runtime), teacher.runtime,
+                     desc="teacher", progress=show).logits
+    order = [teacher.wheel.classes.index(c) for c in data.wheel.classes]
+    logits = torch.from_numpy(logits[:, order]).float()
+    with writing(path):
+        save_checkpoint(path, {"logits": logits})
+    return logits
+
+
 @contextmanager
 def _stop_requests() -> Iterator[dict]:
     """SIGINT/SIGTERM set a flag that the loop checks after each step (main thread only)."""
@@ -228,6 +255,9 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
         "skipped": data.skipped_summary(),
         "nonfinite_batches_skipped": p.skipped_batches,
     }
+    weights = _image_fusion_weights(state, data.wheel)
+    if weights is not None:
+        summary["image_fusion_weights"] = weights
     if state.main:
         _write_run_files(out_dir, cfg, data.wheel, state.identity, summary, started, resume=resume,
                          extraction_layers=state.plain.extraction_layers,
@@ -241,6 +271,25 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
             plot_stage_weights(p.records, out_dir / "plots" / "stage_weights.png",
                                layer_names=[[f"L{layer}" for layer in stage] for stage in state.plain.stages])
     return summary
+
+
+@torch.no_grad()
+def _image_fusion_weights(state: TrainState, wheel: Wheel) -> Optional[dict]:
+    """Input-adaptive fusion: the per-image stage weights on the test split, their mean and spread
+    overall and their mean per true class; None for fusion weights that do not depend on the image."""
+    weights, labels = [], []
+    state.plain.eval()
+    for batch in state.loaders["test"]:
+        with state.runtime.autocast():
+            out = state.plain(batch["image"].to(state.runtime.device), return_stages=True,
+                              from_features=state.from_features)
+        if out.fusion_weights is None:
+            return None
+        weights.append(state.runtime.gather_for_metrics(out.fusion_weights.float()).cpu())
+        labels.append(state.runtime.gather_for_metrics(batch["label"].to(state.runtime.device)).cpu())
+    w, y = torch.cat(weights), torch.cat(labels)
+    return {"mean": w.mean(0).tolist(), "std": w.std(0).tolist(),
+            "per_class": {c: w[y == i].mean(0).tolist() for i, c in enumerate(wheel.classes) if (y == i).any()}}
 
 
 def _write_run_files(out_dir: Path, cfg: Config, wheel: Wheel, identity: dict, summary: dict, started: float,

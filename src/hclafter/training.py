@@ -27,7 +27,7 @@ from .config import PARAM_GROUPS, Config, PhaseConfig, trained_groups, tuned_gro
 from .emotions import Wheel
 from .evaluation import Predictions, compute_metrics, predict
 from .files import RunError, atomic_write_text, writing
-from .losses import stage_consistency_loss, task_loss
+from .losses import stage_consistency_loss, stage_distillation_loss, task_loss
 from .metrics import HEADLINE
 from .models import StagedClassifier
 from .runtime import Runtime
@@ -114,18 +114,20 @@ class NonFiniteError(FloatingPointError):
     """A non-finite loss or gradient; names the batch's images."""
 
 
-SUM_KEYS = ("loss", "task_loss", "consistency_loss", "correct", "n")
+SUM_KEYS = ("loss", "task_loss", "consistency_loss", "distill_loss", "correct", "n")
 
 
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
                accelerator: Runtime, cfg: Config, consistency: bool, paths: Sequence[str],
-               pseudo: Optional[tuple[torch.Tensor, torch.Tensor]] = None, from_features: bool = False
-               ) -> dict[str, float]:
+               pseudo: Optional[tuple[torch.Tensor, torch.Tensor]] = None, from_features: bool = False,
+               teacher: Optional[torch.Tensor] = None) -> dict[str, float]:
     """One optimisation step. A non-finite loss or gradient raises NonFiniteError before the
     optimizer touches the weights, so the model stays at its last good values.
 
     With ``pseudo`` = (teacher label, kept) per training index, the batch's own labels are never
-    read: targets are the teacher's labels of the images it is confident about.
+    read: targets are the teacher's labels of the images it is confident about. With
+    ``train.distill.teacher`` set, every stage also learns the teacher's prediction: the fused one
+    (detached) or ``teacher``, a finished run's logits per training index.
     """
     if pseudo is None:
         labels, keep = batch["label"], None
@@ -139,7 +141,13 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
             logits, stage_logits, dists, labels = logits[keep], stage_logits[:, keep], dists[keep], labels[keep]
         task = task_loss(cfg.train.loss, logits, labels, dists) if len(labels) else logits.sum() * 0.0
         cons = stage_consistency_loss(stage_logits) if consistency and len(labels) else torch.zeros((), device=task.device)
-        loss = task + cfg.train.consistency_weight * cons
+        distill = torch.zeros((), device=task.device)
+        if cfg.train.distill.teacher is not None and len(labels):
+            target = logits if teacher is None else teacher[batch["index"].to(teacher.device)].to(logits.device)
+            if keep is not None and teacher is not None:
+                target = target[keep]
+            distill = stage_distillation_loss(stage_logits, target, cfg.train.distill.temperature)
+        loss = task + cfg.train.consistency_weight * cons + cfg.train.distill.weight * distill
     optimizer.zero_grad(set_to_none=True)
     what = None
     if not torch.isfinite(loss):
@@ -161,7 +169,7 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
     scheduler.step()
     n = len(labels)
     return {"loss": loss.item() * n, "task_loss": task.item() * n, "consistency_loss": cons.item() * n,
-            "correct": float((logits.argmax(-1) == labels).sum().item()), "n": float(n)}
+            "distill_loss": distill.item() * n, "correct": float((logits.argmax(-1) == labels).sum().item()), "n": float(n)}
 
 
 def strong_view(size: int | tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Callable:
@@ -181,10 +189,10 @@ def epoch_stats(sums: dict[str, float], accelerator: Runtime) -> dict[str, float
     """Mean losses and accuracy over the epoch, summed across processes."""
     totals = accelerator.reduce(torch.tensor([sums[k] for k in SUM_KEYS], device=accelerator.device,
                                              dtype=torch.float64), reduction="sum")
-    loss, task, cons, correct, count = totals.tolist()
+    loss, task, cons, distill, correct, count = totals.tolist()
     count = max(count, 1.0)
     return {"train_loss": loss / count, "train_task_loss": task / count, "train_consistency_loss": cons / count,
-            "train_accuracy": correct / count}
+            "train_distill_loss": distill / count, "train_accuracy": correct / count}
 
 
 class TrainingInterrupted(RuntimeError):
@@ -238,6 +246,7 @@ class TrainState:
     from_features: bool  # the loaders give cached layer features instead of images
     pseudo: Optional[tuple[torch.Tensor, torch.Tensor]]  # (teacher label, kept) per training image
     show: bool
+    teacher: Optional[torch.Tensor] = None  # a finished run's logits per training image (train.distill)
     progress: Progress = field(default_factory=Progress)
 
     @property
@@ -313,7 +322,7 @@ def train_epoch(state: TrainState, phase_no: int, phase: PhaseConfig, stop: dict
     for batch in bar:
         try:
             step = train_step(state.model, batch, state.optimizer, state.scheduler, state.runtime, cfg,
-                              phase.consistency, state.train_paths, state.pseudo, state.from_features)
+                              phase.consistency, state.train_paths, state.pseudo, state.from_features, state.teacher)
             for key in SUM_KEYS:
                 p.sums[key] += step[key]
             bar.set_postfix(loss=f"{step['loss'] / step['n']:.4f}")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 class ModelOutput:
     logits: torch.Tensor  # fused, [B, C]
     stage_logits: torch.Tensor  # [S, B, C]
+    fusion_weights: Optional[torch.Tensor] = None  # [B, S], where the weights depend on the image
 
 
 class StagedClassifier(nn.Module):

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .base import ModelOutput, StagedClassifier
-from .layers import NGA, MeanAggregation, StageAdapter, StageFusion, TextClassifier, VisualPrompts
+from .layers import (NGA, AdaptiveFusion, MeanAggregation, StageAdapter, StageFusion, StageMixer, TextClassifier,
+                     VisualPrompts)
 from .vit import check_vit, cls_after_blocks, embed_patches, project
 
 if TYPE_CHECKING:
@@ -37,13 +38,14 @@ class HybridCascadeLaFTer(StagedClassifier):
     supports_feature_cache = True
     allows_shared_layers = True
     group_owners = {"prompts": "prompts", "classifier": "classifier", "adapters": "stage_adapters",
-                    "fusion": "fusion", "nga": "nga"}
+                    "fusion": "fusion", "nga": "nga", "mixer": "mixer"}
     stage_owned = ("nga", "adapters")
 
     def __init__(self, backbone: "Backbone", num_classes: int, prompt_tokens: int = 50,
                  stages: Sequence[Sequence[int]] = ((5, 6, 7), (8, 9), (10, 11, 12)),
                  stage_adapters: bool = True, nga_init_sigma: float = 1.0, prompt_dropout: float = 0.0,
-                 normalize_features: bool = True, aggregation: str = "nga", shared_adapter: bool = False) -> None:
+                 normalize_features: bool = True, aggregation: str = "nga", shared_adapter: bool = False,
+                 fusion: str = "static", stage_mixer: str = "none", mixer_heads: int = 4) -> None:
         super().__init__()
         self.visual = backbone.model.visual
         self.stages = self.check_stages(stages, check_vit(self.visual))
@@ -63,7 +65,11 @@ class HybridCascadeLaFTer(StagedClassifier):
         if shared_adapter:
             self.stage_owned = ("nga",)
         self.classifier = TextClassifier(dim, num_classes, normalize_features)
-        self.fusion = StageFusion(len(self.stages))
+        if fusion not in ("static", "adaptive") or stage_mixer not in ("none", "attention"):
+            raise ValueError(f"model.fusion={fusion!r} / model.stage_mixer={stage_mixer!r}: expected static|adaptive "
+                             "and none|attention")
+        self.fusion = StageFusion(len(self.stages)) if fusion == "static" else AdaptiveFusion(len(self.stages), dim)
+        self.mixer = StageMixer(dim, mixer_heads) if stage_mixer == "attention" else None
 
     @classmethod
     def from_config(cls, backbone: "Backbone", num_classes: int, cfg: "ModelConfig",
@@ -71,7 +77,8 @@ class HybridCascadeLaFTer(StagedClassifier):
         return cls(backbone, num_classes, prompt_tokens=cfg.prompt_tokens, stages=cfg.stages,
                    stage_adapters=cfg.stage_adapters, nga_init_sigma=cfg.nga_init_sigma,
                    prompt_dropout=cfg.prompt_dropout, normalize_features=cfg.normalize_features,
-                   aggregation=cfg.aggregation, shared_adapter=cfg.shared_adapter)
+                   aggregation=cfg.aggregation, shared_adapter=cfg.shared_adapter, fusion=cfg.fusion,
+                   stage_mixer=cfg.stage_mixer, mixer_heads=cfg.mixer_heads)
 
     @classmethod
     def trained_groups(cls, cfg: "ModelConfig", depth: int) -> set[str]:
@@ -84,11 +91,13 @@ class HybridCascadeLaFTer(StagedClassifier):
             groups.add("fusion")
         if cfg.aggregation == "nga" and any(len(stage) > 1 for stage in cfg.stages):
             groups.add("nga")
+        if cfg.stage_mixer == "attention":
+            groups.add("mixer")
         return groups
 
     def inert_parameters(self) -> set[str]:
-        """β of a single stage (its softmax is 1) and σ of a one-layer stage (its weight is 1)."""
-        inert = {"fusion.beta"} if len(self.stages) == 1 else set()
+        """β (and the gate) of a single stage (its softmax is 1) and σ of a one-layer stage (its weight is 1)."""
+        inert = {n for n, _ in self.named_parameters() if n.startswith("fusion.")} if len(self.stages) == 1 else set()
         return inert | {f"nga.{s}.sigma" for s, stage in enumerate(self.stages)
                         if len(stage) == 1 and isinstance(self.nga[s], NGA)}
 
@@ -106,11 +115,13 @@ class HybridCascadeLaFTer(StagedClassifier):
 
     def forward_head(self, features: torch.Tensor) -> ModelOutput:
         """Everything after the encoder: [n, B, D] layer features → fused and per-stage logits."""
-        stage_logits = []
-        for s, index in enumerate(self._stage_index):
-            z = self.nga[s](features[index])
-            if self.adapters is not None:
-                z = self.adapters[s % len(self.adapters)](z)
-            stage_logits.append(self.classifier(z))
-        stacked = torch.stack(stage_logits)
+        zs = [self.nga[s](features[index]) for s, index in enumerate(self._stage_index)]
+        if self.mixer is not None:
+            zs = list(self.mixer(torch.stack(zs)).unbind(0))
+        if self.adapters is not None:
+            zs = [self.adapters[s % len(self.adapters)](z) for s, z in enumerate(zs)]
+        stacked = torch.stack([self.classifier(z) for z in zs])
+        if isinstance(self.fusion, AdaptiveFusion):
+            fused, weights = self.fusion(stacked, torch.stack(zs))
+            return ModelOutput(fused, stacked, weights)
         return ModelOutput(self.fusion(stacked), stacked)

@@ -116,6 +116,50 @@ class StageFusion(nn.Module):
         return torch.einsum("s,sbc->bc", self.weights().to(stage_logits.dtype), stage_logits)
 
 
+class AdaptiveFusion(nn.Module):
+    """Per-image stage weights softmax(β + G·[ẑ_1; …; ẑ_S]) over the L2-normalised stage features ẑ_s.
+    G is zero-initialised, so the fusion starts exactly as :class:`StageFusion` (equal weights)."""
+
+    def __init__(self, num_stages: int, dim: int) -> None:
+        super().__init__()
+        self.beta = nn.Parameter(torch.zeros(num_stages))
+        self.gate = nn.Linear(num_stages * dim, num_stages)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def weights(self) -> torch.Tensor:
+        """The input-independent part, softmax(β) (what the per-epoch record shows)."""
+        return torch.softmax(self.beta, dim=0)
+
+    def image_weights(self, features: torch.Tensor) -> torch.Tensor:
+        """[S, B, D] stage features → [B, S] weights."""
+        flat = F.normalize(features, dim=-1).transpose(0, 1).flatten(1)
+        return torch.softmax(self.beta + self.gate(flat.to(self.gate.weight.dtype)), dim=-1)
+
+    def forward(self, stage_logits: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[S, B, C] logits and [S, B, D] features → fused [B, C] logits and the [B, S] weights."""
+        weights = self.image_weights(features)
+        return torch.einsum("bs,sbc->bc", weights.to(stage_logits.dtype), stage_logits), weights
+
+
+class StageMixer(nn.Module):
+    """The stage features attend to each other: z + MHA(z, z, z) over the S stages of each image, with
+    the attention's output projection zero-initialised, so the mixer starts as the identity."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"model.mixer_heads = {heads} must divide the embedding size {dim}")
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        nn.init.zeros_(self.attention.out_proj.weight)
+        nn.init.zeros_(self.attention.out_proj.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """[S, B, D] → [S, B, D]."""
+        x = features.transpose(0, 1)
+        return (x + self.attention(x, x, x, need_weights=False)[0]).transpose(0, 1)
+
+
 def stage_projection(visual: nn.Module) -> nn.Sequential:
     """A new trainable LayerNorm(W) + Linear(W→D, no bias), initialised as copies of the tower's
     ``ln_post`` and ``proj``: it starts exactly as the pre-trained map into the text space
