@@ -280,6 +280,8 @@ class TrainState:
     def load(self) -> None:
         self.progress = Progress(**load_state(self.out_dir / "checkpoints", self.plain, self.optimizer,
                                               self.scheduler, self.identity))
+        # A state saved before a loss term existed sums it from zero.
+        self.progress.sums = {**dict.fromkeys(SUM_KEYS, 0.0), **self.progress.sums}
 
     def save_weights(self, name: str) -> None:
         if self.main:
