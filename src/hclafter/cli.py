@@ -50,6 +50,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze_run, format_markdown
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "analysis"
+    result = analyze_run(args.run_dir, out, args.device, progress=not args.quiet)
+    print(format_markdown(result))
+    print(f"written to {out}: analysis.md, analysis.json, probe_curve.csv, probe.png, probe.svg")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .inference import load_run
 
@@ -197,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="data.key=value",
                    help="data settings of the other dataset (e.g. data.synthetic.world=blur)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("analyze", help="what each layer and stage knows: linear probes per block of the frozen "
+                                       "tower beside the trained stages, per-stage per-class accuracy, stage "
+                                       "disagreements (Markdown, JSON, PNG/SVG plot)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/analysis)")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("predict", help="top emotion and predicted distribution for image files")
     p.add_argument("run_dir")
