@@ -36,8 +36,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .inference import load_run
 
+    if args.data is not None or args.overrides:
+        from .crossdata import cross_dataset_config, describe_result, evaluate_on
+
+        cfg = cross_dataset_config(args.run_dir, args.data, args.overrides)
+        result = evaluate_on(load_run(args.run_dir, args.device, args.precision), cfg.data, args.split,
+                             progress=not args.json)
+        print(json.dumps(result, indent=2) if args.json else
+              describe_result(result) + "\n\n" + _metrics_table(result["metrics"]))
+        return 0
     metrics = load_run(args.run_dir, args.device, args.precision).evaluate(args.split, progress=not args.json)
     print(json.dumps(metrics, indent=2) if args.json else _metrics_table(metrics))
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze_run, format_markdown
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "analysis"
+    result = analyze_run(args.run_dir, out, args.device, progress=not args.quiet)
+    print(format_markdown(result))
+    print(f"written to {out}: analysis.md, analysis.json, probe_curve.csv, probe.png, probe.svg")
     return 0
 
 
@@ -182,7 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="default: the run's own")
     p.add_argument("--json", action="store_true", help="print all metrics as JSON")
+    p.add_argument("--data", default=None, metavar="FORMAT:ROOT",
+                   help="evaluate on another dataset instead (e.g. fi:/data/FI, synthetic:), split as training "
+                        "would; classes are mapped by name, else by polarity")
+    p.add_argument("overrides", nargs="*", metavar="data.key=value",
+                   help="data settings of the other dataset (e.g. data.synthetic.world=blur)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("analyze", help="what each layer and stage knows: linear probes per block of the frozen "
+                                       "tower beside the trained stages, per-stage per-class accuracy, stage "
+                                       "disagreements (Markdown, JSON, PNG/SVG plot)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/analysis)")
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("predict", help="top emotion and predicted distribution for image files")
     p.add_argument("run_dir")
