@@ -122,7 +122,8 @@ def _fmt(values: Sequence[float], pct: bool) -> str:
 
 
 def model_card(config: dict[str, Any]) -> str:
-    """``README.md`` for the Hub: results per seed, training data, intended use and limits."""
+    """``README.md`` for the Hub: results per seed, training data, intended use and limits. Long because
+    it is mostly the card's text, one template read top to bottom."""
     training, backbone = config["training"], config["backbone"]
     data, results = training["data"], training["results"]
     synthetic = data["format"] == "synthetic"
