@@ -272,6 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from .backbone import BackboneError
     from .data import DataError
+    from .data.images import ImageError
     from .files import RunError
     from .runtime import DeviceError
     from .text import TextCorpusError
@@ -279,9 +280,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, BackboneError, RunError, DeviceError, TextCorpusError, describe.DescribeError,
-            FileNotFoundError) as e:
+    except (ConfigError, DataError, ImageError, BackboneError, RunError, DeviceError, TextCorpusError,
+            describe.DescribeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file that cannot be read or written: missing, a folder, read-only, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check the path, the permissions and the free space, then run the "
+              "command again", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
         print(str(e), file=sys.stderr)

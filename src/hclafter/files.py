@@ -33,7 +33,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     gets the permissions ``open`` would give it (mkstemp's are 0600 whatever the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -41,8 +44,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:  # name the file meant, not the temporary one
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
@@ -62,3 +67,34 @@ def writing(what: Path) -> Iterator[None]:
     except OSError as e:
         raise RunError(f"cannot write {what}: {e}. Files written earlier are intact (every write is atomic); "
                        "free space or fix permissions, then continue with --resume") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run, or a RunError that names it and says it is damaged."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing; the run directory is incomplete") from None
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunError(f"{path} is unreadable or corrupt ({e}); restore it from a backup, or re-create the "
+                       "run (train it again into another --out)") from None
+
+
+def read_jsonl(path: Path) -> list:
+    """A JSON-lines log of a run (metrics.jsonl), or a RunError naming the line that is damaged."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path} is unreadable ({e}); restore it from a backup") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                raise RunError(f"{path}:{number} is not valid JSON ({e}), e.g. torn by a crash; `hclafter train "
+                               "--out RUN --resume` rewrites the log from the run's saved state, or delete the "
+                               "line") from None
+    return records

@@ -5,7 +5,6 @@ the run's own weights are loaded on top, verified by content hash and backbone i
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,7 +20,7 @@ from .data import DatasetSplits, eval_loader, load_split_files, make_dataset
 from .data.images import ImageError, load_rgb, to_rgb
 from .emotions import Wheel
 from .evaluation import compute_metrics, predict
-from .files import RunError
+from .files import RunError, read_json
 from .models import StagedClassifier, build_model, method_class
 from .runtime import cache_dir_of, make_runtime
 from .text import load_templates, zeroshot_weights
@@ -58,11 +57,11 @@ class TrainedRun:
             if not (self.run_dir / name).is_file():
                 raise RunError(f"{self.run_dir} is not a finished run: {name} is missing")
         self.cfg = load_config([self.run_dir / "config.yaml"])
+        info = read_json(self.run_dir / "run.json")
         if device is not None:
             self.cfg.device = device
         if precision is not None:
             self.cfg.precision = precision
-        info = json.loads((self.run_dir / "run.json").read_text(encoding="utf-8"))
         w = info["wheel"]
         self.wheel = Wheel(w["name"], tuple(w["classes"]), tuple(w["polarity"]),
                            tuple(map(tuple, w["distances"])) if w.get("distances") else None)

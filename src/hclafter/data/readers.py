@@ -287,6 +287,13 @@ def read_manifest(path: Path, wheel: Wheel, cfg: Optional[DataConfig] = None) ->
         path = next((path / n for n in ("manifest.csv", "manifest.jsonl") if (path / n).is_file()), path / "manifest.csv")
     if not path.is_file():
         raise DataError(f"data.root: manifest not found: {path}")
+    try:
+        return _read_manifest_rows(path, wheel)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: not a readable CSV/JSON-lines manifest ({e}); the file may be corrupt") from None
+
+
+def _read_manifest_rows(path: Path, wheel: Wheel) -> Listing:
     listing = Listing()
     base = path.parent
     if path.suffix in (".jsonl", ".json"):

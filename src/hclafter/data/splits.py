@@ -83,6 +83,8 @@ def to_polarity(splits: dict[str, list[Sample]], wheel: Wheel) -> dict[str, list
 
 
 def resolve_wheel(cfg: DataConfig) -> Wheel:
+    if cfg.format != "synthetic" and cfg.format not in READERS:
+        raise DataError(f"data.format: unknown format {cfg.format!r}; available: synthetic, {', '.join(READERS)}")
     if cfg.wheel_file is not None:
         return load_wheel(cfg.wheel_file)
     if cfg.label_space is not None:
@@ -106,8 +108,6 @@ def _read(cfg: DataConfig, wheel: Wheel, cache_dir: Path) -> Listing:
         return listing
     if cfg.format == "synthetic":
         return read_manifest(ensure_synthetic(cfg, wheel, cache_dir), wheel)
-    if cfg.format not in READERS:
-        raise DataError(f"data.format: unknown format {cfg.format!r}; available: synthetic, {', '.join(READERS)}")
     if cfg.root is None:
         raise DataError(f"data.root: required for data.format={cfg.format}")
     root = Path(cfg.root).expanduser()
@@ -139,10 +139,16 @@ def _check_files(listing: Listing, verify: bool, workers: int = 4) -> list[tuple
         unique.append((sample, split))
     present = []
     for sample, split in unique:
-        if Path(sample.path).is_file():
-            present.append((sample, split))
-        else:
-            listing.problem("missing_file", sample.path, "image file not found")
+        path = Path(sample.path)
+        try:
+            if path.is_file():
+                present.append((sample, split))
+            elif path.is_symlink():
+                listing.problem("broken_link", sample.path, "symbolic link to a missing file or a link loop")
+            else:
+                listing.problem("missing_file", sample.path, "image file not found")
+        except OSError as e:  # a name over the file system's limit (255 bytes), a path it cannot take
+            listing.problem("bad_path", sample.path, f"not a usable path ({e.strerror}); shorten or fix it")
     if not verify:
         return present
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -215,6 +221,7 @@ def load_split_files(folder: Path, wheel: Wheel) -> DatasetSplits:
         if (folder / f"{name}.csv").is_file():
             listing = read_manifest(folder / f"{name}.csv", wheel)
             if listing.problems:
-                raise DataError(describe_problems(listing.problems))
+                raise DataError(f"{folder / f'{name}.csv'}: the run's split list is damaged ({len(listing.problems)} "
+                                f"bad line(s), e.g. {listing.problems[0]}); restore it from a backup")
             splits[name] = [s for s, _ in listing.entries]
     return DatasetSplits(wheel, splits)
