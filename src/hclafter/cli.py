@@ -87,6 +87,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         print(f"\n{len(dropped)} image(s) left out by the dataset's protocol:\n" + describe_problems(dropped, args.limit))
     if problems:
         print(f"\n{describe_problems(problems, args.limit)}")
+    absent = {} if data is None else data.absent_classes()
+    if absent:
+        print("\nclasses without images (left out of that split's macro-F1):\n" +
+              "\n".join(f"  {split}: {', '.join(classes)}" for split, classes in absent.items()))
     empty = [] if data is None else [s for s in SPLITS if not data[s]]
     fails = data is None or bool(empty) or (bool(problems) and not cfg.data.skip_invalid)
     if empty:

@@ -226,6 +226,7 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
                        "added": sum(n for g, n in counts.items() if g not in ("layernorms", "backbone")),
                        "by_group": counts},
         "num_samples": {s: len(data[s]) for s in SPLITS},
+        "absent_classes": data.absent_classes(),
         "skipped": data.skipped_summary(),
         "nonfinite_batches_skipped": p.skipped_batches,
     }
@@ -292,7 +293,8 @@ def _evaluate_frozen(cfg: Config, out_dir: Path, backbone: Backbone, data: Datas
                           for i in range(min(8, len(data["test"])))]).to(runtime.device)
     summary = {"val": results["val"], "test": results["test"], "stage1": stage1, "epochs": 0,
                "parameters": {"trainable": 0, "added": 0, "by_group": {}},
-               "num_samples": {s: len(data[s]) for s in SPLITS}, "skipped": data.skipped_summary()}
+               "num_samples": {s: len(data[s]) for s in SPLITS}, "absent_classes": data.absent_classes(),
+               "skipped": data.skipped_summary()}
     if runtime.is_main_process:
         _write_run_files(out_dir, cfg, wheel, backbone.identity, summary, started,
                          efficiency=efficiency(classify, images))

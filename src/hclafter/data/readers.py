@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,11 +90,22 @@ def _scan_class_folders(root: Path, wheel: Wheel, listing: Listing, split: Optio
                                                      f"({list(wheel.classes)})")
             continue
         for path in sorted(folder.rglob("*")):
-            if path.is_file() and not path.name.startswith("."):
+            if path.name.startswith("."):
+                continue
+            if path.is_file():
                 if path.suffix.lower() in IMAGE_SUFFIXES:
                     listing.add(path, label, split=split)
                 else:
                     listing.problem("not_an_image", path, f"unexpected file type {path.suffix!r} in a class folder")
+            else:
+                _broken_link(listing, path)
+
+
+def _broken_link(listing: Listing, path: Path) -> None:
+    """Record a symbolic link named like an image that leads nowhere (a missing target or a loop);
+    such a link would otherwise vanish from the dataset uncounted."""
+    if path.is_symlink() and not path.exists() and path.suffix.lower() in IMAGE_SUFFIXES:
+        listing.problem("broken_link", path, f"symbolic link to a missing file or a link loop (-> {os.readlink(path)})")
 
 
 def read_imagefolder(root: Path, wheel: Wheel, cfg: DataConfig) -> Listing:
@@ -117,8 +129,9 @@ def read_artphoto(root: Path, wheel: Wheel, cfg: DataConfig) -> Listing:
     if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
         return read_imagefolder(root, wheel, cfg)
     listing = Listing()
-    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+    for path in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            _broken_link(listing, path)
             continue  # ArtPhoto ships no other files; stray notes or archives are not samples
         prefix = re.split(r"[_\-\d]", path.stem, maxsplit=1)[0]
         label = _class_index(wheel, prefix)

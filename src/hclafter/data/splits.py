@@ -34,6 +34,17 @@ class DatasetSplits:
         return {"count": len(items), "by_kind": dict(Counter(p.kind for p in items)),
                 "items": [{"kind": p.kind, "where": p.where, "message": p.message} for p in items]}
 
+    def absent_classes(self) -> dict[str, list[str]]:
+        """Per split, the classes without a single image: their F1 is left out of that split's
+        macro-F1, and a table should say so."""
+        out = {}
+        for name, samples in self.splits.items():
+            present = {s.label for s in samples}
+            missing = [c for i, c in enumerate(self.wheel.classes) if i not in present]
+            if missing:
+                out[name] = missing
+        return out
+
 
 def stratified_split(samples: Sequence[Sample], ratios: Sequence[float], seed: int) -> dict[str, list[Sample]]:
     """Per-class seeded shuffle, then train/val/test by ``ratios``; every class with at least 3
