@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import signal
 import threading
@@ -211,7 +212,8 @@ def _stop_requests() -> Iterator[dict]:
 
 def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metrics: dict,
             sample_images: torch.Tensor, started: float, resume: bool) -> dict:
-    """Test the last and the selected (best on val) weights; write the summary, predictions, plots."""
+    """Test the last and the selected (best on val) weights; write the predictions, the plots and, last,
+    the summary (the mark of a finished run: a kill before it leaves a run that --resume finishes)."""
     state.save_weights("last.safetensors")
     test_last, _ = state.evaluate("test")
     state.runtime.wait_for_everyone()
@@ -231,16 +233,16 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
         "nonfinite_batches_skipped": p.skipped_batches,
     }
     if state.main:
-        _write_run_files(out_dir, cfg, data.wheel, state.identity, summary, started, resume=resume,
-                         extraction_layers=state.plain.extraction_layers,
-                         efficiency=efficiency(lambda x: state.classify(x, images=True),
-                                                    sample_images.to(state.runtime.device)))
         with writing(out_dir):
             _write_predictions(out_dir / "predictions.csv", preds, data["test"], data.wheel)
             plot_curves(p.records, out_dir / "plots" / "curves.png")
             plot_confusion(test["confusion_matrix"], data.wheel.classes, out_dir / "plots" / "confusion.png")
             plot_stage_weights(p.records, out_dir / "plots" / "stage_weights.png",
                                layer_names=[[f"L{layer}" for layer in stage] for stage in state.plain.stages])
+        _write_run_files(out_dir, cfg, data.wheel, state.identity, summary, started, resume=resume,
+                         extraction_layers=state.plain.extraction_layers,
+                         efficiency=efficiency(lambda x: state.classify(x, images=True),
+                                                    sample_images.to(state.runtime.device)))
     return summary
 
 
@@ -259,12 +261,13 @@ def _write_run_files(out_dir: Path, cfg: Config, wheel: Wheel, identity: dict, s
 
 def _write_predictions(path: Path, preds: Predictions, samples: Sequence, wheel: Wheel) -> None:
     probs = preds.probabilities
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "prediction", *[f"p_{c}" for c in wheel.classes]])
-        for i, idx in enumerate(preds.indices):
-            writer.writerow([samples[idx].path, wheel.classes[preds.labels[i]], wheel.classes[probs[i].argmax()],
-                             *[f"{p:.6f}" for p in probs[i]]])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "label", "prediction", *[f"p_{c}" for c in wheel.classes]])
+    for i, idx in enumerate(preds.indices):
+        writer.writerow([samples[idx].path, wheel.classes[preds.labels[i]], wheel.classes[probs[i].argmax()],
+                         *[f"{p:.6f}" for p in probs[i]]])
+    atomic_write_text(path, text.getvalue())
 
 
 def frozen_classifier(cfg: Config, backbone: Backbone, wheel: Wheel, runtime: Runtime,

@@ -110,3 +110,17 @@ def test_resume_refuses_a_different_config_and_new_runs_refuse_an_existing_one(r
     assert other.returncode == 2 and "model.prompt_tokens" in other.stderr
     nothing = hclafter("train", "--out", str(tmp_path / "empty"), "--resume")
     assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr
+
+
+def test_a_kill_before_the_summary_leaves_a_run_that_resume_finishes(reference, tmp_path, cache_dir):
+    """summary.json, the mark of a finished run, is written last: predictions and plots come before it."""
+    out = tmp_path / "run"
+    killed = hclafter(*train_args(out, cache_dir), kill=("hclafter.run", "_write_run_files", 1, "before"))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (out / "predictions.csv").is_file()
+    assert all((out / "plots" / name).is_file() for name in ("curves.png", "confusion.png", "stage_weights.png"))
+    assert not (out / "summary.json").exists() and not (out / "run.json").exists()
+    resumed = hclafter("train", "--out", str(out), "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
+    assert (out / "predictions.csv").read_bytes() == (reference / "predictions.csv").read_bytes()
