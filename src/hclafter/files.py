@@ -1,12 +1,19 @@
-"""Crash-safe file writes: a kill at any moment leaves the old file or the new one, never a torn one."""
+"""Crash-safe file writes: a kill at any moment leaves the old file or the new one, never a torn one.
+Run-directory locks: one process at a time writes a run."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from filelock import FileLock, Timeout
 
 
 class RunError(RuntimeError):
@@ -98,3 +105,82 @@ def read_jsonl(path: Path) -> list:
                                "--out RUN --resume` rewrites the log from the run's saved state, or delete the "
                                "line") from None
     return records
+
+
+# The lock file and the note saying who holds it; both stay out of a cleared run directory.
+LOCK_FILE, HOLDER_FILE = ".hclafter.lock", ".hclafter.lock.json"
+_held: dict[str, int] = {}  # folders this process holds → nesting depth
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder(folder: Path, wait: float = 1.0) -> str:
+    """Who holds the folder's lock, from its note. A holder that has just taken the lock may not
+    have written it yet (and the note of a dead holder may still be there): wait briefly for it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            note = json.loads((folder / HOLDER_FILE).read_text(encoding="utf-8"))
+            live = note["host"] != socket.gethostname() or _alive(int(note["pid"]))
+            if live:
+                return f"PID {note['pid']} on {note['host']} (since {note['since']}: {note['command']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if time.monotonic() > deadline:
+            return "another process (it has not said which yet)"
+        time.sleep(0.05)
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold the exclusive lock of a run directory (created if needed) while the block runs; a second
+    process fails at once with a RunError naming the holder's PID. The operating system drops the
+    lock when its holder dies (flock), so the lock of a killed run is taken over, never waited
+    for. Re-entrant within a process (a sweep holds a run's lock around ``train_run``)."""
+    folder = Path(folder)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    lock = FileLock(str(folder / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunError(f"{folder} is in use by {_holder(folder)}: two runs must not write one directory; wait "
+                       "for it to finish, or choose another --out") from None
+    _held[key] = 1
+    try:
+        with writing(folder):
+            write_json(folder / HOLDER_FILE, {"pid": os.getpid(), "host": socket.gethostname(),
+                                              "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                              "command": " ".join(sys.argv)[:300]})
+        yield
+    finally:
+        del _held[key]
+        (folder / HOLDER_FILE).unlink(missing_ok=True)
+        lock.release()
+
+
+def clear_run_dir(folder: Path) -> None:
+    """Remove everything in a run directory except its lock (whose holder is the caller)."""
+    for entry in Path(folder).iterdir():
+        if entry.name in (LOCK_FILE, HOLDER_FILE):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from .files import RunError, write_json
+from .files import RunError, clear_run_dir, run_lock, write_json
 from .config import ConfigError, load_config
 from .sweep import SweepRun, plan, summarise, write_results
 
@@ -206,7 +206,8 @@ def submit(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), clust
             print(f"{name}: still queued or running as job {entry['job_id']}, not submitted again")
             continue
         if run.out.exists() and not (run.out / "checkpoints" / "latest.json").is_file():
-            shutil.rmtree(run.out)  # started but never reached a saved state: nothing to keep
+            with run_lock(run.out):  # fails if a run is writing it
+                clear_run_dir(run.out)  # started but never reached a saved state: nothing to keep
         todo.append(run)
     if not todo:
         print("nothing to submit")

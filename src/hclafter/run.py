@@ -12,10 +12,11 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -31,7 +32,7 @@ from .data import SPLITS, DatasetSplits, eval_loader, load_splits, make_dataset,
 from .data.loading import cache_applies, cached_datasets
 from .emotions import Wheel
 from .evaluation import Classify, Predictions, clip_classifier, efficiency, evaluate_classifier, predict
-from .files import RunError, atomic_write_text, write_json, writing
+from .files import RunError, atomic_write_text, run_lock, write_json, writing
 from .inference import build_run_model
 from .metrics import HEADLINE
 from .plots import plot_confusion, plot_curves, plot_stage_weights
@@ -45,9 +46,18 @@ __all__ = ["RunError", "TrainingInterrupted", "train_run", "zeroshot_eval"]
 
 def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False) -> dict:
     """Stage 1 + stage 2 on the configured data (or a frozen baseline, by ``cfg.mode``); writes the
-    run directory and returns the summary."""
-    started = time.time()
+    run directory and returns the summary. The directory is locked while the run writes it: a
+    second process that tries fails at once (RunError naming the holder)."""
     out_dir = Path(out_dir)
+    if resume and not out_dir.is_dir():
+        raise RunError(f"{out_dir}: nothing to resume (no such directory); start it without --resume")
+    # One process of a multi-process run holds the lock; the others follow it.
+    with run_lock(out_dir) if os.environ.get("RANK", "0") == "0" else nullcontext():
+        return _train_run(cfg, out_dir, progress, resume)
+
+
+def _train_run(cfg: Config, out_dir: Path, progress: bool, resume: bool) -> dict:
+    started = time.time()
     _resolve_paths(cfg)
     cfg = _prepare_out_dir(cfg, out_dir, resume)
     runtime = make_runtime(cfg)

@@ -20,7 +20,6 @@ import csv
 import io
 import itertools
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,7 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
-from .files import atomic_write_text, write_json
+from .files import atomic_write_text, clear_run_dir, run_lock, write_json
 from .config import ConfigError, load_config
 from .metrics import HEADLINE
 from .plots import plot_learned_weights, plot_method_bars, plot_overlaid_curves
@@ -94,21 +93,23 @@ def plan(sweep_file: Path, out_dir: Path, extra: Sequence[str] = ()) -> list[Swe
 
 
 def run_sweep(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), progress: bool = True) -> list[dict]:
-    """Run (or finish) every run of the sweep, then write the results tables and plots."""
+    """Run (or finish) every run of the sweep, then write the results tables and plots. Each run's
+    directory is locked while this process decides about it and runs it."""
     from .run import train_run
 
     out_dir = Path(out_dir)
     runs = plan(sweep_file, out_dir, overrides)
     for i, run in enumerate(runs, start=1):
         name = f"[{i}/{len(runs)}] {run.dataset} / {run.method}{' / ' + run.variant if run.variant else ''} / seed {run.seed}"
-        if (run.out / "summary.json").is_file():
-            print(f"{name}: done earlier, skipped")
-            continue
-        resume = (run.out / "checkpoints" / "latest.json").is_file()
-        if run.out.exists() and not resume:
-            shutil.rmtree(run.out)  # started but never reached a saved state: nothing to keep
-        print(f"{name}: {'resuming' if resume else 'running'}")
-        train_run(load_config(run.configs, run.overrides), run.out, progress=progress, resume=resume)
+        with run_lock(run.out):
+            if (run.out / "summary.json").is_file():
+                print(f"{name}: done earlier, skipped")
+                continue
+            resume = (run.out / "checkpoints" / "latest.json").is_file()
+            if not resume:
+                clear_run_dir(run.out)  # started but never reached a saved state: nothing to keep
+            print(f"{name}: {'resuming' if resume else 'running'}")
+            train_run(load_config(run.configs, run.overrides), run.out, progress=progress, resume=resume)
     rows = summarise(runs)
     write_results(rows, runs, out_dir)
     return rows
