@@ -23,8 +23,11 @@ def _metrics_table(metrics: dict) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from .run import train_run
 
-    cfg = load_config(args.config, args.overrides)
-    summary = train_run(cfg, Path(args.out), progress=not args.quiet, resume=args.resume)
+    out = Path(args.out)
+    # Resuming, overrides apply to the run's own config (so only what they change differs from it).
+    base = [out / "config.yaml"] if args.resume and not args.config and (out / "config.yaml").is_file() else []
+    cfg = load_config(args.config or base, args.overrides)
+    summary = train_run(cfg, out, progress=not args.quiet, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun the first process reports
     selected = f" (best epoch {summary['best_epoch']} on val)" if "best_epoch" in summary else ""

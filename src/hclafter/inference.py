@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from .backbone import Backbone, backbone_from_config
-from .checkpoint import load_weights
-from .config import Config, load_config
+from .checkpoint import load_weights, verify_run_files
+from .config import Config, load_config, to_dict
 from .data import DatasetSplits, eval_loader, load_split_files, make_dataset
 from .data.images import ImageError, load_rgb, to_rgb
 from .emotions import Wheel
@@ -58,6 +58,7 @@ class TrainedRun:
                 raise RunError(f"{self.run_dir} is not a finished run: {name} is missing")
         self.cfg = load_config([self.run_dir / "config.yaml"])
         info = read_json(self.run_dir / "run.json")
+        verify_run_files(self.run_dir, info, to_dict(self.cfg))
         if device is not None:
             self.cfg.device = device
         if precision is not None:

@@ -7,6 +7,7 @@ report them all and training can either refuse or skip them, never drop them sil
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..emotions import Wheel
+from ..files import atomic_write_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
@@ -394,11 +396,12 @@ READERS: dict[str, tuple[Reader, str]] = {
 
 
 def write_manifest(path: Path, samples: Sequence[Sample], wheel: Wheel, split: Optional[str] = None) -> None:
-    """A CSV manifest (path, label, split, distribution) that :func:`read_manifest` reads back."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "split", "distribution"])
-        for s in samples:
-            dist = " ".join(f"{p:.6g}" for p in s.distribution) if s.distribution is not None else ""
-            writer.writerow([s.path, wheel.classes[s.label], split or "", dist])
+    """A CSV manifest (path, label, split, distribution) that :func:`read_manifest` reads back,
+    written atomically (a run's split lists are what a resume continues with)."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "label", "split", "distribution"])
+    for s in samples:
+        dist = " ".join(f"{p:.6g}" for p in s.distribution) if s.distribution is not None else ""
+        writer.writerow([s.path, wheel.classes[s.label], split or "", dist])
+    atomic_write_text(path, text.getvalue())

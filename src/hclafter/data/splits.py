@@ -2,6 +2,9 @@
 them), with every bad input found, counted and reported."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,11 +15,13 @@ import numpy as np
 
 from ..config import DataConfig
 from ..emotions import POLARITY2, Wheel, get_wheel, load_wheel
+from ..files import atomic_write_text
 from .images import ImageError, load_rgb
-from .readers import READERS, SPLITS, DataError, Listing, Problem, Sample, read_manifest
+from .readers import READERS, SPLITS, DataError, Listing, Problem, Sample, read_manifest, write_manifest
 from .synthetic import ensure_synthetic
 
 VERIFY_DRAFT = (256, 256)  # decoding at this size is enough to prove a file is a readable image
+SKIPPED_FILE = "skipped.json"  # beside a run's split lists: the inputs it skipped or dropped
 
 
 @dataclass
@@ -222,6 +227,45 @@ def load_splits(cfg: DataConfig, seed: int, cache_dir: Path) -> DatasetSplits:
         if not data[name]:
             raise DataError(f"the {name} split is empty ({sum(map(len, data.splits.values()))} images in all); "
                             "check data.split_ratios and the dataset's split files")
+    return data
+
+
+def run_wheel(cfg: DataConfig) -> Wheel:
+    """The label space a run's labels are in (2-class polarity when ``data.polarity`` is set)."""
+    return POLARITY2 if cfg.polarity else resolve_wheel(cfg)
+
+
+def save_run_splits(folder: Path, data: DatasetSplits) -> None:
+    """A run's split lists and its skipped inputs: what :func:`load_run_splits` reads back."""
+    for name in SPLITS:
+        write_manifest(folder / f"{name}.csv", data[name], data.wheel, name)
+    atomic_write_text(folder / SKIPPED_FILE, json.dumps(
+        {key: [dataclasses.asdict(p) for p in problems] for key, problems in
+         (("skipped", data.skipped), ("dropped", data.dropped))}, indent=2) + "\n")
+
+
+def load_run_splits(folder: Path, cfg: DataConfig, cache_dir: Path) -> DatasetSplits:
+    """The splits a run wrote, exactly: a run trains, resumes and is evaluated on these lists, never on
+    a fresh split of ``data.root`` (images added since would leak between train and test)."""
+    wheel = run_wheel(cfg)
+    if cfg.format == "synthetic":
+        ensure_synthetic(cfg, resolve_wheel(cfg), cache_dir)  # regenerated (identically) if the cache was cleared
+    absent = [f"{name}.csv" for name in SPLITS if not (folder / f"{name}.csv").is_file()]
+    if absent:
+        raise DataError(f"{folder}: {absent} missing; the run's split lists are incomplete (restore them from a "
+                        "backup, or train the run again)")
+    data = load_split_files(folder, wheel)
+    if (folder / SKIPPED_FILE).is_file():  # runs from before it was written have none
+        try:
+            saved = json.loads((folder / SKIPPED_FILE).read_text(encoding="utf-8"))
+            data.skipped, data.dropped = ([Problem(**p) for p in saved[key]] for key in ("skipped", "dropped"))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{folder / SKIPPED_FILE}: unreadable or corrupt ({e}); restore it from a backup") \
+                from None
+    gone = [s.path for name in SPLITS for s in data[name] if not os.path.isfile(s.path)]
+    if gone:
+        raise DataError(f"{len(gone)} image(s) of the run's splits in {folder} are gone, e.g. {gone[0]}; restore "
+                        "them: the run continues on exactly the images it started with")
     return data
 
 
