@@ -112,8 +112,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.launcher or args.collect or args.wait:
         from .launchers import cluster_sweep
 
-        return cluster_sweep(Path(args.sweep), Path(args.out), args.overrides, launcher=args.launcher, wait=args.wait)
-    run_sweep(Path(args.sweep), Path(args.out), args.overrides, progress=not args.quiet)
+        return cluster_sweep(Path(args.sweep), Path(args.out), args.overrides, launcher=args.launcher, wait=args.wait,
+                             rerun_changed=args.rerun_changed)
+    run_sweep(Path(args.sweep), Path(args.out), args.overrides, progress=not args.quiet,
+              rerun_changed=args.rerun_changed)
     print(f"results: {Path(args.out) / 'results.md'} and results.csv; plots in {Path(args.out) / 'plots'}")
     return 0
 
@@ -216,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="with --launcher: wait for the jobs, then write the tables")
     p.add_argument("--collect", action="store_true",
                    help="write the tables of a submitted sweep once every run has finished (lists those that have not)")
+    p.add_argument("--rerun-changed", action="store_true",
+                   help="run again from scratch the runs made with other settings than the sweep now plans "
+                        "(otherwise they are refused by name)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="a self-contained HTML report of one finished run")

@@ -1,15 +1,19 @@
-"""Integrity of run directories (issue 14, points 2, 5, 9, 11): resumes that continue on the run's
-own config and splits, one clean line (exit 2) for damaged files, every dropped input and absent
-class reported, atomic plots. The kill tests of points 1 and 11 are in test_kill_resume.py."""
+"""Integrity of run directories (issue 14, points 1-3, 5, 9, 11): locked run directories, resumes
+that continue on the run's own config and splits, sweeps that notice a changed sweep file, one clean
+line (exit 2) for damaged files, every dropped input and absent class reported, atomic plots. The
+kill tests of points 1 and 11 are in test_kill_resume.py."""
 import errno
 import json
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 from hclafter import files
@@ -19,7 +23,7 @@ from hclafter.config import load_config, to_dict
 from hclafter.data.loading import layer_feature_file
 from hclafter.run import train_run
 
-from ..conftest import TINY_CFG, TINY_CONFIG
+from ..conftest import ROOT, TINY_CFG, TINY_CONFIG
 from .test_kill_resume import FAST
 
 CLASSES = ("amusement", "contentment", "awe", "excitement", "fear", "sadness", "disgust", "anger")
@@ -125,6 +129,54 @@ def test_resume_compares_overrides_with_the_runs_own_config(finished, tmp_path, 
     assert "train.lr.fusion: 0.01 → 0.5" in err and "model_cfg" not in err and err.count("→") == 1
     # an override that repeats the run's own value changes nothing, so the run resumes
     assert main(["train", "--out", str(copy), "--resume", "--quiet", "seed=0"]) == 0
+
+
+# 3. a sweep notices runs made with other settings than it now plans
+
+
+def _sweep_file(path, root, cache_dir):
+    path.write_text(yaml.safe_dump({
+        "base": [str(TINY_CONFIG)], "methods": {"hybrid": []}, "seeds": [0],
+        "overrides": [*FAST, f"cache_dir={cache_dir}", "data.format=imagefolder", f"data.root={root}"]}))
+    return path
+
+
+def test_sweep_refuses_finished_runs_of_a_changed_sweep_file_or_reruns_them(dataset, tmp_path, cache_dir, capsys):
+    other = tmp_path / "other-images"
+    shutil.copytree(dataset, other)
+    sweep, out = _sweep_file(tmp_path / "sweep.yaml", dataset, cache_dir), tmp_path / "sweep"
+    assert main(["sweep", str(sweep), "--out", str(out), "--quiet"]) == 0
+    run = out / "runs" / "default" / "hybrid" / "default" / "seed0"
+    first = summary(run)
+    capsys.readouterr()
+
+    _sweep_file(sweep, other, cache_dir)  # the sweep file now names another data.root
+    for command in (["sweep", str(sweep), "--out", str(out), "--quiet"],
+                    ["sweep", str(sweep), "--out", str(out), "--collect"]):  # the SLURM side checks alike
+        assert main(command) == 2
+        err = error_line(capsys)
+        assert f"1 run(s) of the sweep were made with other settings than it now plans:\n  {run}: data.root: " \
+               f"'{dataset}' → '{other}'" in err
+        assert "--rerun-changed" in err
+    assert summary(run) == first  # nothing was touched
+
+    assert main(["sweep", str(sweep), "--out", str(out), "--quiet", "--rerun-changed"]) == 0
+    assert "running again (its settings changed)" in capsys.readouterr().out
+    assert load_config([run / "config.yaml"]).data.root == str(other)
+    assert main(["sweep", str(sweep), "--out", str(out), "--quiet"]) == 0  # now up to date: skipped
+    assert "done earlier, skipped" in capsys.readouterr().out
+
+    holder = subprocess.Popen(  # 1. another process holds the run's lock: the sweep stops, naming it
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from hclafter.files import run_lock\n"
+                               "with run_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)",
+         str(run)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["sweep", str(sweep), "--out", str(out), "--quiet"]) == 2
+        assert f"{run} is in use by PID {holder.pid} on " in error_line(capsys)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # 5. a damaged run directory: one line naming the file (exit 2), never a traceback
