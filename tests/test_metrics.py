@@ -44,12 +44,12 @@ def test_classification_metrics_hand_computed() -> None:
 
 
 def test_classification_metrics_class_absent_everywhere() -> None:
-    # Class 2 appears in neither y_true nor y_pred but still gets a row/column and F1=0:
-    # macro-F1 = (1 + 1 + 0) / 3.
+    # Class 2 appears in neither y_true nor y_pred: it keeps its row/column, but macro-F1
+    # averages over the 2 classes present, (1 + 1) / 2, not (1 + 1 + 0) / 3.
     m = classification_metrics(np.array([0, 1]), np.array([0, 1]), NAMES)
     assert m["accuracy"] == pytest.approx(1.0)
     assert m["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [0, 0, 0]]
-    assert m["macro_f1"] == pytest.approx(2 / 3)
+    assert m["macro_f1"] == pytest.approx(1.0) and m["macro_f1_classes"] == 2
     assert m["per_class"]["sadness"]["support"] == 0
 
 

@@ -144,11 +144,13 @@ def _load(cfg: BackboneConfig) -> Backbone:
         state, is_openai = read_state_dict(path)
         qg = is_openai if cfg.quick_gelu is None else cfg.quick_gelu
         model = _build(cfg, qg)
-        open_clip.model.resize_pos_embed(state, model)
-        try:
+        try:  # resizing the position grid of weights for another architecture fails in its own ways (fp16 on CPU)
+            open_clip.model.resize_pos_embed(state, model)
             model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise BackboneError(f"{path}: weights do not fit backbone.name={cfg.name!r}: {e}") from None
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            raise BackboneError(f"{path}: weights do not fit backbone.name={cfg.name!r} ({type(e).__name__}: "
+                                f"{' '.join(str(e).split())[:300]}); pass the weights of that architecture, or the "
+                                "backbone.name the weights are for") from None
         identity["weights"] = {"file": path.name, "sha256": file_sha256(path)}
     else:
         qg, model = _from_tag(cfg, pretrained)

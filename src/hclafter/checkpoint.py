@@ -105,10 +105,69 @@ def set_rng_state(tensors: dict[str, torch.Tensor], data: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
 
 
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_fingerprint(config: dict, splits: Path) -> dict:
+    """What a run's state is only valid with: its resolved config (kept whole, so that a change
+    can be named) and the sha256 of every file of its ``splits/`` folder."""
+    return {"config": config, "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+            "splits": {p.name: file_sha256(p) for p in sorted(Path(splits).glob("*")) if p.is_file()}}
+
+
+def saved_fingerprint(checkpoints: Path) -> Optional[dict]:
+    """The fingerprint stored with the latest state (None for a state saved before they were)."""
+    try:
+        pointer = json.loads((checkpoints / "latest.json").read_text(encoding="utf-8"))
+        state = json.loads((checkpoints / pointer["folder"] / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{checkpoints.parent}: cannot resume, the saved state is unreadable ({e})") from None
+    return state.get("fingerprint") if isinstance(state, dict) else None
+
+
+def config_differences(before: dict, after: dict) -> list[str]:
+    """``key: old → new`` for every setting that differs between two config dicts."""
+    flat_before, flat_after = _flatten(before), _flatten(after)
+    return [f"{k}: {flat_before.get(k, '(unset)')!r} → {flat_after.get(k, '(unset)')!r}"
+            for k in sorted(set(flat_before) | set(flat_after)) if flat_before.get(k) != flat_after.get(k)]
+
+
+def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def verify_run_files(run_dir: Path, info: dict, config: dict) -> None:
+    """A finished run's config.yaml (as loaded: ``config``) and split lists must be those its run.json
+    records: an edited or damaged config would rebuild another model, or the same one with other
+    settings, silently. Runs from before run.json recorded them pass."""
+    if "config" in info:
+        changed = config_differences(info["config"], config)
+        if changed:
+            raise CheckpointError(f"{run_dir / 'config.yaml'} is not the config the run was made with "
+                                  f"({'; '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}): it was edited or "
+                                  "damaged; restore it (run.json holds the original under 'config')")
+    if "splits_sha256" in info:
+        now = run_fingerprint(config, run_dir / "splits")["splits"]
+        saved = info["splits_sha256"]
+        differ = sorted(n for n in set(saved) | set(now) if saved.get(n) != now.get(n))
+        if differ:
+            raise CheckpointError(f"{run_dir / 'splits'}: {', '.join(differ)} changed since the run was made "
+                                  "(run.json records the sha256 of its split lists): restore them from a backup")
+
+
 def save_state(checkpoints: Path, step: int, model: torch.nn.Module, names: Sequence[str],
-               optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict, identity: dict) -> None:
+               optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict, identity: dict,
+               fingerprint: Optional[dict] = None) -> None:
     """Write a complete state folder ``checkpoints/step-N``, then point ``latest.json`` at it; older
-    folders are removed only after that."""
+    folders are removed only after that. ``fingerprint`` (:func:`run_fingerprint`) lets a resume
+    refuse a run whose config or splits changed since."""
     folder = checkpoints / f"step-{step:08d}"
     for n in itertools.count(1):  # a second save at the same step must not touch the folder latest.json names
         if not folder.exists():
@@ -120,7 +179,8 @@ def save_state(checkpoints: Path, step: int, model: torch.nn.Module, names: Sequ
     hashes = {"weights": save_checkpoint(folder / "weights.safetensors", {n: state[n] for n in names}, identity),
               "optimizer": save_checkpoint(folder / "optimizer.safetensors", {**opt_tensors, **rng_tensors}, identity)}
     write_json(folder / "state.json", {"progress": progress, "optimizer_groups": opt_groups,
-                                       "scheduler": scheduler.state_dict(), "rng": rng_json, "sha256": hashes})
+                                       "scheduler": scheduler.state_dict(), "rng": rng_json, "sha256": hashes,
+                                       "fingerprint": fingerprint})
     write_json(checkpoints / "latest.json", {"folder": folder.name, "sha256": hashes})
     for old in checkpoints.glob("step-*"):
         if old.name != folder.name:
@@ -137,7 +197,7 @@ def load_state(checkpoints: Path, model: torch.nn.Module, optimizer: torch.optim
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         weights = load_checkpoint(folder / "weights.safetensors", identity)
         opt = load_checkpoint(folder / "optimizer.safetensors", identity)
-    except (OSError, ValueError, KeyError, CheckpointError) as e:
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError) as e:
         raise CheckpointError(f"{checkpoints.parent}: cannot resume, the saved state is unreadable ({e})") from None
     model.load_state_dict(weights, strict=False)
     load_optimizer_state(optimizer, {k: v for k, v in opt.items() if not k.startswith("rng.")},

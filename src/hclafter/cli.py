@@ -23,8 +23,11 @@ def _metrics_table(metrics: dict) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from .run import train_run
 
-    cfg = load_config(args.config, args.overrides)
-    summary = train_run(cfg, Path(args.out), progress=not args.quiet, resume=args.resume)
+    out = Path(args.out)
+    # Resuming, overrides apply to the run's own config (so only what they change differs from it).
+    base = [out / "config.yaml"] if args.resume and not args.config and (out / "config.yaml").is_file() else []
+    cfg = load_config(args.config or base, args.overrides)
+    summary = train_run(cfg, out, progress=not args.quiet, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun the first process reports
     selected = f" (best epoch {summary['best_epoch']} on val)" if "best_epoch" in summary else ""
@@ -106,6 +109,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         print(f"\n{len(dropped)} image(s) left out by the dataset's protocol:\n" + describe_problems(dropped, args.limit))
     if problems:
         print(f"\n{describe_problems(problems, args.limit)}")
+    absent = {} if data is None else data.absent_classes()
+    if absent:
+        print("\nclasses without images (left out of that split's macro-F1):\n" +
+              "\n".join(f"  {split}: {', '.join(classes)}" for split, classes in absent.items()))
     empty = [] if data is None else [s for s in SPLITS if not data[s]]
     fails = data is None or bool(empty) or (bool(problems) and not cfg.data.skip_invalid)
     if empty:
@@ -124,8 +131,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.launcher or args.collect or args.wait:
         from .launchers import cluster_sweep
 
-        return cluster_sweep(Path(args.sweep), Path(args.out), args.overrides, launcher=args.launcher, wait=args.wait)
-    run_sweep(Path(args.sweep), Path(args.out), args.overrides, progress=not args.quiet)
+        return cluster_sweep(Path(args.sweep), Path(args.out), args.overrides, launcher=args.launcher, wait=args.wait,
+                             rerun_changed=args.rerun_changed)
+    run_sweep(Path(args.sweep), Path(args.out), args.overrides, progress=not args.quiet,
+              rerun_changed=args.rerun_changed)
     print(f"results: {Path(args.out) / 'results.md'} and results.csv; plots in {Path(args.out) / 'plots'}")
     return 0
 
@@ -242,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="with --launcher: wait for the jobs, then write the tables")
     p.add_argument("--collect", action="store_true",
                    help="write the tables of a submitted sweep once every run has finished (lists those that have not)")
+    p.add_argument("--rerun-changed", action="store_true",
+                   help="run again from scratch the runs made with other settings than the sweep now plans "
+                        "(otherwise they are refused by name)")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="a self-contained HTML report of one finished run")
@@ -305,6 +317,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = [*args.overrides, *extra]
     from .backbone import BackboneError
     from .data import DataError
+    from .data.images import ImageError
     from .files import RunError
     from .runtime import DeviceError
     from .text import TextCorpusError
@@ -312,9 +325,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, BackboneError, RunError, DeviceError, TextCorpusError, describe.DescribeError,
-            FileNotFoundError) as e:
+    except (ConfigError, DataError, ImageError, BackboneError, RunError, DeviceError, TextCorpusError,
+            describe.DescribeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file that cannot be read or written: missing, a folder, read-only, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check the path, the permissions and the free space, then run the "
+              "command again", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
         print(str(e), file=sys.stderr)

@@ -230,7 +230,7 @@ def _with_includes(paths: Sequence[str | Path], seen: tuple[Path, ...] = ()) -> 
             raise ConfigError(f"{path}: includes itself (through {' -> '.join(p.name for p in seen)})")
         try:
             includes = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("include", [])
-        except (yaml.YAMLError, AttributeError) as e:
+        except (yaml.YAMLError, AttributeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not a valid YAML mapping ({e})") from None
         out += _with_includes([path.parent / p for p in ([includes] if isinstance(includes, str) else includes)],
                               (*seen, path.resolve()))

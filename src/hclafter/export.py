@@ -33,7 +33,7 @@ from .config import BackboneConfig, ModelConfig, to_dict
 from .emotions import Wheel
 from .data.images import ImageError, load_rgb, to_rgb
 from .models import build_model
-from .files import RunError
+from .files import RunError, read_json
 from .inference import Prediction, TrainedRun, load_run
 
 HF_FORMAT = "hclafter-hf/1"
@@ -71,7 +71,7 @@ def _seed_results(run_dir: Path) -> list[dict]:
                           key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
     results = []
     for folder in siblings:
-        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        summary = read_json(folder / "summary.json")
         seed = OmegaConf.load(folder / "config.yaml").get("seed")
         test = summary["test"]
         results.append({"seed": seed, "exported": folder.resolve() == run_dir.resolve(),
@@ -84,7 +84,7 @@ def hf_config(run: TrainedRun, include_backbone: bool) -> dict[str, Any]:
     """``config.json``: what rebuilds the model (no local paths: the directory may be published)."""
     cfg, identity = run.cfg, run.backbone.identity
     weights = identity["weights"]
-    summary = json.loads((run.run_dir / "summary.json").read_text(encoding="utf-8"))
+    summary = read_json(run.run_dir / "summary.json")
     size = run.backbone.preprocess_cfg.size
     return {
         "format": HF_FORMAT, "hclafter_version": __version__,

@@ -1,12 +1,19 @@
-"""Crash-safe file writes: a kill at any moment leaves the old file or the new one, never a torn one."""
+"""Crash-safe file writes: a kill at any moment leaves the old file or the new one, never a torn one.
+Run-directory locks: one process at a time writes a run."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from filelock import FileLock, Timeout
 
 
 class RunError(RuntimeError):
@@ -33,7 +40,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     gets the permissions ``open`` would give it (mkstemp's are 0600 whatever the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -41,8 +51,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:  # name the file meant, not the temporary one
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
@@ -62,3 +74,113 @@ def writing(what: Path) -> Iterator[None]:
     except OSError as e:
         raise RunError(f"cannot write {what}: {e}. Files written earlier are intact (every write is atomic); "
                        "free space or fix permissions, then continue with --resume") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run, or a RunError that names it and says it is damaged."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path} is missing; the run directory is incomplete") from None
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunError(f"{path} is unreadable or corrupt ({e}); restore it from a backup, or re-create the "
+                       "run (train it again into another --out)") from None
+
+
+def read_jsonl(path: Path) -> list:
+    """A JSON-lines log of a run (metrics.jsonl), or a RunError naming the line that is damaged."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path} is unreadable ({e}); restore it from a backup") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                raise RunError(f"{path}:{number} is not valid JSON ({e}), e.g. torn by a crash; `hclafter train "
+                               "--out RUN --resume` rewrites the log from the run's saved state, or delete the "
+                               "line") from None
+    return records
+
+
+# The lock file and the note saying who holds it; both stay out of a cleared run directory.
+LOCK_FILE, HOLDER_FILE = ".hclafter.lock", ".hclafter.lock.json"
+_held: dict[str, int] = {}  # folders this process holds → nesting depth
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder(folder: Path, wait: float = 1.0) -> str:
+    """Who holds the folder's lock, from its note. A holder that has just taken the lock may not
+    have written it yet (and the note of a dead holder may still be there): wait briefly for it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            note = json.loads((folder / HOLDER_FILE).read_text(encoding="utf-8"))
+            live = note["host"] != socket.gethostname() or _alive(int(note["pid"]))
+            if live:
+                return f"PID {note['pid']} on {note['host']} (since {note['since']}: {note['command']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if time.monotonic() > deadline:
+            return "another process (it has not said which yet)"
+        time.sleep(0.05)
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold the exclusive lock of a run directory (created if needed) while the block runs; a second
+    process fails at once with a RunError naming the holder's PID. The operating system drops the
+    lock when its holder dies (flock), so the lock of a killed run is taken over, never waited
+    for. Re-entrant within a process (a sweep holds a run's lock around ``train_run``)."""
+    folder = Path(folder)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    key = str(folder.resolve())
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    lock = FileLock(str(folder / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunError(f"{folder} is in use by {_holder(folder)}: two runs must not write one directory; wait "
+                       "for it to finish, or choose another --out") from None
+    _held[key] = 1
+    try:
+        with writing(folder):
+            write_json(folder / HOLDER_FILE, {"pid": os.getpid(), "host": socket.gethostname(),
+                                              "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                              "command": " ".join(sys.argv)[:300]})
+        yield
+    finally:
+        del _held[key]
+        (folder / HOLDER_FILE).unlink(missing_ok=True)
+        lock.release()
+
+
+def clear_run_dir(folder: Path) -> None:
+    """Remove everything in a run directory except its lock (whose holder is the caller)."""
+    for entry in Path(folder).iterdir():
+        if entry.name in (LOCK_FILE, HOLDER_FILE):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

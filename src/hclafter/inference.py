@@ -5,7 +5,6 @@ the run's own weights are loaded on top, verified by content hash and backbone i
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -15,13 +14,13 @@ import torch
 from PIL import Image
 
 from .backbone import Backbone, backbone_from_config
-from .checkpoint import load_checkpoint, load_weights
-from .config import Config, load_config
+from .checkpoint import load_checkpoint, load_weights, verify_run_files
+from .config import Config, load_config, to_dict
 from .data import DatasetSplits, eval_loader, load_split_files, make_dataset
 from .data.images import ImageError, load_rgb, to_rgb
 from .emotions import Wheel
 from .evaluation import compute_metrics, predict
-from .files import RunError
+from .files import RunError, read_json
 from .models import StagedClassifier, build_model, method_class
 from .runtime import make_runtime
 
@@ -55,11 +54,12 @@ class TrainedRun:
             if not (self.run_dir / name).is_file():
                 raise RunError(f"{self.run_dir} is not a finished run: {name} is missing")
         self.cfg = load_config([self.run_dir / "config.yaml"])
+        info = read_json(self.run_dir / "run.json")
+        verify_run_files(self.run_dir, info, to_dict(self.cfg))
         if device is not None:
             self.cfg.device = device
         if precision is not None:
             self.cfg.precision = precision
-        info = json.loads((self.run_dir / "run.json").read_text(encoding="utf-8"))
         w = info["wheel"]
         self.wheel = Wheel(w["name"], tuple(w["classes"]), tuple(w["polarity"]),
                            tuple(map(tuple, w["distances"])) if w.get("distances") else None)

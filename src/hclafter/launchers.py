@@ -16,8 +16,9 @@ The sweep file's ``slurm:`` key sets what each run gets::
       additional: {constraint: a100}                  # any other sbatch option
 
 Runs keep the sweep's skip/resume behaviour: finished runs are not submitted, runs still queued or
-running from an earlier submission are not submitted twice, and a job starts a run afresh or
-resumes it from its last saved state. A job that reaches its time limit is requeued by submitit and
+running from an earlier submission are not submitted twice, runs made with other settings than the
+sweep now plans are refused (or, with ``--rerun-changed``, submitted afresh), and a job starts a run
+afresh or resumes it from its last saved state. A job that reaches its time limit is requeued by submitit and
 resumes where the run last saved (every epoch, or ``train.checkpoint_every_steps``).
 """
 from __future__ import annotations
@@ -32,9 +33,9 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from .files import RunError, write_json
+from .files import RunError, clear_run_dir, run_lock, write_json
 from .config import ConfigError, load_config
-from .sweep import SweepRun, plan, summarise, sweep_roles, write_results
+from .sweep import SweepRun, changed_runs, plan, run_status, summarise, sweep_roles, write_results
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                  "REQUEUE_HOLD", "REQUEUE_FED"}
@@ -186,7 +187,8 @@ def _job_state(entry: dict, folder: Path) -> str:
     return submitit.LocalJob(folder=folder, job_id=entry["job_id"]).state
 
 
-def submit(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), cluster: str = "slurm") -> list[Any]:
+def submit(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), cluster: str = "slurm",
+           rerun_changed: bool = False) -> list[Any]:
     """Submit every unfinished run of the sweep as one job array; return the submitit jobs.
     ``cluster="local"`` runs the same jobs as subprocesses here (submitit's local executor)."""
     settings = slurm_settings(sweep_file)
@@ -195,18 +197,21 @@ def submit(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), clust
         raise LaunchError("--launcher slurm: sbatch/srun not found; submit from a SLURM login node")
     folder = out_dir / "slurm"
     ledger = _ledger(out_dir)
+    changed = changed_runs(runs, rerun_changed)
     todo: list[SweepRun] = []
     for run in runs:
         name = f"{run.dataset} / {run.method}{' / ' + run.variant if run.variant else ''} / seed {run.seed}"
-        if (run.out / "summary.json").is_file():
+        status = "new" if run.out in changed else run_status(run)
+        if status == "done":
             print(f"{name}: done earlier, skipped")
             continue
         entry = ledger.get(str(run.out))
         if entry and entry["cluster"] == cluster and _job_state(entry, folder) in ACTIVE_STATES:
             print(f"{name}: still queued or running as job {entry['job_id']}, not submitted again")
             continue
-        if run.out.exists() and not (run.out / "checkpoints" / "latest.json").is_file():
-            shutil.rmtree(run.out)  # started but never reached a saved state: nothing to keep
+        if status == "new" and run.out.exists():
+            with run_lock(run.out):  # fails if a run is writing it
+                clear_run_dir(run.out)  # never reached a saved state, or made with other settings: nothing to keep
         todo.append(run)
     if not todo:
         print("nothing to submit")
@@ -226,6 +231,7 @@ def collect(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = ()) -> l
     """Write the results tables once every run has finished; otherwise say which have not, with
     their job state and log file."""
     runs = plan(sweep_file, out_dir, overrides)
+    changed_runs(runs)  # results made with other settings than planned are not tabulated
     missing = [run for run in runs if not (run.out / "summary.json").is_file()]
     if missing:
         ledger, folder = _ledger(out_dir), out_dir / "slurm"
@@ -247,11 +253,11 @@ def collect(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = ()) -> l
 
 
 def cluster_sweep(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), launcher: Optional[str] = None,
-                  wait: bool = False, cluster: Optional[str] = None) -> int:
-    """``hclafter sweep --launcher slurm [--wait]``, and ``--collect`` (no launcher); ``cluster``
-    replaces the launcher's submitit cluster (``local``: subprocesses on this machine)."""
+                  wait: bool = False, cluster: Optional[str] = None, rerun_changed: bool = False) -> int:
+    """``hclafter sweep --launcher slurm [--wait] [--rerun-changed]``, and ``--collect`` (no launcher);
+    ``cluster`` replaces the launcher's submitit cluster (``local``: subprocesses on this machine)."""
     if launcher is not None:
-        jobs = submit(sweep_file, out_dir, overrides, cluster or launcher)
+        jobs = submit(sweep_file, out_dir, overrides, cluster or launcher, rerun_changed)
         if not wait:
             if jobs:
                 print(f"when they have finished: hclafter sweep {sweep_file} --out {out_dir} --collect")

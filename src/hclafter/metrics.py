@@ -17,11 +17,12 @@ HEADLINE = ("accuracy", "macro_f1", "polarity_accuracy")
 def classification_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
 ) -> dict:
-    """Accuracy, macro-F1, per-class scores and confusion matrix over *all* classes.
+    """Accuracy, macro-F1, per-class scores and confusion matrix.
 
-    Labels are pinned to ``range(len(class_names))`` so classes missing from a split still
-    get a row/column and count (with F1 = 0) towards the macro average, keeping numbers
-    comparable across splits.
+    Per-class scores and the confusion matrix cover every class (pinned to
+    ``range(len(class_names))``). Macro-F1 averages over the classes present in ``y_true`` only:
+    a class without a single image has no F1 to measure, and averaging in a 0 for it would
+    lower the score for a gap in the data; ``macro_f1_classes`` says how many classes it covers.
     """
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     labels = list(range(len(class_names)))
@@ -29,9 +30,11 @@ def classification_metrics(
         y_true, y_pred, labels=labels, average=None, zero_division=0
     )
     cm = confusion_matrix(y_true, y_pred, labels=labels)
+    present = support > 0
     return {
         "accuracy": float(np.mean(y_true == y_pred)),
-        "macro_f1": float(np.mean(f1)),
+        "macro_f1": float(np.mean(f1[present])) if present.any() else 0.0,
+        "macro_f1_classes": int(present.sum()),
         "per_class": {
             name: {
                 "precision": float(precision[c]),

@@ -5,6 +5,7 @@ Uses the Agg backend so plotting works on headless training machines.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,16 +18,19 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from .files import atomic_write_bytes  # noqa: E402
+
 ACCURACY_KEYS = ("train_accuracy", "val_accuracy", "val_macro_f1")
 
 
 def save_figure(fig: Figure, path: Path) -> None:
-    """Write the figure as PNG and close it so long runs do not accumulate open figures."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the figure as PNG, atomically (a kill leaves the old file or the new one), and close it
+    so long runs do not accumulate open figures."""
     fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(Path(path), png.getvalue())
 
 
 def _plot_key(ax: Axes, records: list[dict], key: str) -> None:

@@ -7,7 +7,7 @@ import html
 import json
 from pathlib import Path
 
-from .files import atomic_write_text
+from .files import atomic_write_text, read_json, read_jsonl
 from .plots import plot_confusion, plot_curves, plot_stage_weights
 
 
@@ -30,11 +30,9 @@ def write_report(run_dir: Path) -> Path:
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         raise FileNotFoundError(f"{run_dir} has no summary.json: it is not a finished run")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    records = []
-    if (run_dir / "metrics.jsonl").is_file():
-        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if x]
+    summary = read_json(summary_path)
+    info = read_json(run_dir / "run.json")
+    records = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     plots = run_dir / "plots"
     test = summary["test"]
     if not (plots / "confusion.png").is_file():

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
+import io
+import os
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -24,14 +25,16 @@ from omegaconf import OmegaConf
 
 from .version import __version__
 from .backbone import Backbone, backbone_from_config
-from .checkpoint import load_checkpoint, load_weights, save_checkpoint
+from .checkpoint import (config_differences, load_checkpoint, load_weights, run_fingerprint, save_checkpoint,
+                         saved_fingerprint)
 from .config import Config, load_config, to_dict, tuned_groups
-from .data import SPLITS, DatasetSplits, eval_loader, load_splits, make_dataset, make_loader, write_manifest
+from .data import SPLITS, DatasetSplits, eval_loader, load_splits, make_dataset, make_loader
+from .data.splits import load_run_splits, save_run_splits
 from .data.loading import cache_applies, cached_datasets
 from .emotions import Wheel
 from .evaluation import (Classify, Predictions, clip_classifier, compute_metrics, efficiency, evaluate_classifier,
                          predict)
-from .files import RunError, atomic_write_text, write_json, writing
+from .files import RunError, atomic_write_text, read_json, run_lock, write_json, writing
 from .inference import build_run_model, load_run
 from .metrics import HEADLINE
 from .plots import plot_confusion, plot_curves, plot_stage_weights
@@ -45,10 +48,19 @@ __all__ = ["RunError", "TrainingInterrupted", "train_run", "zeroshot_eval"]
 
 def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False) -> dict:
     """Stage 1 + stage 2 on the configured data (or a frozen baseline, by ``cfg.mode``); writes the
-    run directory and returns the summary."""
-    started = time.time()
+    run directory and returns the summary. The directory is locked while the run writes it: a
+    second process that tries fails at once (RunError naming the holder)."""
     out_dir = Path(out_dir)
-    _resolve_paths(cfg)
+    if resume and not out_dir.is_dir():
+        raise RunError(f"{out_dir}: nothing to resume (no such directory); start it without --resume")
+    # One process of a multi-process run holds the lock; the others follow it.
+    with run_lock(out_dir) if os.environ.get("RANK", "0") == "0" else nullcontext():
+        return _train_run(cfg, out_dir, progress, resume)
+
+
+def _train_run(cfg: Config, out_dir: Path, progress: bool, resume: bool) -> dict:
+    started = time.time()
+    resolve_paths(cfg)
     cfg = _prepare_out_dir(cfg, out_dir, resume)
     runtime = make_runtime(cfg)
     show = progress and runtime.is_main_process
@@ -56,15 +68,17 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
     cache = cache_dir_of(cfg)
     backbone = backbone_from_config(cfg.backbone)
     with runtime.main_process_first():
-        data = load_splits(cfg.data, cfg.seed, cache)
-    if runtime.is_main_process and not resume:
-        _write_setup(out_dir, cfg, data)
+        if runtime.is_main_process and not resume:
+            _write_setup(out_dir, cfg, load_splits(cfg.data, cfg.seed, cache))
+        # Every run, new or resumed, trains on its saved lists (the same numbers either way).
+        data = load_run_splits(out_dir / "splits", cfg.data, cache)
     if cfg.mode != "train":
         return _evaluate_frozen(cfg, out_dir, backbone, data, runtime, cache, show, started)
 
     text_weight, stage1 = _stage1(cfg, out_dir, backbone, data.wheel, runtime, cache, resume)
     state, image_sets, sample_images = _prepare_training(cfg, out_dir, backbone, data, runtime, cache, text_weight,
                                                          show)
+    state.fingerprint = run_fingerprint(to_dict(cfg), out_dir / "splits")
     text_only = clip_classifier(backbone.model, text_weight, 1.0, runtime)
     if cfg.train.supervision == "pseudo":
         state.pseudo = _teacher_labels(text_only, data, backbone, cfg, runtime, show)
@@ -88,7 +102,7 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
     return _finish(state, data, stage1, text_only_metrics, sample_images, started, resume)
 
 
-def _resolve_paths(cfg: Config) -> None:
+def resolve_paths(cfg: Config) -> None:
     """Make file paths absolute so the saved config re-creates the run from any directory."""
     for obj, key in ((cfg.backbone, "pretrained"), (cfg.data, "root"), (cfg.text, "descriptions"), (cfg, "cache_dir"),
                      (cfg.data, "splits_dir"), (cfg.data, "wheel_file")):
@@ -98,8 +112,8 @@ def _resolve_paths(cfg: Config) -> None:
 
 
 def _prepare_out_dir(cfg: Config, out_dir: Path, resume: bool) -> Config:
-    """A new run needs a fresh folder; a resumed one takes its saved config (and must agree with
-    the one given, if any)."""
+    """A new run needs a fresh folder; a resumed one takes its saved config, which must be the one
+    its checkpoint was trained with (and agree with the one given)."""
     has_state = (out_dir / "checkpoints" / "latest.json").is_file()
     if not resume:
         if has_state or (out_dir / "summary.json").is_file():
@@ -108,20 +122,49 @@ def _prepare_out_dir(cfg: Config, out_dir: Path, resume: bool) -> Config:
     if not has_state:
         raise RunError(f"{out_dir}: nothing to resume (no checkpoints/latest.json); start it without --resume")
     saved = load_config([out_dir / "config.yaml"])
-    given, kept = OmegaConf.create(to_dict(cfg)), OmegaConf.create(to_dict(saved))
-    differs = sorted(k for k in _flat_keys(kept) if OmegaConf.select(given, k) != OmegaConf.select(kept, k))
-    if differs and given != OmegaConf.create(to_dict(Config())):
-        raise RunError(f"--resume with a config that differs from the run's in {differs[:6]}; resume with the "
-                       "run's own config (omit -c and overrides)")
+    _check_unchanged_since_checkpoint(out_dir, saved)
+    differs = config_differences(to_dict(saved), to_dict(cfg))
+    if differs:
+        raise RunError(f"--resume with settings that differ from the run's ({_listed(differs)}); resume with the "
+                       "run's own config (omit -c and those overrides), or train a new run into another --out")
     return saved
 
 
-def _flat_keys(node: Any, prefix: str = "") -> list[str]:
-    keys = []
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        keys += _flat_keys(value, name + ".") if OmegaConf.is_dict(value) else [name]
-    return keys
+def _check_unchanged_since_checkpoint(out_dir: Path, saved: Config) -> None:
+    """The run's config.yaml and split lists must be those its last checkpoint was saved with:
+    another ``data.root`` or edited splits would continue the run on other data, silently."""
+    fingerprint = saved_fingerprint(out_dir / "checkpoints")
+    if fingerprint is None:
+        return  # a state saved before checkpoints carried fingerprints
+    changed = config_differences(fingerprint["config"], to_dict(saved))
+    if changed:
+        raise RunError(f"{out_dir / 'config.yaml'} was changed after the run's last checkpoint ({_listed(changed)}); "
+                       "the saved state belongs to the settings it was trained with: restore them, or train a new "
+                       "run into another --out")
+    now = run_fingerprint(fingerprint["config"], out_dir / "splits")["splits"]
+    differ = sorted(n for n in set(fingerprint["splits"]) | set(now) if fingerprint["splits"].get(n) != now.get(n))
+    if differ:
+        raise RunError(f"{out_dir / 'splits'}: {', '.join(differ)} changed or went missing after the run's last "
+                       "checkpoint; a run continues on the splits it started with: restore them from a backup, or "
+                       "train a new run into another --out")
+
+
+def _listed(differences: list[str], most: int = 8) -> str:
+    return "; ".join(differences[:most]) + (f"; and {len(differences) - most} more" if len(differences) > most else "")
+
+
+def saved_run_config(out_dir: Path) -> dict:
+    """The settings a run was made with: those its last checkpoint or its run.json stores, else
+    its config.yaml (runs from before they were stored)."""
+    if (out_dir / "checkpoints" / "latest.json").is_file():
+        fingerprint = saved_fingerprint(out_dir / "checkpoints")
+        if fingerprint is not None:
+            return fingerprint["config"]
+    if (out_dir / "run.json").is_file():
+        info = read_json(out_dir / "run.json")
+        if isinstance(info, dict) and "config" in info:
+            return info["config"]
+    return to_dict(load_config([out_dir / "config.yaml"]))
 
 
 def _write_setup(out_dir: Path, cfg: Config, data: DatasetSplits) -> None:
@@ -129,8 +172,7 @@ def _write_setup(out_dir: Path, cfg: Config, data: DatasetSplits) -> None:
     with writing(out_dir):
         (out_dir / "plots").mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        for split in SPLITS:
-            write_manifest(out_dir / "splits" / f"{split}.csv", data[split], data.wheel, split)
+        save_run_splits(out_dir / "splits", data)
 
 
 def _stage1(cfg: Config, out_dir: Path, backbone: Backbone, wheel: Wheel, runtime: Runtime, cache: Path,
@@ -138,7 +180,7 @@ def _stage1(cfg: Config, out_dir: Path, backbone: Backbone, wheel: Wheel, runtim
     """The text classifier: trained (stage 1), or read back from the run being resumed."""
     if resume:
         weight = load_checkpoint(out_dir / "text_classifier.safetensors", backbone.identity)["weight"]
-        return weight, json.loads((out_dir / "checkpoints" / "stage1.json").read_text(encoding="utf-8"))
+        return weight, read_json(out_dir / "checkpoints" / "stage1.json")
     with runtime.main_process_first():
         return train_stage1(backbone, wheel, cfg.text, cfg.seed, cache, runtime.device)
 
@@ -239,7 +281,8 @@ def _stop_requests() -> Iterator[dict]:
 
 def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metrics: dict,
             sample_images: torch.Tensor, started: float, resume: bool) -> dict:
-    """Test the last and the selected (best on val) weights; write the summary, predictions, plots."""
+    """Test the last and the selected (best on val) weights; write the predictions, the plots and, last,
+    the summary (the mark of a finished run: a kill before it leaves a run that --resume finishes)."""
     state.save_weights("last.safetensors")
     test_last, _ = state.evaluate("test")
     state.runtime.wait_for_everyone()
@@ -252,6 +295,7 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
         "best_epoch": p.best_epoch, "epochs": len(state.epochs), "stage1": stage1,
         "parameters": trained_parameters(state.plain, state.groups, cfg),
         "num_samples": {s: len(data[s]) for s in SPLITS},
+        "absent_classes": data.absent_classes(),
         "skipped": data.skipped_summary(),
         "nonfinite_batches_skipped": p.skipped_batches,
     }
@@ -259,10 +303,6 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
     if weights is not None:
         summary["image_fusion_weights"] = weights
     if state.main:
-        _write_run_files(out_dir, cfg, data.wheel, state.identity, summary, started, resume=resume,
-                         extraction_layers=state.plain.extraction_layers,
-                         efficiency=efficiency(lambda x: state.classify(x, images=True),
-                                                    sample_images.to(state.runtime.device)))
         with writing(out_dir):
             _write_predictions(out_dir / "predictions.csv", preds, data["test"], data.wheel)
             _write_predictions(out_dir / "predictions_val.csv", val_preds, data["val"], data.wheel)
@@ -270,6 +310,10 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
             plot_confusion(test["confusion_matrix"], data.wheel.classes, out_dir / "plots" / "confusion.png")
             plot_stage_weights(p.records, out_dir / "plots" / "stage_weights.png",
                                layer_names=[[f"L{layer}" for layer in stage] for stage in state.plain.stages])
+        _write_run_files(out_dir, cfg, data.wheel, state.identity, summary, started, resume=resume,
+                         extraction_layers=state.plain.extraction_layers,
+                         efficiency=efficiency(lambda x: state.classify(x, images=True),
+                                                    sample_images.to(state.runtime.device)))
     return summary
 
 
@@ -295,13 +339,16 @@ def _image_fusion_weights(state: TrainState, wheel: Wheel) -> Optional[dict]:
 def _write_run_files(out_dir: Path, cfg: Config, wheel: Wheel, identity: dict, summary: dict, started: float,
                      **extra: Any) -> None:
     """``summary.json`` holds what the run computed (reproducible to the bit on CPU); ``run.json``
-    what describes it, timings included (latency, wall time), which vary between machines."""
+    what describes it, timings included (latency, wall time), which vary between machines, and the
+    config and split lists it was made with (:func:`verify_run_files` checks them on loading)."""
+    record = run_fingerprint(to_dict(cfg), out_dir / "splits")
     with writing(out_dir):
         write_json(out_dir / "run.json", {"classes": list(wheel.classes), "label_space": wheel.name,
                                           "wheel": dataclasses.asdict(wheel), "backbone": identity,
                                           "mode": cfg.mode, "method": cfg.model.method, **extra,
                                           "hclafter_version": __version__, "torch_version": torch.__version__,
-                                          "wall_time_s": time.time() - started})
+                                          "wall_time_s": time.time() - started, "config": record["config"],
+                                          "splits_sha256": record["splits"]})
         write_json(out_dir / "summary.json", summary)
 
 
@@ -311,14 +358,15 @@ def _write_predictions(path: Path, preds: Predictions, samples: Sequence, wheel:
     that every metric, calibrated or not, can be recomputed from the file."""
     probs = preds.probabilities
     classes = wheel.classes
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "prediction", *[f"p_{c}" for c in classes], *[f"z_{c}" for c in classes],
-                         *[f"t_{c}" for c in classes]])
-        for i, idx in enumerate(preds.indices):
-            writer.writerow([samples[idx].path, classes[preds.labels[i]], classes[probs[i].argmax()],
-                             *[f"{p:.6f}" for p in probs[i]], *[f"{z:.7g}" for z in preds.logits[i]],
-                             *[f"{t:.6f}" for t in preds.distributions[i]]])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "label", "prediction", *[f"p_{c}" for c in classes], *[f"z_{c}" for c in classes],
+                     *[f"t_{c}" for c in classes]])
+    for i, idx in enumerate(preds.indices):
+        writer.writerow([samples[idx].path, classes[preds.labels[i]], classes[probs[i].argmax()],
+                         *[f"{p:.6f}" for p in probs[i]], *[f"{z:.7g}" for z in preds.logits[i]],
+                         *[f"{t:.6f}" for t in preds.distributions[i]]])
+    atomic_write_text(path, text.getvalue())
 
 
 def frozen_classifier(cfg: Config, backbone: Backbone, wheel: Wheel, runtime: Runtime,
@@ -351,7 +399,8 @@ def _evaluate_frozen(cfg: Config, out_dir: Path, backbone: Backbone, data: Datas
                           for i in range(min(8, len(data["test"])))]).to(runtime.device)
     summary = {"val": results["val"], "test": results["test"], "stage1": stage1, "epochs": 0,
                "parameters": {"trained": 0, "added": 0, "by_group": {}},
-               "num_samples": {s: len(data[s]) for s in SPLITS}, "skipped": data.skipped_summary()}
+               "num_samples": {s: len(data[s]) for s in SPLITS}, "absent_classes": data.absent_classes(),
+               "skipped": data.skipped_summary()}
     if runtime.is_main_process:
         with writing(out_dir):
             _write_predictions(out_dir / "predictions.csv", preds["test"], data["test"], wheel)

@@ -12,7 +12,8 @@ A sweep file (YAML; paths relative to it)::
     slurm: {partition: gpu, gpus_per_run: 1}  # optional, for --launcher slurm (see launchers.py)
 
 Finished runs (with a summary.json) are skipped and interrupted ones resumed, so starting an
-interrupted sweep again finishes only what is missing.
+interrupted sweep again finishes only what is missing; a run made with other settings than the
+sweep now plans (its file changed) is refused by name, or run again with ``--rerun-changed``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import csv
 import io
 import itertools
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -28,9 +28,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import yaml
 
+from .checkpoint import config_differences
+from .config import ConfigError, load_config, to_dict
 from .evidence import MethodRuns, comparison_rows, markdown_table, random_backbone, table_notes
-from .files import atomic_write_text, write_json
-from .config import ConfigError, load_config
+from .files import RunError, atomic_write_text, clear_run_dir, run_lock, write_json
 from .metrics import HEADLINE
 from .plots import plot_learned_weights, plot_method_bars, plot_overlaid_curves
 
@@ -106,27 +107,65 @@ def sweep_roles(sweep_file: Path) -> dict[str, Optional[str]]:
     return {"headline": spec.get("headline"), "reference": spec.get("reference")}
 
 
-def execute(runs: Sequence[SweepRun], progress: bool = True) -> None:
-    """Run every run not finished yet: finished ones are skipped, interrupted ones resumed."""
+def run_status(run: SweepRun) -> str:
+    """``done`` (summary.json, written last, is there), ``resume`` (a saved state) or ``new``."""
+    if (run.out / "summary.json").is_file():
+        return "done"
+    return "resume" if (run.out / "checkpoints" / "latest.json").is_file() else "new"
+
+
+def changed_runs(runs: Sequence[SweepRun], rerun_changed: bool = False) -> set[Path]:
+    """The run directories (finished or interrupted) made with other settings than the sweep now
+    plans, e.g. after its file changed: a ConfigError naming them and the differing keys, or with
+    ``rerun_changed`` their set, to be run again from scratch. Used by the SLURM launcher alike."""
+    from .run import resolve_paths, saved_run_config
+
+    changed: dict[Path, list[str]] = {}
+    for run in runs:
+        if run_status(run) == "new":
+            continue
+        planned = load_config(run.configs, run.overrides)
+        resolve_paths(planned)
+        try:
+            differs = config_differences(saved_run_config(run.out), to_dict(planned))
+        except (RunError, ConfigError) as e:  # an unreadable config or checkpoint: what it was made with is unknown
+            differs = [str(e)]
+        if differs:
+            changed[run.out] = differs
+    if changed and not rerun_changed:
+        lines = [f"  {out}: {'; '.join(d[:4])}{' ...' if len(d) > 4 else ''}" for out, d in changed.items()]
+        raise ConfigError(f"{len(changed)} run(s) of the sweep were made with other settings than it now plans:\n"
+                          + "\n".join(lines) + "\nrun them again from scratch with --rerun-changed (their folders "
+                          "are emptied), restore the sweep file, or choose another --out")
+    return set(changed)
+
+
+def execute(runs: Sequence[SweepRun], progress: bool = True, rerun_changed: bool = False) -> None:
+    """Run every run not finished yet: finished ones are skipped, interrupted ones resumed, each run's
+    directory locked while this process decides about it and runs it."""
     from .run import train_run
 
+    changed = changed_runs(runs, rerun_changed)
     for i, run in enumerate(runs, start=1):
         name = f"[{i}/{len(runs)}] {run.dataset} / {run.method}{' / ' + run.variant if run.variant else ''} / seed {run.seed}"
-        if (run.out / "summary.json").is_file():
-            print(f"{name}: done earlier, skipped", flush=True)
-            continue
-        resume = (run.out / "checkpoints" / "latest.json").is_file()
-        if run.out.exists() and not resume:
-            shutil.rmtree(run.out)  # started but never reached a saved state: nothing to keep
-        print(f"{name}: {'resuming' if resume else 'running'}", flush=True)
-        train_run(load_config(run.configs, run.overrides), run.out, progress=progress, resume=resume)
+        with run_lock(run.out):
+            status = "new" if run.out in changed else run_status(run)
+            if status == "done":
+                print(f"{name}: done earlier, skipped", flush=True)
+                continue
+            if status == "new":
+                clear_run_dir(run.out)  # never reached a saved state, or made with other settings: nothing to keep
+            again = " again (its settings changed)" if run.out in changed else ""
+            print(f"{name}: {'resuming' if status == 'resume' else 'running' + again}", flush=True)
+            train_run(load_config(run.configs, run.overrides), run.out, progress=progress, resume=status == "resume")
 
 
-def run_sweep(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), progress: bool = True) -> list[dict]:
+def run_sweep(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), progress: bool = True,
+              rerun_changed: bool = False) -> list[dict]:
     """Run (or finish) every run of the sweep, then write the results tables and plots."""
     out_dir = Path(out_dir)
     runs = plan(sweep_file, out_dir, overrides)
-    execute(runs, progress)
+    execute(runs, progress, rerun_changed)
     roles = sweep_roles(sweep_file)
     rows = summarise(runs, roles["reference"])
     write_results(rows, runs, out_dir, **roles)

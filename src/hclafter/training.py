@@ -248,6 +248,7 @@ class TrainState:
     show: bool
     teacher: Optional[torch.Tensor] = None  # a finished run's logits per training image (train.distill)
     progress: Progress = field(default_factory=Progress)
+    fingerprint: Optional[dict] = None  # the run's config and splits, stored with every saved state
 
     @property
     def main(self) -> bool:
@@ -274,7 +275,8 @@ class TrainState:
         if self.main:
             with writing(self.out_dir / "checkpoints"):
                 save_state(self.out_dir / "checkpoints", self.progress.global_step, self.plain, self.saved_names,
-                           self.optimizer, self.scheduler, dataclasses.asdict(self.progress), self.identity)
+                           self.optimizer, self.scheduler, dataclasses.asdict(self.progress), self.identity,
+                           self.fingerprint)
         self.runtime.wait_for_everyone()
 
     def load(self) -> None:

@@ -1,8 +1,11 @@
-"""Kill a training run (SIGKILL, SIGTERM) at several points, resume it, get the same summary."""
+"""Kill a training run (SIGKILL, SIGTERM) at several points, resume it, get the same summary; two
+processes on one run directory."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -24,7 +27,7 @@ KILL_POINTS = {
 }
 
 CHILD = textwrap.dedent("""
-    import importlib, os, signal, sys
+    import importlib, os, signal, sys, time
     from pathlib import Path
     module, name, when, mode, sig = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
     target = importlib.import_module(module)
@@ -41,6 +44,9 @@ CHILD = textwrap.dedent("""
                 os.kill(os.getpid(), sig)
             if mode == "before":
                 os.kill(os.getpid(), sig)
+            if mode == "pause":  # say so, then wait to be killed
+                Path(os.environ["HCLAFTER_TEST_PAUSED"]).touch()
+                time.sleep(600)
             result = original(*args, **kwargs)
             os.kill(os.getpid(), sig)
             return result
@@ -110,3 +116,42 @@ def test_resume_refuses_a_different_config_and_new_runs_refuse_an_existing_one(r
     assert other.returncode == 2 and "model.prompt_tokens" in other.stderr
     nothing = hclafter("train", "--out", str(tmp_path / "empty"), "--resume")
     assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr
+
+
+def test_a_kill_before_the_summary_leaves_a_run_that_resume_finishes(reference, tmp_path, cache_dir):
+    """summary.json, the mark of a finished run, is written last: predictions and plots come before it."""
+    out = tmp_path / "run"
+    killed = hclafter(*train_args(out, cache_dir), kill=("hclafter.run", "_write_run_files", 1, "before"))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (out / "predictions.csv").is_file()
+    assert all((out / "plots" / name).is_file() for name in ("curves.png", "confusion.png", "stage_weights.png"))
+    assert not (out / "summary.json").exists() and not (out / "run.json").exists()
+    resumed = hclafter("train", "--out", str(out), "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
+    assert (out / "predictions.csv").read_bytes() == (reference / "predictions.csv").read_bytes()
+
+
+def test_a_second_process_on_a_run_directory_fails_at_once_and_a_dead_holders_lock_is_taken_over(
+        reference, tmp_path, cache_dir):
+    out, paused = tmp_path / "run", tmp_path / "paused"
+    with open(tmp_path / "holder.log", "w") as log:  # pauses in its third step (a state is saved at step 2)
+        holder = subprocess.Popen([sys.executable, "-c", CHILD, "hclafter.training", "train_step", "3", "pause", "9",
+                                   *train_args(out, cache_dir)], stdout=log, stderr=log,
+                                  env={**os.environ, "HCLAFTER_TEST_PAUSED": str(paused)})
+    try:
+        deadline = time.monotonic() + 300
+        while not paused.exists():
+            assert holder.poll() is None and time.monotonic() < deadline, (tmp_path / "holder.log").read_text()
+            time.sleep(0.2)
+        for argv in (train_args(out, cache_dir), ["train", "--out", str(out), "--resume", "--quiet"]):
+            second = hclafter(*argv)
+            assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+            assert f"{out} is in use by PID {holder.pid} on " in second.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # The kill left the lock file and its note: the next process takes the lock over and resumes.
+    resumed = hclafter("train", "--out", str(out), "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -122,18 +123,27 @@ def cache_key(identity: dict, layers: Sequence[int], preprocess_cfg, paths: Sequ
 def layer_feature_file(model: torch.nn.Module, images: EmotionImages, key: str, cache_dir: Path, batch_size: int,
                        device: torch.device, progress: bool = True) -> np.ndarray:
     """[N, layers, D] features of every image, memory-mapped from ``cache_dir/features/<key>.npy``
-    (computed and written atomically on first use)."""
+    (computed and written atomically on first use; a file that is not such an array is recomputed
+    with a warning)."""
     path = cache_dir / "features" / f"{key}.npy"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        chunks = []
-        model.eval()
-        for batch in tqdm(make_loader(images, batch_size, False, 0), desc="caching features", leave=False,
-                          disable=not progress):
-            chunks.append(model.forward_features(batch["image"].to(device)).transpose(0, 1).float().cpu().numpy())
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, np.concatenate(chunks))
-        os.replace(tmp, path)
+    if path.is_file():
+        try:
+            features = np.load(path, mmap_mode="r")
+            if features.dtype == np.float32 and features.shape[:2] == (len(images), len(model.extraction_layers)):
+                return features
+            why = f"a {features.dtype} array of shape {features.shape}"
+        except (ValueError, OSError) as e:  # objects (pickles are refused), a truncated or foreign file
+            why = str(e)
+        warnings.warn(f"{path}: feature-cache file unusable ({why}); recomputing it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    model.eval()
+    for batch in tqdm(make_loader(images, batch_size, False, 0), desc="caching features", leave=False,
+                      disable=not progress):
+        chunks.append(model.forward_features(batch["image"].to(device)).transpose(0, 1).float().cpu().numpy())
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, np.concatenate(chunks))
+    os.replace(tmp, path)
     return np.load(path, mmap_mode="r")
 
 

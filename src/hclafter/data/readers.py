@@ -7,7 +7,9 @@ report them all and training can either refuse or skip them, never drop them sil
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ import numpy as np
 
 from ..config import DataConfig
 from ..emotions import Wheel
+from ..files import atomic_write_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
@@ -89,11 +92,22 @@ def _scan_class_folders(root: Path, wheel: Wheel, listing: Listing, split: Optio
                                                      f"({list(wheel.classes)})")
             continue
         for path in sorted(folder.rglob("*")):
-            if path.is_file() and not path.name.startswith("."):
+            if path.name.startswith("."):
+                continue
+            if path.is_file():
                 if path.suffix.lower() in IMAGE_SUFFIXES:
                     listing.add(path, label, split=split)
                 else:
                     listing.problem("not_an_image", path, f"unexpected file type {path.suffix!r} in a class folder")
+            else:
+                _broken_link(listing, path)
+
+
+def _broken_link(listing: Listing, path: Path) -> None:
+    """Record a symbolic link named like an image that leads nowhere (a missing target or a loop);
+    such a link would otherwise vanish from the dataset uncounted."""
+    if path.is_symlink() and not path.exists() and path.suffix.lower() in IMAGE_SUFFIXES:
+        listing.problem("broken_link", path, f"symbolic link to a missing file or a link loop (-> {os.readlink(path)})")
 
 
 def read_imagefolder(root: Path, wheel: Wheel, cfg: DataConfig) -> Listing:
@@ -117,8 +131,9 @@ def read_artphoto(root: Path, wheel: Wheel, cfg: DataConfig) -> Listing:
     if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
         return read_imagefolder(root, wheel, cfg)
     listing = Listing()
-    for path in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+    for path in sorted(p for p in root.iterdir() if not p.name.startswith(".")):
+        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+            _broken_link(listing, path)
             continue  # ArtPhoto ships no other files; stray notes or archives are not samples
         prefix = re.split(r"[_\-\d]", path.stem, maxsplit=1)[0]
         label = _class_index(wheel, prefix)
@@ -287,6 +302,13 @@ def read_manifest(path: Path, wheel: Wheel, cfg: Optional[DataConfig] = None) ->
         path = next((path / n for n in ("manifest.csv", "manifest.jsonl") if (path / n).is_file()), path / "manifest.csv")
     if not path.is_file():
         raise DataError(f"data.root: manifest not found: {path}")
+    try:
+        return _read_manifest_rows(path, wheel)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: not a readable CSV/JSON-lines manifest ({e}); the file may be corrupt") from None
+
+
+def _read_manifest_rows(path: Path, wheel: Wheel) -> Listing:
     listing = Listing()
     base = path.parent
     if path.suffix in (".jsonl", ".json"):
@@ -374,11 +396,12 @@ READERS: dict[str, tuple[Reader, str]] = {
 
 
 def write_manifest(path: Path, samples: Sequence[Sample], wheel: Wheel, split: Optional[str] = None) -> None:
-    """A CSV manifest (path, label, split, distribution) that :func:`read_manifest` reads back."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "split", "distribution"])
-        for s in samples:
-            dist = " ".join(f"{p:.6g}" for p in s.distribution) if s.distribution is not None else ""
-            writer.writerow([s.path, wheel.classes[s.label], split or "", dist])
+    """A CSV manifest (path, label, split, distribution) that :func:`read_manifest` reads back,
+    written atomically (a run's split lists are what a resume continues with)."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "label", "split", "distribution"])
+    for s in samples:
+        dist = " ".join(f"{p:.6g}" for p in s.distribution) if s.distribution is not None else ""
+        writer.writerow([s.path, wheel.classes[s.label], split or "", dist])
+    atomic_write_text(path, text.getvalue())

@@ -2,6 +2,9 @@
 them), with every bad input found, counted and reported."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -12,11 +15,13 @@ import numpy as np
 
 from ..config import DataConfig
 from ..emotions import POLARITY2, Wheel, get_wheel, load_wheel
+from ..files import atomic_write_text
 from .images import ImageError, load_rgb
-from .readers import READERS, SPLITS, DataError, Listing, Problem, Sample, read_manifest
+from .readers import READERS, SPLITS, DataError, Listing, Problem, Sample, read_manifest, write_manifest
 from .synthetic import ensure_synthetic
 
 VERIFY_DRAFT = (256, 256)  # decoding at this size is enough to prove a file is a readable image
+SKIPPED_FILE = "skipped.json"  # beside a run's split lists: the inputs it skipped or dropped
 
 
 @dataclass
@@ -33,6 +38,17 @@ class DatasetSplits:
         items = self.skipped + self.dropped
         return {"count": len(items), "by_kind": dict(Counter(p.kind for p in items)),
                 "items": [{"kind": p.kind, "where": p.where, "message": p.message} for p in items]}
+
+    def absent_classes(self) -> dict[str, list[str]]:
+        """Per split, the classes without a single image: their F1 is left out of that split's
+        macro-F1, and a table should say so."""
+        out = {}
+        for name, samples in self.splits.items():
+            present = {s.label for s in samples}
+            missing = [c for i, c in enumerate(self.wheel.classes) if i not in present]
+            if missing:
+                out[name] = missing
+        return out
 
 
 def stratified_split(samples: Sequence[Sample], ratios: Sequence[float], seed: int) -> dict[str, list[Sample]]:
@@ -83,6 +99,8 @@ def to_polarity(splits: dict[str, list[Sample]], wheel: Wheel) -> dict[str, list
 
 
 def resolve_wheel(cfg: DataConfig) -> Wheel:
+    if cfg.format != "synthetic" and cfg.format not in READERS:
+        raise DataError(f"data.format: unknown format {cfg.format!r}; available: synthetic, {', '.join(READERS)}")
     if cfg.wheel_file is not None:
         return load_wheel(cfg.wheel_file)
     if cfg.label_space is not None:
@@ -106,8 +124,6 @@ def _read(cfg: DataConfig, wheel: Wheel, cache_dir: Path) -> Listing:
         return listing
     if cfg.format == "synthetic":
         return read_manifest(ensure_synthetic(cfg, wheel, cache_dir), wheel)
-    if cfg.format not in READERS:
-        raise DataError(f"data.format: unknown format {cfg.format!r}; available: synthetic, {', '.join(READERS)}")
     if cfg.root is None:
         raise DataError(f"data.root: required for data.format={cfg.format}")
     root = Path(cfg.root).expanduser()
@@ -139,10 +155,16 @@ def _check_files(listing: Listing, verify: bool, workers: int = 4) -> list[tuple
         unique.append((sample, split))
     present = []
     for sample, split in unique:
-        if Path(sample.path).is_file():
-            present.append((sample, split))
-        else:
-            listing.problem("missing_file", sample.path, "image file not found")
+        path = Path(sample.path)
+        try:
+            if path.is_file():
+                present.append((sample, split))
+            elif path.is_symlink():
+                listing.problem("broken_link", sample.path, "symbolic link to a missing file or a link loop")
+            else:
+                listing.problem("missing_file", sample.path, "image file not found")
+        except OSError as e:  # a name over the file system's limit (255 bytes), a path it cannot take
+            listing.problem("bad_path", sample.path, f"not a usable path ({e.strerror}); shorten or fix it")
     if not verify:
         return present
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -208,6 +230,45 @@ def load_splits(cfg: DataConfig, seed: int, cache_dir: Path) -> DatasetSplits:
     return data
 
 
+def run_wheel(cfg: DataConfig) -> Wheel:
+    """The label space a run's labels are in (2-class polarity when ``data.polarity`` is set)."""
+    return POLARITY2 if cfg.polarity else resolve_wheel(cfg)
+
+
+def save_run_splits(folder: Path, data: DatasetSplits) -> None:
+    """A run's split lists and its skipped inputs: what :func:`load_run_splits` reads back."""
+    for name in SPLITS:
+        write_manifest(folder / f"{name}.csv", data[name], data.wheel, name)
+    atomic_write_text(folder / SKIPPED_FILE, json.dumps(
+        {key: [dataclasses.asdict(p) for p in problems] for key, problems in
+         (("skipped", data.skipped), ("dropped", data.dropped))}, indent=2) + "\n")
+
+
+def load_run_splits(folder: Path, cfg: DataConfig, cache_dir: Path) -> DatasetSplits:
+    """The splits a run wrote, exactly: a run trains, resumes and is evaluated on these lists, never on
+    a fresh split of ``data.root`` (images added since would leak between train and test)."""
+    wheel = run_wheel(cfg)
+    if cfg.format == "synthetic":
+        ensure_synthetic(cfg, resolve_wheel(cfg), cache_dir)  # regenerated (identically) if the cache was cleared
+    absent = [f"{name}.csv" for name in SPLITS if not (folder / f"{name}.csv").is_file()]
+    if absent:
+        raise DataError(f"{folder}: {absent} missing; the run's split lists are incomplete (restore them from a "
+                        "backup, or train the run again)")
+    data = load_split_files(folder, wheel)
+    if (folder / SKIPPED_FILE).is_file():  # runs from before it was written have none
+        try:
+            saved = json.loads((folder / SKIPPED_FILE).read_text(encoding="utf-8"))
+            data.skipped, data.dropped = ([Problem(**p) for p in saved[key]] for key in ("skipped", "dropped"))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{folder / SKIPPED_FILE}: unreadable or corrupt ({e}); restore it from a backup") \
+                from None
+    gone = [s.path for name in SPLITS for s in data[name] if not os.path.isfile(s.path)]
+    if gone:
+        raise DataError(f"{len(gone)} image(s) of the run's splits in {folder} are gone, e.g. {gone[0]}; restore "
+                        "them: the run continues on exactly the images it started with")
+    return data
+
+
 def load_split_files(folder: Path, wheel: Wheel) -> DatasetSplits:
     """Re-create a run's splits from the manifests it wrote."""
     splits = {}
@@ -215,6 +276,7 @@ def load_split_files(folder: Path, wheel: Wheel) -> DatasetSplits:
         if (folder / f"{name}.csv").is_file():
             listing = read_manifest(folder / f"{name}.csv", wheel)
             if listing.problems:
-                raise DataError(describe_problems(listing.problems))
+                raise DataError(f"{folder / f'{name}.csv'}: the run's split list is damaged ({len(listing.problems)} "
+                                f"bad line(s), e.g. {listing.problems[0]}); restore it from a backup")
             splits[name] = [s for s, _ in listing.entries]
     return DatasetSplits(wheel, splits)
