@@ -22,6 +22,7 @@ import torch
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
+from . import tracking
 from .version import __version__
 from .backbone import Backbone, backbone_from_config
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
@@ -34,6 +35,7 @@ from .files import RunError, atomic_write_text, write_json, writing
 from .inference import build_run_model
 from .metrics import HEADLINE
 from .plots import plot_confusion, plot_curves, plot_stage_weights
+from .progress import interactive
 from .runtime import Runtime, cache_dir_of, make_runtime
 from .text import load_templates, train_stage1, zeroshot_weights
 from .training import (TrainingInterrupted, TrainState, build_optimizer, fit, param_groups,
@@ -49,7 +51,7 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
     out_dir = Path(out_dir)
     _resolve_paths(cfg)
     cfg = _prepare_out_dir(cfg, out_dir, resume)
-    runtime = make_runtime(cfg)
+    runtime = make_runtime(cfg, tracking.tracker_names(cfg), tracking.logs_dir(out_dir))
     show = progress and runtime.is_main_process
     set_seed(cfg.seed)
     cache = cache_dir_of(cfg)
@@ -71,18 +73,22 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
         state.load()
         text_only_metrics = stage1.pop("text_only")
     else:
-        text_only_metrics = {s: {k: evaluate_classifier(text_only, image_sets[s], cfg.data, data.wheel, runtime, show,
-                                                        f"text-only {s}")[k] for k in HEADLINE}
-                             for s in ("val", "test")}
+        text_only_metrics = {s: evaluate_classifier(text_only, image_sets[s], cfg.data, data.wheel, runtime, show,
+                                                    f"text-only {s}") for s in ("val", "test")}
+        text_only_metrics = {s: {k: m[k] for k in HEADLINE} for s, m in text_only_metrics.items()}
         if runtime.is_main_process:
             with writing(out_dir):
                 save_checkpoint(out_dir / "text_classifier.safetensors", {"weight": text_weight}, backbone.identity)
                 write_json(out_dir / "checkpoints" / "stage1.json", {**stage1, "text_only": text_only_metrics})
         state.save()
     state.rewrite_log()
-    with _stop_requests() as stop:
-        fit(state, stop)
-    return _finish(state, data, stage1, text_only_metrics, sample_images, started, resume)
+    tracking.start(runtime, cfg, out_dir)
+    try:
+        with _stop_requests() as stop:
+            fit(state, stop)
+        return _finish(state, data, stage1, text_only_metrics, sample_images, started, resume)
+    finally:
+        tracking.finish(runtime)
 
 
 def _resolve_paths(cfg: Config) -> None:
@@ -99,8 +105,12 @@ def _prepare_out_dir(cfg: Config, out_dir: Path, resume: bool) -> Config:
     the one given, if any)."""
     has_state = (out_dir / "checkpoints" / "latest.json").is_file()
     if not resume:
-        if has_state or (out_dir / "summary.json").is_file():
-            raise RunError(f"{out_dir} already holds a run; continue it with --resume, or choose another --out")
+        if (out_dir / "summary.json").is_file():
+            raise RunError(f"{out_dir} already holds a finished run; choose another --out (or delete that folder "
+                           "to train it again)")
+        if has_state:
+            raise RunError(f"{out_dir} already holds an interrupted run; continue it with --resume, or choose "
+                           "another --out")
         return cfg
     if not has_state:
         raise RunError(f"{out_dir}: nothing to resume (no checkpoints/latest.json); start it without --resume")
@@ -161,7 +171,8 @@ def _prepare_training(cfg: Config, out_dir: Path, backbone: Backbone, data: Data
         model.to(runtime.device)
         with runtime.main_process_first():
             datasets = cached_datasets(model, datasets, wheel, backbone.preprocess, backbone.identity,
-                                       backbone.preprocess_cfg, cache, cfg.data.eval_batch_size, runtime.device, show)
+                                       backbone.preprocess_cfg, cache, cfg.data.eval_batch_size, runtime.device,
+                                       show and interactive())
     loaders = {split: make_loader(datasets[split], cfg.data.batch_size if split == "train" else cfg.data.eval_batch_size,
                                   shuffle=split == "train", seed=cfg.seed, num_workers=cfg.data.num_workers,
                                   pin_memory=runtime.device.type == "cuda")
@@ -240,6 +251,8 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
             plot_confusion(test["confusion_matrix"], data.wheel.classes, out_dir / "plots" / "confusion.png")
             plot_stage_weights(p.records, out_dir / "plots" / "stage_weights.png",
                                layer_names=[[f"L{layer}" for layer in stage] for stage in state.plain.stages])
+        tracking.log_figures(state.runtime, {name: out_dir / "plots" / f"{name}.png"
+                                             for name in ("curves", "confusion", "stage_weights")}, p.global_step)
     return summary
 
 
