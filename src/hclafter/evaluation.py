@@ -32,9 +32,18 @@ class Predictions:
 
     @property
     def probabilities(self) -> np.ndarray:
-        z = self.logits - self.logits.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return softmax(self.logits)
+
+    @property
+    def stage_probabilities(self) -> Optional[np.ndarray]:
+        """[S, N, C] each stage's own prediction, or None for a model without stages."""
+        return None if self.stage_logits is None else softmax(self.stage_logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities along the last axis (class scores), computed stably."""
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def clip_classifier(model: torch.nn.Module, weight: torch.Tensor, scale: float, accelerator) -> Classify:

@@ -228,6 +228,7 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
     state.runtime.wait_for_everyone()
     load_weights(state.plain, state.out_dir / "model.safetensors", state.identity)
     test, preds = state.evaluate("test")
+    _, val_preds = state.evaluate("val")
     p, cfg, out_dir = state.progress, state.cfg, state.out_dir
     counts = {g: sum(param.numel() for param in params.values()) for g, params in state.groups.items()}
     summary = {
@@ -247,6 +248,7 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
                                                     sample_images.to(state.runtime.device)))
         with writing(out_dir):
             _write_predictions(out_dir / "predictions.csv", preds, data["test"], data.wheel)
+            _write_predictions(out_dir / "predictions_val.csv", val_preds, data["val"], data.wheel)
             plot_curves(p.records, out_dir / "plots" / "curves.png")
             plot_confusion(test["confusion_matrix"], data.wheel.classes, out_dir / "plots" / "confusion.png")
             plot_stage_weights(p.records, out_dir / "plots" / "stage_weights.png",
@@ -270,13 +272,23 @@ def _write_run_files(out_dir: Path, cfg: Config, wheel: Wheel, identity: dict, s
 
 
 def _write_predictions(path: Path, preds: Predictions, samples: Sequence, wheel: Wheel) -> None:
+    """One row per image, so that every metric can be recomputed from the file: ``path, label,
+    prediction``, the fused probabilities ``p_<class>``, the target distribution ``t_<class>``, each
+    stage's probabilities ``s<k>_<class>`` (k = 1..S) and the fused logits ``z_<class>`` (unrounded:
+    temperature scaling is fitted on them)."""
     probs = preds.probabilities
+    stages = [] if preds.stage_probabilities is None else list(preds.stage_probabilities)
+    classes = wheel.classes
+    header = ["path", "label", "prediction", *[f"p_{c}" for c in classes], *[f"t_{c}" for c in classes],
+              *[f"s{k}_{c}" for k in range(1, len(stages) + 1) for c in classes], *[f"z_{c}" for c in classes]]
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["path", "label", "prediction", *[f"p_{c}" for c in wheel.classes]])
+        writer.writerow(header)
         for i, idx in enumerate(preds.indices):
-            writer.writerow([samples[idx].path, wheel.classes[preds.labels[i]], wheel.classes[probs[i].argmax()],
-                             *[f"{p:.6f}" for p in probs[i]]])
+            writer.writerow([samples[idx].path, classes[preds.labels[i]], classes[probs[i].argmax()],
+                             *[f"{p:.6f}" for p in probs[i]], *[f"{t:.6f}" for t in preds.distributions[i]],
+                             *[f"{p:.6f}" for stage in stages for p in stage[i]],
+                             *[format(float(z), ".9g") for z in preds.logits[i]]])
 
 
 def frozen_classifier(cfg: Config, backbone: Backbone, wheel: Wheel, runtime: Runtime,

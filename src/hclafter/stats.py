@@ -182,7 +182,8 @@ class RunPredictions:
 
 
 def read_predictions(path: Union[str, Path], classes: Optional[Sequence[str]] = None) -> RunPredictions:
-    """Read a run's ``predictions.csv`` (columns ``path, label, prediction, p_<class>...``).
+    """Read a run's ``predictions.csv`` (columns ``path, label, prediction, p_<class>...``, then
+    optional other columns: targets ``t_``, stage probabilities ``s<k>_``, logits ``z_``).
 
     Classes are matched by name: with ``classes`` the probability columns are put in that order
     (the file must hold exactly those classes), else in the file's order.
@@ -190,11 +191,12 @@ def read_predictions(path: Union[str, Path], classes: Optional[Sequence[str]] = 
     path = Path(path)
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))
-    if not rows or rows[0][:3] != ["path", "label", "prediction"] or len(rows[0]) < 4 or \
-            not all(c.startswith("p_") for c in rows[0][3:]):
+    p_columns = [i for i, c in enumerate(rows[0]) if c.startswith("p_")] if rows else []
+    if not rows or rows[0][:3] != ["path", "label", "prediction"] or not p_columns or \
+            p_columns != list(range(3, 3 + len(p_columns))):
         raise PredictionsFileError(f"{path}: the header must be path,label,prediction,p_<class>...; "
                                    f"got {rows[0] if rows else 'an empty file'}")
-    file_classes = [c[2:] for c in rows[0][3:]]
+    file_classes = [rows[0][i][2:] for i in p_columns]
     order = tuple(classes) if classes is not None else tuple(file_classes)
     if sorted(order) != sorted(file_classes) or len(set(order)) != len(order):
         raise PredictionsFileError(f"{path}: holds classes {file_classes}, expected {list(order)}")
@@ -208,7 +210,7 @@ def read_predictions(path: Union[str, Path], classes: Optional[Sequence[str]] = 
         if unknown:
             raise PredictionsFileError(f"{path}:{line}: unknown class {unknown[0]!r} (classes: {list(order)})")
         try:
-            values = [float(v) for v in row[3:]]
+            values = [float(row[i]) for i in p_columns]
         except ValueError as e:
             raise PredictionsFileError(f"{path}:{line}: {e}") from None
         paths.append(row[0])
