@@ -62,3 +62,16 @@ def writing(what: Path) -> Iterator[None]:
     except OSError as e:
         raise RunError(f"cannot write {what}: {e}. Files written earlier are intact (every write is atomic); "
                        "free space or fix permissions, then continue with --resume") from None
+
+
+def not_a_run(folder: Path, missing: str) -> RunError:
+    """The error for a folder that is not a finished run; when it holds runs (e.g. ``runs/demo``,
+    a sweep), it names them, since one of those was probably meant."""
+    folder = Path(folder)
+    # a sweep's runs lie five levels down (runs/dataset/method/variant/seed); deeper is not searched
+    runs = sorted(p.parent for depth in range(1, 7) for p in folder.glob("/".join(["*"] * depth) + "/run.json"))
+    message = f"{folder} is not a finished run: {missing} is missing"
+    if runs:
+        shown = ", ".join(str(r) for r in runs[:8]) + (f" and {len(runs) - 8} more" if len(runs) > 8 else "")
+        message += f". It holds {len(runs)} run(s); pass one of them: {shown}"
+    return RunError(message)

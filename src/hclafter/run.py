@@ -34,8 +34,8 @@ from .evaluation import Classify, Predictions, clip_classifier, efficiency, eval
 from .files import RunError, atomic_write_text, write_json, writing
 from .inference import build_run_model
 from .metrics import HEADLINE
-from .plots import plot_confusion, plot_curves, plot_stage_weights
 from .progress import interactive
+from .report import write_run_figures
 from .runtime import Runtime, cache_dir_of, make_runtime
 from .text import load_templates, train_stage1, zeroshot_weights
 from .training import (TrainingInterrupted, TrainState, build_optimizer, fit, param_groups,
@@ -243,18 +243,15 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
     }
     if state.main:
         _write_run_files(out_dir, cfg, data.wheel, state.identity, summary, started, resume=resume,
-                         extraction_layers=state.plain.extraction_layers,
+                         extraction_layers=state.plain.extraction_layers, stages=state.plain.stages,
+                         hardware=tracking.hardware(state.runtime),
                          efficiency=efficiency(lambda x: state.classify(x, images=True),
                                                     sample_images.to(state.runtime.device)))
         with writing(out_dir):
             _write_predictions(out_dir / "predictions.csv", preds, data["test"], data.wheel)
             _write_predictions(out_dir / "predictions_val.csv", val_preds, data["val"], data.wheel)
-            plot_curves(p.records, out_dir / "plots" / "curves.png")
-            plot_confusion(test["confusion_matrix"], data.wheel.classes, out_dir / "plots" / "confusion.png")
-            plot_stage_weights(p.records, out_dir / "plots" / "stage_weights.png",
-                               layer_names=[[f"L{layer}" for layer in stage] for stage in state.plain.stages])
-        tracking.log_figures(state.runtime, {name: out_dir / "plots" / f"{name}.png"
-                                             for name in ("curves", "confusion", "stage_weights")}, p.global_step)
+            figures = write_run_figures(out_dir)
+        tracking.log_figures(state.runtime, figures, p.global_step)
     return summary
 
 
@@ -319,7 +316,7 @@ def _evaluate_frozen(cfg: Config, out_dir: Path, backbone: Backbone, data: Datas
                "parameters": {"trainable": 0, "added": 0, "by_group": {}},
                "num_samples": {s: len(data[s]) for s in SPLITS}, "skipped": data.skipped_summary()}
     if runtime.is_main_process:
-        _write_run_files(out_dir, cfg, wheel, backbone.identity, summary, started,
+        _write_run_files(out_dir, cfg, wheel, backbone.identity, summary, started, hardware=tracking.hardware(runtime),
                          efficiency=efficiency(classify, images))
     return summary
 
