@@ -121,6 +121,19 @@ def test_the_run_report_has_every_section_and_figure(logged_run, capsys):
         assert width <= 1200, f"{name} is {width} px wide"  # 10 inches: legible at the report's width
 
 
+def test_eval_names_the_split_and_its_size(logged_run, capsys):
+    assert main(["eval", str(logged_run[0]), "--split", "val"]) == 0
+    assert f"{logged_run[0]}: val split, 16 images, checkpoint of epoch" in capsys.readouterr().out
+
+
+def test_commands_on_a_folder_of_runs_name_the_runs(logged_run, capsys):
+    parent = logged_run[0].parent
+    for command in (["eval", str(parent)], ["predict", str(parent), "x.png"], ["report", str(parent)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "is not a finished run" in err and f"pass one of them: {logged_run[0]}" in err, command
+
+
 def test_a_finished_run_is_not_overwritten_and_resume_is_not_advised(logged_run, capsys):
     assert main(["train", "-c", str(TINY_CONFIG), "--out", str(logged_run[0])]) == 2
     err = capsys.readouterr().err
