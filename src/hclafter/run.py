@@ -73,9 +73,9 @@ def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = 
         state.load()
         text_only_metrics = stage1.pop("text_only")
     else:
-        text_only_metrics = {s: evaluate_classifier(text_only, image_sets[s], cfg.data, data.wheel, runtime, show,
-                                                    f"text-only {s}") for s in ("val", "test")}
-        text_only_metrics = {s: {k: m[k] for k in HEADLINE} for s, m in text_only_metrics.items()}
+        text_only_metrics = {s: {k: evaluate_classifier(text_only, image_sets[s], cfg.data, data.wheel, runtime, show,
+                                                        f"text-only {s}")[k] for k in HEADLINE}
+                             for s in ("val", "test")}
         if runtime.is_main_process:
             with writing(out_dir):
                 save_checkpoint(out_dir / "text_classifier.safetensors", {"weight": text_weight}, backbone.identity)
