@@ -457,7 +457,8 @@ def run_sections(run_dir: Path) -> list[Section]:
                 f"{eff.get('latency_ms_per_image', float('nan')):.2f}"]],
               f"Latency: median over batches of {eff.get('latency_batch', '?')} on {hardware_text(info)}",
               label_columns=0),
-        *([Table(["parameter group", "parameters"], by_group)] if by_group else [])]))
+        *([Table(["parameter group", "parameters"], by_group,
+                 "Size of each parameter group; trainable are the groups some phase trains")] if by_group else [])]))
     if run.config_text:
         sections.append(Section("Configuration", [
             "The resolved configuration (`config.yaml`): `hclafter train -c config.yaml --out DIR` re-creates the run.",
