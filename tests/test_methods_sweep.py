@@ -129,6 +129,11 @@ def test_sweep_tables_and_restart_after_a_kill(tmp_path, cache_dir, monkeypatch)
     assert float(rows["lafter"]["accuracy_std"]) >= 0 and "±" in table
     for plot in ("accuracy.png", "train_loss.png", "learned_weights.png"):
         assert (out / "plots" / plot).stat().st_size > 0
+        assert (out / "plots" / plot).with_suffix(".svg").stat().st_size > 0
+    page = (out / "report.html").read_text()  # the sweep's HTML report links every run's own report
+    assert page.count("data:image/svg+xml;base64,") == 3 and "<h2>Runs</h2>" in page
+    assert page.count('report.html">report</a>') == 6
+    assert (out / "runs" / "default" / "zeroshot" / "default" / "seed0" / "report.html").is_file()
 
 
 def test_report_is_a_self_contained_page(tmp_path, cache_dir):
@@ -138,7 +143,7 @@ def test_report_is_a_self_contained_page(tmp_path, cache_dir):
     page = (out / "report.html").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert f"{100 * summary['test']['accuracy']:.2f}" in page
-    assert page.count("data:image/png;base64,") == 3 and "stage 3" in page
+    assert page.count("data:image/svg+xml;base64,") >= 5 and "stage 3 (blocks 10–12)" in page
 
 
 def test_a_phase_that_trains_nothing_of_the_method_is_rejected():

@@ -1,10 +1,12 @@
-"""Each plot function writes a real PNG; the weights plot writes nothing without weights."""
+"""Each plot function writes a real PNG and SVG; the weights plot writes nothing without weights."""
 
 from pathlib import Path
+from xml.etree import ElementTree
 
-import pytest
+import numpy as np
 
-from hclafter.plots import plot_confusion, plot_curves, plot_stage_weights
+from hclafter.plots import (plot_confusion, plot_curves, plot_examples, plot_learned_weights, plot_stage_class_accuracy,
+                            plot_stage_weights, plot_wheel_means, stage_label)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NGA = [[0.0148, 0.1797, 0.8055], [0.18, 0.82], [0.0148, 0.1797, 0.8055]]
@@ -35,30 +37,56 @@ RECORDS = [
 
 
 def assert_png(path: Path) -> None:
+    """A PNG, and the same figure as a well-formed SVG beside it."""
     data = path.read_bytes()
     assert len(data) > len(PNG_SIGNATURE)
     assert data.startswith(PNG_SIGNATURE)
+    svg = ElementTree.parse(path.with_suffix(".svg")).getroot()
+    assert svg.tag == "{http://www.w3.org/2000/svg}svg"
 
 
 def test_plot_curves_skips_missing_keys(tmp_path: Path) -> None:
     path = tmp_path / "curves.png"
-    plot_curves(RECORDS, path)
+    plot_curves(RECORDS, path, best_epoch=2)
     assert_png(path)
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_plot_confusion(tmp_path: Path, normalize: bool) -> None:
+def test_plot_confusion_counts_and_rates(tmp_path: Path) -> None:
     path = tmp_path / "cm.png"
     # Last row is empty: normalisation must not divide by zero.
-    plot_confusion([[3, 1, 0], [0, 2, 0], [0, 0, 0]], ["a", "b", "c"], path, normalize)
+    plot_confusion([[3, 1, 0], [0, 2, 0], [0, 0, 0]], ["a", "b", "c"], path, "test split (6 images)")
     assert_png(path)
 
 
-def test_plot_stage_weights_with_layer_names(tmp_path: Path) -> None:
+def test_stages_are_numbered_from_one_with_their_blocks() -> None:
+    assert stage_label(1, [5, 6, 7]) == "stage 1 (blocks 5–7)"
+    assert stage_label(2, [8, 10]) == "stage 2 (blocks 8, 10)"
+    assert stage_label(3, [12]) == "stage 3 (block 12)"
+    assert stage_label(4) == "stage 4"
+
+
+def test_plot_stage_weights_with_blocks(tmp_path: Path) -> None:
     path = tmp_path / "weights.png"
-    names = [["L3", "L5", "L7"], ["L9", "L11"], ["L3", "L5", "L7"]]
-    plot_stage_weights(RECORDS, path, layer_names=names)
+    plot_stage_weights(RECORDS, path, stages=[[3, 5, 7], [9, 11], [3, 5, 7]], best_epoch=1)
     assert_png(path)
+
+
+def test_distribution_and_stage_figures(tmp_path: Path) -> None:
+    classes = ["a", "b", "c", "d"]
+    target, predicted = np.array([0.4, 0.3, 0.2, 0.1]), np.array([0.25, 0.25, 0.25, 0.25])
+    plot_wheel_means(classes, target, predicted, np.stack([predicted, target]), tmp_path / "wheel.png",
+                     ["stage 1", "stage 2"])
+    assert_png(tmp_path / "wheel.png")
+    plot_stage_class_accuracy({"stage 1": [0.1, 0.2, 0.3, 0.4], "fused": [0.5, 0.5, 0.5, 0.5]}, classes,
+                              tmp_path / "stages.png")
+    assert_png(tmp_path / "stages.png")
+    examples = [{"group": "most confident correct", "image": str(tmp_path / "missing.png"), "title": "a (0.40)",
+                 "predicted": predicted, "target": target}]
+    plot_examples(examples, classes, tmp_path / "examples.png")
+    assert_png(tmp_path / "examples.png")
+    plot_learned_weights({"hybrid": {"nga_weights": NGA, "fusion_weights": [0.2, 0.3, 0.5],
+                                     "stages": [[5, 6, 7], [8, 9], [10, 11, 12]]}}, tmp_path / "learned.png")
+    assert_png(tmp_path / "learned.png")
 
 
 def test_plot_stage_weights_fusion_only(tmp_path: Path) -> None:

@@ -43,6 +43,9 @@ def test_two_cpu_processes_train_one_run_and_count_every_test_image_once(tmp_pat
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("run written to") == 1  # one report, from the first process
+    # output to a pipe: no progress bars, and the epoch lines of the first process only
+    assert "\r" not in done.stdout + done.stderr
+    assert [line[:9] for line in done.stdout.splitlines() if line.startswith("epoch ")] == ["epoch 1/2", "epoch 2/2"]
     summary = json.loads((out / "summary.json").read_text())
     test_images = len((out / "splits" / "test.csv").read_text().splitlines()) - 1
     assert summary["test"]["num_samples"] == test_images == summary["num_samples"]["test"]

@@ -143,6 +143,10 @@ def test_read_predictions_by_class_name(tmp_path):
     f.write_text("path,label,p_fear\n", encoding="utf-8")
     with pytest.raises(stats.PredictionsFileError, match="header"):
         stats.read_predictions(f)
+    # the columns a run writes after the probabilities (targets, stages, logits) are passed over
+    f.write_text("path,label,prediction,p_fear,p_awe,t_fear,t_awe,s1_fear,s1_awe,z_fear,z_awe\n"
+                 "a.png,awe,awe,0.3,0.7,0.1,0.9,0.5,0.5,-0.42,0.43\n", encoding="utf-8")
+    np.testing.assert_allclose(stats.read_predictions(f).probabilities, [[0.3, 0.7]])
 
 
 def test_compare_runs_pools_seeds():

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import json
 import os
 import sys
@@ -9,7 +11,34 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import demo, describe
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config, to_dict
+from .version import __version__
+
+DESCRIPTION = """\
+hclafter: visual emotion recognition with CLIP. Trains and evaluates HybridCascade-LaFTer (a text-trained
+classifier applied to CLIP features read after several image blocks, aggregated per stage and fused),
+its baselines and ablations, and applies trained runs to new images. Every command has --help."""
+
+EXAMPLES = """\
+examples:
+  hclafter demo --out runs/demo                      # the whole method on a synthetic world, nothing downloaded
+  hclafter eval runs/demo/runs/hybrid                # re-evaluate a run on its test split
+  hclafter predict runs/demo/runs/hybrid photos/ --format jsonl > predictions.jsonl
+  hclafter report runs/demo/runs/hybrid              # HTML report: runs/demo/runs/hybrid/report.html
+  hclafter train -c configs/base/vitb32.yaml -c configs/methods/hybrid.yaml -c configs/datasets/fi.yaml \\
+      --out runs/fi-hybrid backbone.pretrained=/data/clip/ViT-B-32.pt data.root=/data/FI
+  hclafter sweep configs/sweeps/smoke.yaml --out runs/smoke
+  hclafter data check --format fi /data/FI"""
+
+# Options that mean the same in every command, explained once: an option of a command registered
+# elsewhere (demo, describe) without its own help gets this one.
+COMMON_HELP = {
+    "--device": "where to compute: auto (a GPU if there is one), cpu or cuda",
+    "--precision": "numeric precision of the forward pass (bf16/fp16: autocast); default: the run's own",
+    "--quiet": "no progress bars (the per-epoch summaries stay)",
+    "--json": "print JSON instead of a table",
+    "run_dir": "a finished run directory (e.g. runs/demo/runs/hybrid)",
+}
 
 
 def _metrics_table(metrics: dict) -> str:
@@ -20,6 +49,33 @@ def _metrics_table(metrics: dict) -> str:
     return "\n".join(f"{name:<22}{value:.4f}" for name, value in rows)
 
 
+def inapplicable_options(cfg: Config) -> list[str]:
+    """Settings that differ from the defaults in sections a frozen baseline never reads (zero-shot
+    CLIP: the model, training and stage-1 settings except the templates; text-only: the model and
+    training settings), so the user learns they were ignored."""
+    if cfg.mode == "train":
+        return []
+    ignored = ("model.", "train.") + (("text.",) if cfg.mode == "zeroshot" else ())
+    kept = ("text.templates", "text.batch_size")
+
+    def flat(node: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in node.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    given, default = flat(to_dict(cfg)), flat(to_dict(Config()))
+    return [k for k, v in given.items() if k.startswith(ignored) and not k.startswith(kept) and v != default.get(k)]
+
+
+def _warn_inapplicable(cfg: Config) -> None:
+    ignored = inapplicable_options(cfg)
+    if ignored:
+        what = "CLIP zero-shot" if cfg.mode == "zeroshot" else "the text-only classifier"
+        print(f"warning: mode={cfg.mode} evaluates {what} without image training; these settings do not apply and "
+              f"are ignored: {', '.join(ignored)}", file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .run import train_run
 
@@ -27,6 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Resuming, overrides apply to the run's own config (so only what they change differs from it).
     base = [out / "config.yaml"] if args.resume and not args.config and (out / "config.yaml").is_file() else []
     cfg = load_config(args.config or base, args.overrides)
+    _warn_inapplicable(cfg)
     summary = train_run(cfg, out, progress=not args.quiet, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun the first process reports
@@ -36,26 +93,58 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .inference import load_run
+def _check_device_flags(args: argparse.Namespace) -> None:
+    """Refuse --device/--precision values this machine cannot honour, naming the flag."""
+    import torch
 
+    from .runtime import DeviceError
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
+    if getattr(args, "precision", None) == "fp16" and (args.device == "cpu" or not torch.cuda.is_available()):
+        raise DeviceError("--precision fp16 needs a CUDA device (CPUs have no fp16 autocast); use --precision bf16 "
+                          "or fp32")
+
+
+def _load_run(args: argparse.Namespace):
+    """The run of ``args.run_dir``, with errors about devices naming this command's flags."""
+    from .inference import load_run
+    from .runtime import DeviceError
+
+    _check_device_flags(args)
+    try:
+        return load_run(args.run_dir, args.device, getattr(args, "precision", None))
+    except DeviceError as e:
+        raise DeviceError(f"{e} (the run's own setting; on the command line use --device / --precision)") from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    run = _load_run(args)
     if args.data is not None or args.overrides:
         from .crossdata import cross_dataset_config, describe_result, evaluate_on
 
         cfg = cross_dataset_config(args.run_dir, args.data, args.overrides)
-        result = evaluate_on(load_run(args.run_dir, args.device, args.precision), cfg.data, args.split,
-                             progress=not args.json)
+        result = evaluate_on(run, cfg.data, args.split, progress=not args.json)
         print(json.dumps(result, indent=2) if args.json else
               describe_result(result) + "\n\n" + _metrics_table(result["metrics"]))
         return 0
-    metrics = load_run(args.run_dir, args.device, args.precision).evaluate(args.split, progress=not args.json)
-    print(json.dumps(metrics, indent=2) if args.json else _metrics_table(metrics))
+    metrics = run.evaluate(args.split, progress=not args.json)
+    summary = run.run_dir / "summary.json"
+    best = json.loads(summary.read_text(encoding="utf-8")).get("best_epoch") if summary.is_file() else None
+    checkpoint = f"checkpoint of epoch {best} (selected on val)" if best else "the run's model"
+    header = f"{run.run_dir}: {args.split} split, {metrics['num_samples']} images, {checkpoint}"
+    if args.json:
+        print(header, file=sys.stderr)
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{header}\n{_metrics_table(metrics)}")
     return 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import analyze_run, format_markdown
 
+    _check_device_flags(args)
     out = Path(args.out) if args.out else Path(args.run_dir) / "analysis"
     result = analyze_run(args.run_dir, out, args.device, progress=not args.quiet)
     print(format_markdown(result))
@@ -63,19 +152,88 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from .inference import load_run
+class PredictionWriter:
+    """Predictions as they stream in, in one of the formats: ``table`` for reading, ``csv`` and
+    ``jsonl`` (always one object per image) for scripts. Unreadable images are reported on stderr
+    as they come, and in the csv/jsonl output with an ``error``."""
 
-    result = load_run(args.run_dir, args.device, args.precision).predict(args.images)
-    items = [{"image": str(path), "label": label,
-              "distribution": {c: round(float(p), 6) for c, p in zip(result.classes, dist)}}
-             for path, label, dist in zip(args.images, result.labels, result.distributions)]
-    if args.json:
-        print(json.dumps(items if len(items) > 1 else items[0], indent=2))
-    else:
-        for item in items:
-            top = sorted(item["distribution"].items(), key=lambda kv: -kv[1])[:3]
-            print(f"{item['image']}: {item['label']}  (" + ", ".join(f"{c} {p:.3f}" for c, p in top) + ")")
+    def __init__(self, fmt: str, classes: Sequence[str], top_k: int, stage_blocks: Optional[list[list[int]]]) -> None:
+        from .plots import stage_label
+
+        self.fmt, self.classes, self.top_k = fmt, list(classes), top_k
+        self.stage_names = [stage_label(s + 1, b) for s, b in enumerate(stage_blocks)] if stage_blocks else []
+        self.stage_blocks = stage_blocks or []
+        self.csv = csv.writer(sys.stdout, lineterminator="\n") if fmt == "csv" else None
+        if self.csv:
+            self.csv.writerow(["path", "label", *[f"p_{c}" for c in classes],
+                               *[f"s{k}_{c}" for k in range(1, len(self.stage_blocks) + 1) for c in classes], "error"])
+
+    def _named(self, distribution) -> dict[str, float]:
+        return {c: round(float(p), 6) for c, p in zip(self.classes, distribution)}
+
+    def _top(self, distribution) -> list[tuple[str, float]]:
+        order = sorted(range(len(self.classes)), key=lambda i: -distribution[i])[:self.top_k]
+        return [(self.classes[i], float(distribution[i])) for i in order]
+
+    def write(self, result) -> None:
+        if result.error is not None:
+            print(f"error: {result.error}", file=sys.stderr)
+        if self.fmt == "jsonl":
+            item = {"image": result.source}
+            if result.error is not None:
+                item["error"] = result.error
+            else:
+                item.update(label=result.label,
+                            top=[{"label": c, "p": round(p, 6)} for c, p in self._top(result.distribution)],
+                            distribution=self._named(result.distribution))
+                if result.stage_distributions is not None:
+                    item["stages"] = [{"stage": s + 1, "blocks": blocks, "label": self.classes[int(d.argmax())],
+                                       "distribution": self._named(d)}
+                                      for s, (blocks, d) in enumerate(zip(self.stage_blocks,
+                                                                          result.stage_distributions))]
+            print(json.dumps(item), flush=True)
+        elif self.csv is not None:
+            if result.error is not None:
+                self.csv.writerow([result.source, "", *[""] * len(self.classes) * (1 + len(self.stage_blocks)),
+                                   result.error])
+            else:
+                stages = [] if result.stage_distributions is None else result.stage_distributions.ravel()
+                self.csv.writerow([result.source, result.label, *[f"{p:.6f}" for p in result.distribution],
+                                   *[f"{p:.6f}" for p in stages], ""])
+            sys.stdout.flush()
+        elif result.error is None:
+            top = ", ".join(f"{c} {p:.3f}" for c, p in self._top(result.distribution))
+            print(f"{result.source}: {result.label}  ({top})", flush=True)
+            for name, d in zip(self.stage_names, result.stage_distributions if result.stage_distributions is not None
+                               else []):
+                print(f"    {name}: {self.classes[int(d.argmax())]} {float(d.max()):.3f}")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .inference import image_sources
+    from .progress import bar
+
+    fmt = "jsonl" if args.json else args.format
+    if not args.images and args.from_list is None:
+        print("error: give image files, folders or patterns, or --from LIST", file=sys.stderr)
+        return 2
+    for flag, value in (("--top-k", args.top_k), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            print(f"error: {flag} must be at least 1, got {value}", file=sys.stderr)
+            return 2
+    run = _load_run(args)
+    sources = image_sources(args.images, args.from_list)
+    writer = PredictionWriter(fmt, run.wheel.classes, args.top_k, run.stage_blocks if args.stages else None)
+    bad = 0
+    # a bar on the terminal while the results go to a file or pipe; on a terminal the lines show progress
+    for result in bar(run.predict_stream(sources, args.batch_size, stages=args.stages), "predict",
+                      enabled=not sys.stdout.isatty(), total=len(sources)):
+        writer.write(result)
+        bad += result.error is not None
+    if bad:
+        print(f"error: {bad} of {len(sources)} input(s) could not be read (listed above); the others were predicted",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -83,10 +241,10 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     from .run import zeroshot_eval
 
     cfg = load_config(args.config, args.overrides)
+    _warn_inapplicable(dataclasses.replace(cfg, mode="zeroshot"))
     metrics = zeroshot_eval(cfg, args.split, progress=not args.json)
     print(json.dumps(metrics, indent=2) if args.json else _metrics_table(metrics))
     return 0
-
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from .data import SPLITS, check_dataset, describe_problems
@@ -142,7 +300,17 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    print(f"report written to {write_report(Path(args.run_dir))}")
+    folder = Path(args.run_dir)
+    if (folder / "sweep.json").is_file():  # a sweep: its tables, figures and report, from the finished runs
+        from .sweep import SweepRun, summarise, write_results
+
+        entries = json.loads((folder / "sweep.json").read_text(encoding="utf-8"))
+        runs = [SweepRun(e["dataset"], e["method"], e["variant"], e["seed"], [], [], Path(e["out"])) for e in entries]
+        done = [r for r in runs if (r.out / "summary.json").is_file()]
+        write_results(summarise(done), done, folder)
+        print(f"sweep report written to {folder / 'report.html'} ({len(done)} of {len(runs)} runs finished)")
+        return 0
+    print(f"report written to {write_report(folder)}")
     return 0
 
 
@@ -156,8 +324,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
+        width = max(map(len, result), default=0) + 2  # a key never runs into its value
         for key, value in result.items():
-            print(f"{key:<30}{value:.4f}" if isinstance(value, float) else f"{key:<30}{value}")
+            print(f"{key:<{width}}{value:.4f}" if isinstance(value, float) else f"{key:<{width}}{value}")
     return 0
 
 
@@ -183,33 +352,61 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
 
+    _check_device_flags(args)
     serve(args.run_dir, args.host, args.port, args.device)
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose options without help (e.g. of a command registered in another
+    module) get the shared explanation of ``COMMON_HELP``; sub-command parsers are of this class too."""
+
+    def add_argument(self, *names: str, **kwargs):
+        if kwargs.get("help") is None and names:
+            kwargs["help"] = COMMON_HELP.get(names[0])
+        return super().add_argument(*names, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hclafter", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="hclafter", description=DESCRIPTION, epilog=EXAMPLES,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"hclafter {__version__}",
+                        help="print the version and exit")
+    parser.set_defaults(func=lambda args: parser.print_help() or 0)  # a bare `hclafter` explains itself
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
                        help="config file; repeat to merge several (later ones win)")
-        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                       help="config overrides, anywhere on the line (e.g. train.phases.0.epochs=1 seed=1)")
 
-    p = sub.add_parser("train", help="stage 1 + stage 2 training into a run directory")
+    def device_options(p: argparse.ArgumentParser, precision: bool = True) -> None:
+        p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                       help="where to compute (default: the run's own setting; auto takes a GPU if there is one)")
+        if precision:
+            p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                           help="forward pass precision (bf16/fp16: autocast; fp16 needs CUDA); default: the run's own")
+
+    p = sub.add_parser("train", help="stage 1 + stage 2 training into a run directory",
+                       description="Train a run (or evaluate a mode=zeroshot|textonly baseline) into --out: config, "
+                                   "splits, metrics.jsonl, summary.json, weights, predictions, figures and TensorBoard "
+                                   "logs (train.log_with). Progress bars on a terminal; one line per epoch and per "
+                                   "evaluation when the output goes to a file.")
     with_config(p)
-    p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True,
+                   help="run directory to write (a new one, or an interrupted one with --resume)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or evaluation lines; the per-epoch "
+                                                        "summaries stay")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its last saved state (its own config)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a finished run on one of its saved splits")
-    p.add_argument("run_dir")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
-    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="default: the run's own")
-    p.add_argument("--json", action="store_true", help="print all metrics as JSON")
+    p.add_argument("run_dir", help=COMMON_HELP["run_dir"])
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which saved split (default test)")
+    device_options(p)
+    p.add_argument("--json", action="store_true", help="print all metrics as JSON (the header goes to stderr)")
     p.add_argument("--data", default=None, metavar="FORMAT:ROOT",
                    help="evaluate on another dataset instead (e.g. fi:/data/FI, synthetic:), split as training "
                         "would; classes are mapped by name, else by polarity")
@@ -220,31 +417,49 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="what each layer and stage knows: linear probes per block of the frozen "
                                        "tower beside the trained stages, per-stage per-class accuracy, stage "
                                        "disagreements (Markdown, JSON, PNG/SVG plot)")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help=COMMON_HELP["run_dir"])
     p.add_argument("--out", default=None, help="output folder (default: RUN/analysis)")
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    device_options(p, precision=False)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("predict", help="top emotion and predicted distribution for image files")
-    p.add_argument("run_dir")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
-    p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"), help="default: the run's own")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("predict", help="emotion predictions for image files, folders, glob patterns or a list",
+                       description="Predict the emotion and its distribution for images, streamed in batches (memory "
+                                   "holds one batch). An image that cannot be read is reported and the others are "
+                                   "still predicted; the exit status is then 1.",
+                       epilog="examples:\n  hclafter predict runs/x photo.jpg\n"
+                              "  hclafter predict runs/x photos/ 'more/**/*.png' --format csv > predictions.csv\n"
+                              "  find /data -name '*.jpg' | hclafter predict runs/x --from - --format jsonl --stages",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help=COMMON_HELP["run_dir"])
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image files, folders (searched recursively) or glob patterns (quoted: 'photos/**/*.jpg')")
+    p.add_argument("--from", dest="from_list", metavar="LIST",
+                   help="also read inputs from this file, one per line (- reads stdin)")
+    p.add_argument("--format", default="table", choices=("table", "csv", "jsonl"),
+                   help="table (default): one line per image; csv: a header, then path, label, p_<class> "
+                        "(and s<k>_<class> with --stages), error; jsonl: one JSON object per image")
+    p.add_argument("--json", action="store_true", help="the same as --format jsonl")
+    p.add_argument("--top-k", type=int, default=3, metavar="K",
+                   help="emotions listed per image in the table and in the JSON 'top' list (default 3)")
+    p.add_argument("--stages", action="store_true",
+                   help="also each stage's own prediction (stages numbered 1..S, with the image blocks each reads)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="images per forward pass (default: the run's data.eval_batch_size)")
+    device_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("zeroshot", help="zero-shot CLIP baseline with the label space's templates")
     with_config(p)
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split (default test)")
+    p.add_argument("--json", action="store_true", help="print all metrics as JSON")
     p.set_defaults(func=cmd_zeroshot)
 
     p = sub.add_parser("sweep", help="run a grid of methods x datasets x overrides x seeds; mean ± std tables")
     p.add_argument("sweep", help="sweep YAML (see configs/sweeps/)")
     p.add_argument("--out", required=True, help="sweep directory (re-running it finishes missing runs only)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every run")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (the per-epoch summaries stay)")
     p.add_argument("--launcher", choices=("slurm",), default=None,
                    help="submit the unfinished runs as a SLURM job array (settings under the sweep file's "
                         "'slurm:' key; needs hclafter[slurm]) instead of running them here")
@@ -256,14 +471,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(otherwise they are refused by name)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("report", help="a self-contained HTML report of one finished run")
-    p.add_argument("run_dir")
+    p = sub.add_parser("report", help="a self-contained HTML report of a finished run or of a sweep")
+    p.add_argument("run_dir", metavar="DIR",
+                   help="a finished run (writes DIR/report.html) or a sweep directory (its report.html and every "
+                        "finished run's)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("bench", help="speed/memory/FLOP ratios: HybridCascade vs LaFTer vs Cascade-CLIP (ViT-B-32)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--prompts", type=int, default=50)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to time (default cpu)")
+    p.add_argument("--batch", type=int, default=32, help="images per timed batch (default 32)")
+    p.add_argument("--prompts", type=int, default=50,
+                   help="visual prompt tokens of the timed models (default 50)")
     p.add_argument("--repeats", type=int, default=5,
                    help="interleaved rounds for the eval timing (half for the slower measurements); minima are compared")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="autocast for the model timings")
@@ -274,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="a run as a Hugging Face model directory or an ONNX graph")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help=COMMON_HELP["run_dir"])
     p.add_argument("--format", required=True, choices=("hf", "onnx"),
                    help="hf: config.json + model.safetensors + README.md model card; onnx: images -> fused "
                         "probabilities and per-stage logits (needs hclafter[onnx])")
@@ -284,17 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="a local web demo of a run (needs hclafter[serve])")
-    p.add_argument("run_dir")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("run_dir", help=COMMON_HELP["run_dir"])
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
-    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    device_options(p, precision=False)
     p.set_defaults(func=cmd_serve)
 
     describe.add_parser(sub)
     demo.add_parser(sub)
 
     p = sub.add_parser("data", help="dataset tools")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="TOOL")
     p = data_sub.add_parser("check", help="validate a dataset root without training: counts per class and split, "
                                           "missing/unreadable files, unknown classes, malformed lines")
     p.add_argument("--format", required=True, help="dataset format (emotion6, emoset, fi, manifest, ...)")

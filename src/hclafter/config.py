@@ -191,6 +191,12 @@ class TrainConfig:
     # Encode each image once and reuse its layer features when the image tower cannot change
     # (no prompts, no LayerNorm or backbone tuning, labels supervision): see feature_cache.py.
     feature_cache: bool = True
+    # Experiment trackers (accelerate's), writing under the run's logs/: tensorboard, wandb (offline),
+    # mlflow (a file store); [] for none.
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 def tuned_groups(train: TrainConfig) -> set[str]:
@@ -407,6 +413,9 @@ def validate(cfg: Config) -> None:
     if cfg.backbone.random_init and cfg.backbone.pretrained is not None:
         raise ConfigError(f"backbone.random_init=true contradicts backbone.pretrained={cfg.backbone.pretrained}; "
                           "drop one of them")
+    unknown_trackers = sorted(set(cfg.train.log_with) - set(TRACKERS))
+    if unknown_trackers:
+        raise ConfigError(f"train.log_with: unknown trackers {unknown_trackers}; valid: {list(TRACKERS)} (or [] for none)")
     ratios = cfg.data.split_ratios
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6 or ratios[1] <= 0:
         raise ConfigError(f"data.split_ratios must be 3 non-negative fractions summing to 1 with val > 0, got {ratios}")

@@ -1,6 +1,7 @@
 """Running a classifier over a split and computing the field's metrics."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -9,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-from tqdm.auto import tqdm
 
 from .config import DataConfig
 from .data import eval_loader
 from .emotions import Wheel
 from .metrics import classification_metrics, ldl_metrics, polarity_accuracy, stage_accuracies
+from .progress import bar, finished
 from .timing import interleaved, per_image_ms
 
 # images → (fused logits [B, C], per-stage logits [S, B, C] or None)
@@ -31,9 +32,18 @@ class Predictions:
 
     @property
     def probabilities(self) -> np.ndarray:
-        z = self.logits - self.logits.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return softmax(self.logits)
+
+    @property
+    def stage_probabilities(self) -> Optional[np.ndarray]:
+        """[S, N, C] each stage's own prediction, or None for a model without stages."""
+        return None if self.stage_logits is None else softmax(self.stage_logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities along the last axis (class scores), computed stably."""
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def clip_classifier(model: torch.nn.Module, weight: torch.Tensor, scale: float, accelerator) -> Classify:
@@ -51,10 +61,12 @@ def clip_classifier(model: torch.nn.Module, weight: torch.Tensor, scale: float, 
 @torch.no_grad()
 def predict(classify: Classify, loader: DataLoader, accelerator=None, desc: str = "eval",
             progress: bool = True) -> Predictions:
-    """Predictions for every sample of ``loader``, in split order, gathered across processes."""
+    """Predictions for every sample of ``loader``, in split order, gathered across processes.
+    ``progress``: a bar on a terminal, else one line when done."""
+    started = time.time()
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logits", "stage", "label", "dist", "index")}
     device = accelerator.device if accelerator is not None else torch.device("cpu")
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    for batch in bar(loader, desc, progress):
         logits, stage = classify(batch["image"].to(device))
         values = {"logits": logits.float(), "label": batch["label"].to(device),
                   "dist": batch["distribution"].to(device), "index": batch["index"].to(device)}
@@ -65,6 +77,7 @@ def predict(classify: Classify, loader: DataLoader, accelerator=None, desc: str 
         for key, value in values.items():
             parts[key].append(value.cpu())
     order = torch.cat(parts["index"]).argsort()
+    finished(desc, f"{len(order)} images", started, progress)
     stage = torch.cat(parts["stage"])[order].transpose(0, 1).numpy() if parts["stage"] else None
     return Predictions(torch.cat(parts["logits"])[order].numpy(), stage, torch.cat(parts["label"])[order].numpy(),
                        torch.cat(parts["dist"])[order].numpy(), torch.cat(parts["index"])[order].numpy())

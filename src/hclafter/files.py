@@ -184,3 +184,16 @@ def clear_run_dir(folder: Path) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+def not_a_run(folder: Path, missing: str) -> RunError:
+    """The error for a folder that is not a finished run; when it holds runs (e.g. ``runs/demo``,
+    a sweep), it names them, since one of those was probably meant."""
+    folder = Path(folder)
+    # a sweep's runs lie five levels down (runs/dataset/method/variant/seed); deeper is not searched
+    runs = sorted(p.parent for depth in range(1, 7) for p in folder.glob("/".join(["*"] * depth) + "/run.json"))
+    message = f"{folder} is not a finished run: {missing} is missing"
+    if runs:
+        shown = ", ".join(str(r) for r in runs[:8]) + (f" and {len(runs) - 8} more" if len(runs) > 8 else "")
+        message += f". It holds {len(runs)} run(s); pass one of them: {shown}"
+    return RunError(message)

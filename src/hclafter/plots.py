@@ -1,5 +1,8 @@
-"""PNG figures for training runs: learning curves, confusion matrices and NGA/fusion weights.
+"""Figures of runs and sweeps, written as PNG and SVG side by side.
 
+Every figure is at most 10 inches wide with text of at least 9 points, so it stays legible when a
+report shows it at its column width (about 1000 pixels); weights and accuracies use a 0–1 axis so
+that figures can be compared; stages are numbered 1..S and named with the blocks they hold.
 Uses the Agg backend so plotting works on headless training machines.
 """
 
@@ -8,6 +11,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -17,79 +21,122 @@ import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from .files import atomic_write_bytes  # noqa: E402
 
-ACCURACY_KEYS = ("train_accuracy", "val_accuracy", "val_macro_f1")
+WIDTH = 10.0  # inches: the report's column at 100 dpi
+plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9, "xtick.labelsize": 9,
+                     "ytick.labelsize": 9, "svg.hashsalt": "hclafter", "svg.fonttype": "path"})
+FUSED_COLOR = "black"
 
 
 def save_figure(fig: Figure, path: Path) -> None:
-    """Write the figure as PNG, atomically (a kill leaves the old file or the new one), and close it
-    so long runs do not accumulate open figures."""
+    """Write the figure as ``path`` (PNG) and the same name with ``.svg``, each atomically (a kill
+    leaves the old file or the new one), then close it so long runs do not accumulate open figures."""
+    path = Path(path)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
+    for suffix, options in ((".png", {"dpi": 120}), (".svg", {"metadata": {"Date": None}})):
+        data = io.BytesIO()
+        fig.savefig(data, format=suffix[1:], **options)
+        atomic_write_bytes(path.with_suffix(suffix), data.getvalue())
     plt.close(fig)
-    atomic_write_bytes(Path(path), png.getvalue())
 
 
-def _plot_key(ax: Axes, records: list[dict], key: str) -> None:
+def stage_label(stage: int, blocks: Sequence[int] | None = None) -> str:
+    """"stage 2 (blocks 8–9)": stages count from 1 everywhere, with the image blocks each reads."""
+    if not blocks:
+        return f"stage {stage}"
+    blocks = list(blocks)
+    if len(blocks) == 1:
+        return f"stage {stage} (block {blocks[0]})"
+    consecutive = blocks == list(range(blocks[0], blocks[-1] + 1))
+    names = f"{blocks[0]}–{blocks[-1]}" if consecutive else ", ".join(map(str, blocks))
+    return f"stage {stage} (blocks {names})"
+
+
+def _stage_colors(n: int) -> list:
+    return [plt.get_cmap("viridis")(x) for x in np.linspace(0.1, 0.85, max(n, 1))]
+
+
+def _epoch_axis(ax: Axes) -> None:
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _plot_key(ax: Axes, records: list[dict], key: str, label: str, **style) -> None:
     """Plot one scalar key vs epoch, skipping records where it is missing."""
     points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
     if points:
         epochs, values = zip(*points)
-        ax.plot(epochs, values, marker="o", markersize=3, label=key)
+        ax.plot(epochs, values, marker="o", markersize=3, label=label, **style)
 
 
-def plot_curves(records: list[dict], path: Path) -> None:
-    """Loss panel (every ``train_*loss`` key) and accuracy/F1 panel vs epoch."""
-    loss_keys = list(
-        dict.fromkeys(
-            k for r in records for k in r if k.startswith("train_") and k.endswith("loss")
-        )
-    )
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in loss_keys:
-        _plot_key(loss_ax, records, key)
-    for key in ACCURACY_KEYS:
-        _plot_key(acc_ax, records, key)
-    for ax, title in ((loss_ax, "Loss"), (acc_ax, "Accuracy / macro-F1")):
+def _mark_phases_and_selection(ax: Axes, records: list[dict], best_epoch: Optional[int]) -> None:
+    """Dashed lines between training phases (labelled at the top) and the selected epoch."""
+    phases = [(r["epoch"], r["phase"]) for r in records if "phase" in r]
+    for (_, previous), (epoch, phase) in zip(phases, phases[1:]):
+        if phase != previous:
+            ax.axvline(epoch - 0.5, color="grey", linestyle="--", linewidth=1)
+    spans: dict[int, list[int]] = {}
+    for epoch, phase in phases:
+        spans.setdefault(phase, []).append(epoch)
+    if len(spans) > 1:
+        for phase, epochs in spans.items():
+            ax.annotate(f"phase {phase}", ((epochs[0] + epochs[-1]) / 2, 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(0, -3), textcoords="offset points", ha="center", va="top", fontsize=9,
+                        color="dimgrey", bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
+    if best_epoch:
+        ax.axvline(best_epoch, color="tab:red", linewidth=1.5, alpha=0.6, label=f"selected (epoch {best_epoch})")
+
+
+def plot_curves(records: list[dict], path: Path, best_epoch: Optional[int] = None) -> None:
+    """Losses (train total, task and consistency; validation task loss) and accuracies (train, val,
+    val macro-F1 on 0–1) against epoch, with the phase boundaries and the epoch selected on val."""
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(WIDTH, 4.2))
+    for key, label, style in (("train_loss", "train loss", {}), ("train_task_loss", "train task loss",
+                                                                 {"linestyle": ":"}),
+                              ("train_consistency_loss", "train consistency loss", {"linestyle": "-."}),
+                              ("val_loss", "val task loss", {"color": "tab:orange"})):
+        if any(r.get(key) for r in records):  # a loss that is 0 throughout (consistency off) adds nothing
+            _plot_key(loss_ax, records, key, label, **style)
+    for key, label in (("train_accuracy", "train accuracy"), ("val_accuracy", "val accuracy"),
+                       ("val_macro_f1", "val macro-F1")):
+        _plot_key(acc_ax, records, key, label)
+    acc_ax.set_ylim(0, 1)
+    for ax, title in ((loss_ax, "Loss"), (acc_ax, "Accuracy")):
         ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+        _epoch_axis(ax)
+        _mark_phases_and_selection(ax, records, best_epoch)
         if ax.lines:
-            ax.legend(fontsize=8)
+            ax.legend(loc="best")
     save_figure(fig, path)
 
 
-def plot_confusion(
-    cm: Sequence[Sequence[int]],
-    class_names: Sequence[str],
-    path: Path,
-    normalize: bool = True,
-) -> None:
-    """Confusion heat map (rows = true class); ``normalize`` shows per-class recall rates."""
-    matrix = np.asarray(cm, dtype=np.float64)
-    if normalize:
-        row_sums = matrix.sum(axis=1, keepdims=True)
-        matrix = np.divide(matrix, row_sums, out=np.zeros_like(matrix), where=row_sums > 0)
+def plot_confusion(cm: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str = "") -> None:
+    """The confusion matrix twice (rows = true class): image counts, and row-normalised (recall
+    per class, 0–1); ``title`` names the split and checkpoint."""
+    counts = np.asarray(cm, dtype=np.float64)
+    rows = counts.sum(axis=1, keepdims=True)
+    rates = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
     n = len(class_names)
-    size = max(4.0, 0.6 * n + 2.0)
-    fig, ax = plt.subplots(figsize=(size, size))
-    image = ax.imshow(matrix, cmap="Blues", vmin=0.0, vmax=1.0 if normalize else None)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    threshold = matrix.max() / 2 if matrix.size else 0.0
-    for i in range(n):
-        for j in range(n):
-            text = f"{matrix[i, j]:.2f}" if normalize else str(int(matrix[i, j]))
-            color = "white" if matrix[i, j] > threshold else "black"
-            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
-    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("Confusion matrix" + (" (row-normalised)" if normalize else ""))
+    fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 0.3 * n + 2.4))
+    for ax, matrix, normalised in ((axes[0], counts, False), (axes[1], rates, True)):
+        top = 1.0 if normalised else max(matrix.max(), 1.0)
+        image = ax.imshow(matrix, cmap="Blues", vmin=0.0, vmax=top)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        for i in range(n):
+            for j in range(n):
+                text = f"{matrix[i, j]:.2f}" if normalised else str(int(matrix[i, j]))
+                ax.text(j, i, text, ha="center", va="center", fontsize=8 if n > 8 else 9,
+                        color="white" if matrix[i, j] > top / 2 else "black")
+        ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(n), class_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title("row-normalised (recall)" if normalised else "images")
+    fig.suptitle(f"Confusion matrix{': ' + title if title else ''}")
     save_figure(fig, path)
 
 
@@ -102,116 +149,242 @@ def _nested(value: object, index: Sequence[int]) -> float | None:
     return float(value)
 
 
-def _plot_weight_series(
-    ax: Axes, records: list[dict], key: str, index: Sequence[int], label: str
-) -> None:
+def _plot_weight_series(ax: Axes, records: list[dict], key: str, index: Sequence[int], label: str,
+                        color=None) -> None:
     """Plot ``record[key][index...]`` vs epoch for the records that have that entry."""
-    points = [
-        (r["epoch"], v) for r in records if (v := _nested(r.get(key), index)) is not None
-    ]
+    points = [(r["epoch"], v) for r in records if (v := _nested(r.get(key), index)) is not None]
     if points:
         epochs, values = zip(*points)
-        ax.plot(epochs, values, marker="o", markersize=3, label=label)
+        ax.plot(epochs, values, marker="o", markersize=3, label=label, color=color)
 
 
-def plot_stage_weights(
-    records: list[dict],
-    path: Path,
-    layer_names: list[list[str]] | None = None,
-) -> None:
-    """One panel per stage with its NGA layer weights, plus one with the stage fusion weights.
-
-    Shows how the learned layer selection and stage fusion evolve; writes nothing when the
-    records carry neither kind of weight (e.g. a model without NGA or fusion).
-    """
-    nga = [r["nga_weights"] for r in records if r.get("nga_weights") is not None]
-    fusion = [r["fusion_weights"] for r in records if r.get("fusion_weights") is not None]
+def plot_stage_weights(records: list[dict], path: Path, stages: Sequence[Sequence[int]] | None = None,
+                       best_epoch: Optional[int] = None) -> None:
+    """One panel per stage with its NGA weight on each block, and one with the stage fusion
+    weights, all on 0–1 against epoch; panels wrap at three per row. Writes nothing when the
+    records carry neither kind of weight (e.g. a model without NGA or fusion)."""
+    nga = [r["nga_weights"] for r in records if r.get("nga_weights")]
+    fusion = [r["fusion_weights"] for r in records if r.get("fusion_weights")]
     if not nga and not fusion:
         return
-    layers_per_stage = [
-        max((len(w[s]) for w in nga if s < len(w)), default=0)
-        for s in range(max((len(w) for w in nga), default=0))
-    ]
-    num_panels = len(layers_per_stage) + bool(fusion)
-    fig, axes = plt.subplots(1, num_panels, figsize=(4 * num_panels, 3.5), squeeze=False)
-    for s, num_layers in enumerate(layers_per_stage):
-        ax = axes[0, s]
-        for k in range(num_layers):
-            label = layer_names[s][k] if layer_names is not None else f"k={k}"
-            _plot_weight_series(ax, records, "nga_weights", (s, k), label)
-        ax.set_title(f"NGA weights, stage {s}")
-    if fusion:
-        ax = axes[0, -1]
-        for s in range(max(len(w) for w in fusion)):
-            _plot_weight_series(ax, records, "fusion_weights", (s,), f"stage {s}")
-        ax.set_title("Fusion weights")
-    for ax in axes[0]:
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    num_stages = max([len(w) for w in nga] + [len(w) for w in fusion])
+    layers_per_stage = [max((len(w[s]) for w in nga if s < len(w)), default=0) for s in range(num_stages)]
+    panels = [s for s in range(num_stages) if layers_per_stage[s] > 1] + (["fusion"] if fusion else [])
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(WIDTH, 3.2 * rows), squeeze=False)
+    colors = _stage_colors(num_stages)
+    for ax, panel in zip(axes.flat, panels):
+        if panel == "fusion":
+            for s in range(num_stages):
+                _plot_weight_series(ax, records, "fusion_weights", (s,),
+                                    stage_label(s + 1, stages[s] if stages else None), colors[s])
+            ax.set_title("Stage fusion weights")
+        else:
+            blocks = list(stages[panel]) if stages else []
+            for k in range(layers_per_stage[panel]):
+                _plot_weight_series(ax, records, "nga_weights", (panel, k),
+                                    f"block {blocks[k]}" if k < len(blocks) else f"layer {k + 1}")
+            ax.set_title(f"NGA weights, {stage_label(panel + 1, blocks)}")
+        ax.set_ylim(0, 1)
         ax.set_ylabel("weight")
-        ax.grid(alpha=0.3)
+        _epoch_axis(ax)
+        if best_epoch:
+            ax.axvline(best_epoch, color="tab:red", linewidth=1.2, alpha=0.5)
         if ax.lines:
-            ax.legend(fontsize=8)
+            ax.legend(loc="best")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     save_figure(fig, path)
 
 
-def plot_method_bars(rows: list[dict], key: str, path: Path, ylabel: str) -> None:
-    """Mean ± std of ``key`` per method (one bar group per dataset), from sweep result rows."""
+def plot_stage_class_accuracy(per_class: dict[str, list[float]], classes: Sequence[str], path: Path,
+                              title: str = "") -> None:
+    """Accuracy (recall) per class of each stage's own prediction and of the fused one, as grouped
+    bars on 0–1: which stage recognises which emotion. ``per_class`` maps a series name to C values."""
+    names = list(per_class)
+    stage_names = [n for n in names if n != "fused"]
+    colors = dict(zip(stage_names, _stage_colors(len(stage_names))))
+    colors["fused"] = FUSED_COLOR
+    fig, ax = plt.subplots(figsize=(WIDTH, 4.2))
+    width = 0.8 / len(names)
+    x = np.arange(len(classes))
+    for i, name in enumerate(names):
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, per_class[name], width, label=name, color=colors[name])
+    ax.set_xticks(x, classes, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (recall)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(ncol=min(len(names), 4), loc="upper center", bbox_to_anchor=(0.5, -0.28))
+    ax.set_title(title or "Accuracy per class of each stage")
+    save_figure(fig, path)
+
+
+def _radar(ax: Axes, classes: Sequence[str], series: dict[str, np.ndarray], styles: dict[str, dict],
+           top: Optional[float] = None, labels: bool = True) -> None:
+    """Distributions over the emotion wheel, classes in wheel order around the circle."""
+    angles = np.linspace(0, 2 * np.pi, len(classes), endpoint=False)
+    closed = np.concatenate([angles, angles[:1]])
+    for name, values in series.items():
+        style = dict(styles.get(name, {}))
+        fill = style.pop("fill", True)
+        values = np.concatenate([values, values[:1]])
+        ax.plot(closed, values, label=name, **style)
+        if fill:
+            ax.fill(closed, values, alpha=0.12, color=ax.lines[-1].get_color())
+    ax.set_theta_offset(np.pi / 2)
+    ax.set_theta_direction(-1)
+    ax.set_xticks(angles, classes if labels else [""] * len(classes), fontsize=9)
+    ax.set_ylim(0, top or max(0.05, max(float(v.max()) for v in series.values()) * 1.1))
+    ax.yaxis.set_major_locator(MaxNLocator(3))
+    ax.set_rlabel_position(180 / len(classes))  # between the first two classes, clear of their names
+    ax.tick_params(axis="y", labelsize=7, labelcolor="dimgrey")
+
+
+def plot_wheel_means(classes: Sequence[str], target: np.ndarray, predicted: np.ndarray,
+                     stages: Optional[np.ndarray], path: Path, stage_names: Sequence[str] = (),
+                     title: str = "") -> None:
+    """The mean predicted and target distributions over a split on the emotion wheel (polar plot);
+    with ``stages`` [S, C], a second wheel with each stage's mean prediction."""
+    panels = 2 if stages is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(WIDTH if panels == 2 else 5.2, 4.8),
+                             subplot_kw={"projection": "polar"}, squeeze=False)
+    top = 1.1 * max(float(target.max()), float(predicted.max()),
+                    float(stages.max()) if stages is not None else 0.0)
+    styles = {"target": {"color": "tab:orange", "linewidth": 2}, "predicted (fused)": {"color": FUSED_COLOR}}
+    _radar(axes[0, 0], classes, {"target": target, "predicted (fused)": predicted}, styles, top)
+    axes[0, 0].set_title("Mean distribution: target vs predicted", pad=18)
+    axes[0, 0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
+    if stages is not None:
+        names = list(stage_names) or [f"stage {s + 1}" for s in range(len(stages))]
+        colors = _stage_colors(len(stages))
+        series = {"target": target, **dict(zip(names, stages))}
+        stage_styles = {"target": {"color": "tab:orange", "linewidth": 2, "fill": False},
+                        **{n: {"color": c, "fill": False} for n, c in zip(names, colors)}}
+        _radar(axes[0, 1], classes, series, stage_styles, top)
+        axes[0, 1].set_title("Mean distribution of each stage", pad=18)
+        axes[0, 1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def plot_examples(examples: Sequence[dict], classes: Sequence[str], path: Path, per_row: int = 3) -> None:
+    """Example images, each above its predicted and target distributions on the emotion wheel.
+    Each example: ``image`` (path), ``title``, ``predicted`` [C], ``target`` [C] or None, and
+    ``group`` (e.g. "most confident correct"); one band of rows per group."""
+    groups = list(dict.fromkeys(e["group"] for e in examples))
+    if not groups:
+        return
+    bands = [[e for e in examples if e["group"] == g] for g in groups]
+    rows = sum(2 * -(-len(band) // per_row) for band in bands)
+    fig = plt.figure(figsize=(WIDTH, 3.0 * rows))
+    grid = fig.add_gridspec(rows, per_row, height_ratios=[1.15, 1.65] * (rows // 2))
+    row = 0
+    styles = {"target": {"color": "tab:orange", "linewidth": 2}, "predicted": {"color": FUSED_COLOR}}
+    for group, band in zip(groups, bands):
+        for start in range(0, len(band), per_row):
+            for col, example in enumerate(band[start:start + per_row]):
+                image_ax = fig.add_subplot(grid[row, col])
+                try:
+                    image = Image.open(example["image"]).convert("RGB")
+                    image.thumbnail((256, 256))  # a photograph is not embedded at full size in the SVG
+                    image_ax.imshow(image)
+                except OSError:
+                    image_ax.text(0.5, 0.5, "image not found", ha="center", va="center")
+                image_ax.set_axis_off()
+                image_ax.set_title(example["title"], fontsize=9)
+                if col == 0:
+                    image_ax.text(-0.15, 0.5, group, transform=image_ax.transAxes, rotation=90, ha="center",
+                                  va="center", fontsize=10, fontweight="bold")
+                wheel_ax = fig.add_subplot(grid[row + 1, col], projection="polar")
+                series = {"predicted": np.asarray(example["predicted"])}
+                if example.get("target") is not None:
+                    series["target"] = np.asarray(example["target"])
+                _radar(wheel_ax, classes, series, styles)
+            row += 2
+    handles = [plt.Line2D([], [], **styles["predicted"]), plt.Line2D([], [], **styles["target"])]
+    fig.legend(handles, ["predicted distribution", "target distribution"], loc="lower center", ncol=2)
+    fig.tight_layout(rect=(0.02, 0.03, 1, 1))
+    save_figure(fig, path)
+
+
+def plot_method_bars(rows: list[dict], key: str, path: Path, ylabel: str, chance: Optional[float] = None) -> None:
+    """Mean ± std of ``key`` per method (one bar group per dataset), from sweep result rows, on 0–1."""
     if not rows:
         return
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(methods) * len(datasets) + 2), 4))
+    methods = list(dict.fromkeys(r["method"] + (f" ({r['variant']})" if r.get("variant") else "") for r in rows))
+    fig, ax = plt.subplots(figsize=(min(WIDTH, max(6.0, 0.7 * len(methods) * len(datasets) + 2)), 4.2))
     width = 0.8 / len(datasets)
     for d, dataset in enumerate(datasets):
-        by_method = {r["method"]: r for r in rows if r["dataset"] == dataset}
+        by_method = {r["method"] + (f" ({r['variant']})" if r.get("variant") else ""): r
+                     for r in rows if r["dataset"] == dataset}
         xs = [m + d * width for m in range(len(methods)) if methods[m] in by_method]
         means = [by_method[m][f"{key}_mean"] for m in methods if m in by_method]
         stds = [by_method[m][f"{key}_std"] for m in methods if m in by_method]
-        ax.bar(xs, means, width, yerr=stds, capsize=3, label=dataset)
+        bars = ax.bar(xs, means, width, yerr=stds, capsize=3, label=dataset)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
     ax.set_xticks([m + 0.4 - width / 2 for m in range(len(methods))])
-    ax.set_xticklabels(methods, rotation=35, ha="right")
+    ax.set_xticklabels(methods, rotation=30, ha="right")
     ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
     ax.grid(True, axis="y", alpha=0.3)
-    if len(datasets) > 1:
-        ax.legend(fontsize=8)
+    if len(datasets) > 1 or chance is not None:
+        ax.legend()
     save_figure(fig, path)
 
 
-def plot_overlaid_curves(curves: dict[str, list[dict]], key: str, path: Path) -> None:
-    """One line per method: ``key`` against epoch (e.g. the training loss of each method's first seed)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for method, records in curves.items():
-        points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), marker="o", markersize=3, label=method)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(key)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, ncol=2)
+def plot_overlaid_curves(curves: dict[str, list[dict]], keys: Sequence[str], path: Path,
+                         titles: Sequence[str] = ()) -> None:
+    """One panel per key (e.g. train loss, val loss), one line per method against epoch."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(WIDTH, 4.2), squeeze=False)
+    for i, (ax, key) in enumerate(zip(axes[0], keys)):
+        for method, records in curves.items():
+            _plot_key(ax, records, key, method)
+        ax.set_title(titles[i] if i < len(titles) else key)
+        _epoch_axis(ax)
+        if key.endswith(("accuracy", "f1")):
+            ax.set_ylim(0, 1)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4))
+        fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 4), 1, 1))
     save_figure(fig, path)
 
 
 def plot_learned_weights(weights: dict[str, dict], path: Path) -> None:
-    """Final NGA weights per stage and fusion weights of each run that has them, as bar charts."""
+    """Final NGA weights (per block, grouped by stage) and stage fusion weights of each run that has
+    them, as bars on 0–1. ``weights[name]``: ``nga_weights``, ``fusion_weights``, optional ``stages``."""
     runs = {name: w for name, w in weights.items() if w.get("nga_weights") or w.get("fusion_weights")}
     if not runs:
         return
-    fig, axes = plt.subplots(len(runs), 2, figsize=(9, 2.4 * len(runs)), squeeze=False)
+    fig, axes = plt.subplots(len(runs), 2, figsize=(WIDTH, 2.6 * len(runs) + 0.6), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 1]})
     for (name, w), (ax_nga, ax_fusion) in zip(runs.items(), axes):
-        labels, values = [], []
-        for s, stage in enumerate(w.get("nga_weights") or []):
-            labels += [f"s{s + 1}.{k}" for k in range(len(stage))]
-            values += stage
-        ax_nga.bar(range(len(values)), values)
-        ax_nga.set_xticks(range(len(values)))
-        ax_nga.set_xticklabels(labels, fontsize=7, rotation=90)
-        ax_nga.set_title(f"{name}: NGA weights", fontsize=9)
+        stages = w.get("stages") or []
+        nga = w.get("nga_weights") or []
+        colors = _stage_colors(max(len(nga), len(w.get("fusion_weights") or [])))
+        x, labels, position = [], [], 0
+        for s, stage in enumerate(nga):
+            blocks = list(stages[s]) if s < len(stages) else []
+            xs = list(range(position, position + len(stage)))
+            ax_nga.bar(xs, stage, color=colors[s], label=stage_label(s + 1, blocks))
+            x += xs
+            labels += [f"b{blocks[k]}" if k < len(blocks) else f"{s + 1}.{k + 1}" for k in range(len(stage))]
+            position += len(stage) + 1
+        ax_nga.set_xticks(x, labels, fontsize=8)
+        ax_nga.set_ylim(0, 1)
+        ax_nga.set_title(f"{name}: NGA weights per block")
+        if nga:
+            ax_nga.legend(fontsize=8, ncol=min(len(nga), 3), loc="upper left")
         fusion = w.get("fusion_weights") or []
-        ax_fusion.bar(range(len(fusion)), fusion)
-        ax_fusion.set_xticks(range(len(fusion)))
-        ax_fusion.set_xticklabels([f"stage {s + 1}" for s in range(len(fusion))], fontsize=7)
-        ax_fusion.set_title(f"{name}: fusion weights", fontsize=9)
+        ax_fusion.bar(range(len(fusion)), fusion, color=colors[:len(fusion)])
+        ax_fusion.set_xticks(range(len(fusion)), [f"stage {s + 1}" for s in range(len(fusion))])
+        ax_fusion.set_ylim(0, 1)
+        ax_fusion.set_title(f"{name}: fusion weights")
+        for ax in (ax_nga, ax_fusion):
+            ax.grid(True, axis="y", alpha=0.3)
     save_figure(fig, path)

@@ -23,6 +23,7 @@ import torch
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
+from . import tracking
 from .version import __version__
 from .backbone import Backbone, backbone_from_config
 from .checkpoint import (config_differences, load_checkpoint, load_weights, run_fingerprint, save_checkpoint,
@@ -37,7 +38,8 @@ from .evaluation import (Classify, Predictions, clip_classifier, compute_metrics
 from .files import RunError, atomic_write_text, read_json, run_lock, write_json, writing
 from .inference import build_run_model, load_run
 from .metrics import HEADLINE
-from .plots import plot_confusion, plot_curves, plot_stage_weights
+from .progress import interactive
+from .report import write_run_figures
 from .runtime import Runtime, cache_dir_of, make_runtime
 from .text import load_templates, train_stage1, zeroshot_weights
 from .training import (TrainingInterrupted, TrainState, build_optimizer, fit, param_groups,
@@ -62,7 +64,7 @@ def _train_run(cfg: Config, out_dir: Path, progress: bool, resume: bool) -> dict
     started = time.time()
     resolve_paths(cfg)
     cfg = _prepare_out_dir(cfg, out_dir, resume)
-    runtime = make_runtime(cfg)
+    runtime = make_runtime(cfg, tracking.tracker_names(cfg), tracking.logs_dir(out_dir))
     show = progress and runtime.is_main_process
     set_seed(cfg.seed)
     cache = cache_dir_of(cfg)
@@ -97,9 +99,13 @@ def _train_run(cfg: Config, out_dir: Path, progress: bool, resume: bool) -> dict
                 write_json(out_dir / "checkpoints" / "stage1.json", {**stage1, "text_only": text_only_metrics})
         state.save()
     state.rewrite_log()
-    with _stop_requests() as stop:
-        fit(state, stop)
-    return _finish(state, data, stage1, text_only_metrics, sample_images, started, resume)
+    tracking.start(runtime, cfg, out_dir)
+    try:
+        with _stop_requests() as stop:
+            fit(state, stop)
+        return _finish(state, data, stage1, text_only_metrics, sample_images, started, resume)
+    finally:
+        tracking.finish(runtime)
 
 
 def resolve_paths(cfg: Config) -> None:
@@ -116,8 +122,12 @@ def _prepare_out_dir(cfg: Config, out_dir: Path, resume: bool) -> Config:
     its checkpoint was trained with (and agree with the one given)."""
     has_state = (out_dir / "checkpoints" / "latest.json").is_file()
     if not resume:
-        if has_state or (out_dir / "summary.json").is_file():
-            raise RunError(f"{out_dir} already holds a run; continue it with --resume, or choose another --out")
+        if (out_dir / "summary.json").is_file():
+            raise RunError(f"{out_dir} already holds a finished run; choose another --out (or delete that folder "
+                           "to train it again)")
+        if has_state:
+            raise RunError(f"{out_dir} already holds an interrupted run; continue it with --resume, or choose "
+                           "another --out")
         return cfg
     if not has_state:
         raise RunError(f"{out_dir}: nothing to resume (no checkpoints/latest.json); start it without --resume")
@@ -206,7 +216,8 @@ def _prepare_training(cfg: Config, out_dir: Path, backbone: Backbone, data: Data
         model.to(runtime.device)
         with runtime.main_process_first():
             datasets = cached_datasets(model, datasets, wheel, backbone.preprocess, backbone.identity,
-                                       backbone.preprocess_cfg, cache, cfg.data.eval_batch_size, runtime.device, show)
+                                       backbone.preprocess_cfg, cache, cfg.data.eval_batch_size, runtime.device,
+                                       show and interactive())
     loaders = {split: make_loader(datasets[split], cfg.data.batch_size if split == "train" else cfg.data.eval_batch_size,
                                   shuffle=split == "train", seed=cfg.seed, num_workers=cfg.data.num_workers,
                                   pin_memory=runtime.device.type == "cuda")
@@ -289,6 +300,7 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
     load_weights(state.plain, state.out_dir / "model.safetensors", state.identity)
     _, val_preds = state.evaluate("val")
     test, preds = state.evaluate("test")
+    _, val_preds = state.evaluate("val")
     p, cfg, out_dir = state.progress, state.cfg, state.out_dir
     summary = {
         "val": p.best_val, "test": test, "test_last": test_last, "text_only": text_only_metrics,
@@ -303,17 +315,17 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
     if weights is not None:
         summary["image_fusion_weights"] = weights
     if state.main:
+        _write_run_info(out_dir, cfg, data.wheel, state.identity, started, resume=resume,
+                        extraction_layers=state.plain.extraction_layers, stages=state.plain.stages,
+                        hardware=tracking.hardware(state.runtime),
+                        efficiency=efficiency(lambda x: state.classify(x, images=True),
+                                              sample_images.to(state.runtime.device)))
         with writing(out_dir):
             _write_predictions(out_dir / "predictions.csv", preds, data["test"], data.wheel)
             _write_predictions(out_dir / "predictions_val.csv", val_preds, data["val"], data.wheel)
-            plot_curves(p.records, out_dir / "plots" / "curves.png")
-            plot_confusion(test["confusion_matrix"], data.wheel.classes, out_dir / "plots" / "confusion.png")
-            plot_stage_weights(p.records, out_dir / "plots" / "stage_weights.png",
-                               layer_names=[[f"L{layer}" for layer in stage] for stage in state.plain.stages])
-        _write_run_files(out_dir, cfg, data.wheel, state.identity, summary, started, resume=resume,
-                         extraction_layers=state.plain.extraction_layers,
-                         efficiency=efficiency(lambda x: state.classify(x, images=True),
-                                                    sample_images.to(state.runtime.device)))
+            figures = write_run_figures(out_dir, summary)
+            tracking.log_figures(state.runtime, figures, p.global_step)
+            write_json(out_dir / "summary.json", summary)  # last: it marks the run as finished
     return summary
 
 
@@ -336,11 +348,11 @@ def _image_fusion_weights(state: TrainState, wheel: Wheel) -> Optional[dict]:
             "per_class": {c: w[y == i].mean(0).tolist() for i, c in enumerate(wheel.classes) if (y == i).any()}}
 
 
-def _write_run_files(out_dir: Path, cfg: Config, wheel: Wheel, identity: dict, summary: dict, started: float,
-                     **extra: Any) -> None:
-    """``summary.json`` holds what the run computed (reproducible to the bit on CPU); ``run.json``
-    what describes it, timings included (latency, wall time), which vary between machines, and the
-    config and split lists it was made with (:func:`verify_run_files` checks them on loading)."""
+def _write_run_info(out_dir: Path, cfg: Config, wheel: Wheel, identity: dict, started: float, **extra: Any) -> None:
+    """``run.json``: what describes the run, timings included (latency, wall time), which vary
+    between machines, and the config and split lists it was made with (:func:`verify_run_files`
+    checks them on loading). ``summary.json`` holds what the run computed (reproducible to the bit
+    on CPU) and is written last."""
     record = run_fingerprint(to_dict(cfg), out_dir / "splits")
     with writing(out_dir):
         write_json(out_dir / "run.json", {"classes": list(wheel.classes), "label_space": wheel.name,
@@ -349,23 +361,26 @@ def _write_run_files(out_dir: Path, cfg: Config, wheel: Wheel, identity: dict, s
                                           "hclafter_version": __version__, "torch_version": torch.__version__,
                                           "wall_time_s": time.time() - started, "config": record["config"],
                                           "splits_sha256": record["splits"]})
-        write_json(out_dir / "summary.json", summary)
 
 
 def _write_predictions(path: Path, preds: Predictions, samples: Sequence, wheel: Wheel) -> None:
-    """One row per image: path, label, prediction, then per class the predicted probability
-    ``p_``, the fused logit ``z_`` (for temperature scaling) and the target distribution ``t_``, so
-    that every metric, calibrated or not, can be recomputed from the file."""
+    """One row per image, so that every metric can be recomputed from the file: ``path, label,
+    prediction``, the fused probabilities ``p_<class>``, the target distribution ``t_<class>``, each
+    stage's probabilities ``s<k>_<class>`` (k = 1..S) and the fused logits ``z_<class>`` (unrounded:
+    temperature scaling is fitted on them)."""
     probs = preds.probabilities
+    stages = [] if preds.stage_probabilities is None else list(preds.stage_probabilities)
     classes = wheel.classes
+    header = ["path", "label", "prediction", *[f"p_{c}" for c in classes], *[f"t_{c}" for c in classes],
+              *[f"s{k}_{c}" for k in range(1, len(stages) + 1) for c in classes], *[f"z_{c}" for c in classes]]
     text = io.StringIO(newline="")
     writer = csv.writer(text)
-    writer.writerow(["path", "label", "prediction", *[f"p_{c}" for c in classes], *[f"z_{c}" for c in classes],
-                     *[f"t_{c}" for c in classes]])
+    writer.writerow(header)
     for i, idx in enumerate(preds.indices):
         writer.writerow([samples[idx].path, classes[preds.labels[i]], classes[probs[i].argmax()],
-                         *[f"{p:.6f}" for p in probs[i]], *[f"{z:.7g}" for z in preds.logits[i]],
-                         *[f"{t:.6f}" for t in preds.distributions[i]]])
+                         *[f"{p:.6f}" for p in probs[i]], *[f"{t:.6f}" for t in preds.distributions[i]],
+                         *[f"{p:.6f}" for stage in stages for p in stage[i]],
+                         *[format(float(z), ".9g") for z in preds.logits[i]]])
     atomic_write_text(path, text.getvalue())
 
 
@@ -405,8 +420,10 @@ def _evaluate_frozen(cfg: Config, out_dir: Path, backbone: Backbone, data: Datas
         with writing(out_dir):
             _write_predictions(out_dir / "predictions.csv", preds["test"], data["test"], wheel)
             _write_predictions(out_dir / "predictions_val.csv", preds["val"], data["val"], wheel)
-        _write_run_files(out_dir, cfg, wheel, backbone.identity, summary, started,
-                         efficiency=efficiency(classify, images))
+        _write_run_info(out_dir, cfg, wheel, backbone.identity, started, hardware=tracking.hardware(runtime),
+                        efficiency=efficiency(classify, images))
+        with writing(out_dir):
+            write_json(out_dir / "summary.json", summary)  # last: it marks the run as finished
     return summary
 
 

@@ -26,7 +26,8 @@ class Runtime(Accelerator):
     precision and this class supplies the autocast and, for fp16, the gradient scaler.
     """
 
-    def __init__(self, device: str = "auto", precision: str = "fp32") -> None:
+    def __init__(self, device: str = "auto", precision: str = "fp32", log_with: Optional[list[str]] = None,
+                 project_dir: Optional[Path] = None) -> None:
         if device == "cuda" and not torch.cuda.is_available():
             raise DeviceError("device: 'cuda' requested but no CUDA device is available; use device=auto or cpu")
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
@@ -35,7 +36,7 @@ class Runtime(Accelerator):
                                 "use precision=bf16 or fp32")
         try:
             # Phases switch groups on and off, so DDP must tolerate parameters without gradients.
-            super().__init__(cpu=cpu, mixed_precision="no",
+            super().__init__(cpu=cpu, mixed_precision="no", log_with=log_with or None, project_dir=project_dir,
                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         except ValueError as e:  # accelerate keeps one device per process
             raise DeviceError(f"device: {e}") from None
@@ -49,8 +50,9 @@ class Runtime(Accelerator):
         super().backward(self.grad_scaler.scale(loss), **kwargs)
 
 
-def make_runtime(cfg: Config) -> Runtime:
-    return Runtime(cfg.device, cfg.precision)
+def make_runtime(cfg: Config, log_with: Optional[list[str]] = None, project_dir: Optional[Path] = None) -> Runtime:
+    """The config's device and precision; ``log_with`` trackers write under ``project_dir``."""
+    return Runtime(cfg.device, cfg.precision, log_with, project_dir)
 
 
 def cache_dir_of(cfg: Config) -> Path:

@@ -33,7 +33,7 @@ from .config import ConfigError, load_config, to_dict
 from .evidence import MethodRuns, comparison_rows, markdown_table, random_backbone, table_notes
 from .files import RunError, atomic_write_text, clear_run_dir, run_lock, write_json
 from .metrics import HEADLINE
-from .plots import plot_learned_weights, plot_method_bars, plot_overlaid_curves
+from .report import write_sweep_figures, write_sweep_report
 
 LDL = ("kl", "chebyshev", "clark", "canberra", "cosine", "intersection")
 
@@ -260,16 +260,9 @@ def write_results(rows: list[dict], runs: list[SweepRun], out_dir: Path, headlin
     comparisons = evidence_markdown(runs, headline, reference) if headline else ""
     atomic_write_text(out_dir / "results.md", "# Sweep results (test split, mean ± std over seeds)\n\n" +
                       _markdown(rows, reference) + "\nPlots: `plots/accuracy.png`, `plots/train_loss.png`, "
-                                                   "`plots/learned_weights.png`.\n\n" + comparisons)
+                                                   "`plots/learned_weights.png`; all of it with every run in "
+                                                   "`report.html`.\n\n" + comparisons)
     write_json(out_dir / "sweep.json", [{"dataset": r.dataset, "method": r.method, "variant": r.variant,
                                          "seed": r.seed, "out": str(r.out)} for r in runs])
-    plot_method_bars(rows, "accuracy", out_dir / "plots" / "accuracy.png", "test accuracy")
-    first_seed = {}
-    for run in runs:
-        key = f"{run.dataset}/{run.method}{'/' + run.variant if run.variant else ''}"
-        log = run.out / "metrics.jsonl"
-        if key not in first_seed and log.is_file():
-            first_seed[key] = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line]
-    plot_overlaid_curves(first_seed, "train_loss", out_dir / "plots" / "train_loss.png")
-    plot_learned_weights({k: (v[-1] if v else {}) for k, v in first_seed.items()},
-                         out_dir / "plots" / "learned_weights.png")
+    write_sweep_figures(out_dir, rows, runs)
+    write_sweep_report(out_dir, rows, runs)

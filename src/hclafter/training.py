@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,6 @@ from accelerate import skip_first_batches
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .checkpoint import load_state, save_checkpoint, save_state
 from .config import PARAM_GROUPS, Config, PhaseConfig, trained_groups, tuned_groups
@@ -30,7 +30,9 @@ from .files import RunError, atomic_write_text, writing
 from .losses import stage_consistency_loss, stage_distillation_loss, task_loss
 from .metrics import HEADLINE
 from .models import StagedClassifier
+from .progress import bar, interactive, say
 from .runtime import Runtime
+from .tracking import log_epoch, log_step, sigmas
 
 
 
@@ -249,6 +251,7 @@ class TrainState:
     teacher: Optional[torch.Tensor] = None  # a finished run's logits per training image (train.distill)
     progress: Progress = field(default_factory=Progress)
     fingerprint: Optional[dict] = None  # the run's config and splits, stored with every saved state
+    resumed: bool = False  # the progress was loaded from a saved state
 
     @property
     def main(self) -> bool:
@@ -265,10 +268,24 @@ class TrainState:
             out = self.plain(inputs, return_stages=True, from_features=self.from_features and not images)
         return out.logits, out.stage_logits
 
-    def evaluate(self, split: str) -> tuple[dict, Predictions]:
+    def evaluate(self, split: str, progress: Optional[bool] = None) -> tuple[dict, Predictions]:
+        """Metrics and predictions of the current weights on a split (``progress``: default ``show``)."""
         self.plain.eval()
-        preds = predict(self.classify, self.loaders[split], self.runtime, desc=f"eval {split}", progress=self.show)
+        preds = predict(self.classify, self.loaders[split], self.runtime, desc=f"eval {split}",
+                        progress=self.show if progress is None else progress)
         return compute_metrics(preds, self.wheel), preds
+
+    def loss_of(self, preds: Predictions) -> float:
+        """The task loss (without consistency) of predictions, e.g. the validation loss of an epoch."""
+        return task_loss(self.cfg.train.loss, torch.from_numpy(preds.logits), torch.from_numpy(preds.labels).long(),
+                         torch.from_numpy(preds.distributions)).item()
+
+    def resume_command(self) -> str:
+        """The command that continues this run (the same launcher when it runs on several processes)."""
+        command = f"hclafter train --out {shlex.quote(str(self.out_dir))} --resume"
+        if self.runtime.num_processes > 1:
+            command += f" (through the same launcher, with {self.runtime.num_processes} processes)"
+        return command
 
     def save(self) -> None:
         """The resumable state, written by the first process while the others wait."""
@@ -284,6 +301,7 @@ class TrainState:
                                               self.scheduler, self.identity))
         # A state saved before a loss term existed sums it from zero.
         self.progress.sums = {**dict.fromkeys(SUM_KEYS, 0.0), **self.progress.sums}
+        self.resumed = True
 
     def save_weights(self, name: str) -> None:
         if self.main:
@@ -299,10 +317,23 @@ class TrainState:
                                   "".join(json.dumps(r) + "\n" for r in self.progress.records))
 
 
+def _position(p: Progress, epochs: list[tuple[int, PhaseConfig]], steps_per_epoch: int) -> str:
+    """Where a saved run continues, in words."""
+    if p.epoch >= len(epochs):
+        return "the final test evaluation (all epochs done)"
+    epoch = f"epoch {p.epoch + 1}/{len(epochs)} (phase {epochs[p.epoch][0]})"
+    if p.step_in_epoch >= steps_per_epoch:
+        return f"the validation of {epoch}"
+    return f"{epoch}, step {p.step_in_epoch + 1} of {steps_per_epoch}"
+
+
 def fit(state: TrainState, stop: dict) -> None:
     """Train every remaining epoch; after each, validate, keep the best weights (on val) and save.
     ``stop["signum"]``, set by a signal handler, ends the run at the next step with its state saved."""
-    epochs = state.epochs
+    epochs, p = state.epochs, state.progress
+    if state.resumed and state.main:
+        say(f"resuming {state.out_dir} at {_position(p, epochs, len(state.loaders['train']))} "
+            f"({p.global_step} steps done)")
     while state.progress.epoch < len(epochs):
         phase_no, phase = epochs[state.progress.epoch]
         set_trainable(state.plain, state.groups, trained_groups(phase, state.cfg.train.train_backbone), phase.stages)
@@ -321,15 +352,19 @@ def train_epoch(state: TrainState, phase_no: int, phase: PhaseConfig, stop: dict
     # at the run's epoch, so the order depends on (seed, epoch) only, also after a resume.
     loader.set_epoch(p.epoch)
     state.train_sampler.set_epoch(p.epoch)
-    bar = tqdm(loader, desc=f"epoch {epoch}/{len(state.epochs)} (phase {phase_no})", leave=False,
-               disable=not state.show, initial=p.step_in_epoch, total=total)
-    for batch in bar:
+    steps = bar(loader, f"epoch {epoch}/{len(state.epochs)} (phase {phase_no})", state.show, total=total,
+                initial=p.step_in_epoch)
+    for batch in steps:
         try:
             step = train_step(state.model, batch, state.optimizer, state.scheduler, state.runtime, cfg,
                               phase.consistency, state.train_paths, state.pseudo, state.from_features, state.teacher)
             for key in SUM_KEYS:
                 p.sums[key] += step[key]
-            bar.set_postfix(loss=f"{step['loss'] / step['n']:.4f}")
+            n = max(step["n"], 1.0)
+            steps.set_postfix(loss=f"{step['loss'] / n:.4f}")
+            log_step(state.runtime, p.global_step + 1,
+                     {k: step[k] / n for k in ("loss", "task_loss", "consistency_loss")},
+                     {g["group"]: g["lr"] for g in state.optimizer.param_groups})
         except NonFiniteError as e:
             if cfg.train.on_nonfinite != "skip":
                 raise RunError(f"{e}. Stopped; the last good state (step {p.global_step - p.step_in_epoch} or later) "
@@ -343,7 +378,8 @@ def train_epoch(state: TrainState, phase_no: int, phase: PhaseConfig, stop: dict
             state.save()
         if stop["signum"] is not None:
             raise TrainingInterrupted(f"interrupted by signal {stop['signum']} at epoch {epoch}, step "
-                                      f"{p.step_in_epoch}; state saved: continue with --resume", stop["signum"])
+                                      f"{p.step_in_epoch}; state saved. Continue with: {state.resume_command()}",
+                                      stop["signum"])
     return epoch_stats(p.sums, state.runtime)
 
 
@@ -351,13 +387,16 @@ def end_epoch(state: TrainState, phase_no: int, train_stats: dict[str, float], s
     """Validate, log the epoch, keep the weights if they are the best on val so far, save the state."""
     p = state.progress
     epoch = p.epoch + 1
-    val, _ = state.evaluate("val")
-    p.records.append({"epoch": epoch, "phase": phase_no, **train_stats, **summary_scalars(val, "val"),
+    # The epoch's line reports validation, so no separate line for it when stderr is not a terminal.
+    val, val_preds = state.evaluate("val", progress=state.show and interactive())
+    p.records.append({"epoch": epoch, "phase": phase_no, **train_stats, "val_loss": state.loss_of(val_preds),
+                      **summary_scalars(val, "val"),
                       "val_stage_accuracy": val.get("stage_accuracy"),
                       "lr": {g["group"]: g["lr"] for g in state.optimizer.param_groups},
                       "nga_weights": state.plain.nga_weights(), "fusion_weights": state.plain.fusion_weights(),
                       "time_s": seconds})
-    if val["accuracy"] > p.best_accuracy:
+    best = val["accuracy"] > p.best_accuracy
+    if best:
         p.best_accuracy, p.best_epoch, p.best_val = val["accuracy"], epoch, val
         state.save_weights("model.safetensors")
     p.epoch, p.step_in_epoch, p.sums = epoch, 0, dict.fromkeys(SUM_KEYS, 0.0)
@@ -366,6 +405,8 @@ def end_epoch(state: TrainState, phase_no: int, train_stats: dict[str, float], s
         with writing(state.out_dir / "metrics.jsonl"), open(state.out_dir / "metrics.jsonl", "a",
                                                             encoding="utf-8") as f:
             f.write(json.dumps(p.records[-1]) + "\n")
-        if state.show:
-            print(f"epoch {epoch}: loss {train_stats['train_loss']:.4f}  val acc {val['accuracy']:.4f}  "
-                  f"macro-F1 {val['macro_f1']:.4f}")
+        r = p.records[-1]
+        say(f"epoch {epoch}/{len(state.epochs)} (phase {phase_no}): train loss {r['train_loss']:.4f} "
+            f"acc {r['train_accuracy']:.4f} | val loss {r['val_loss']:.4f} acc {r['val_accuracy']:.4f} "
+            f"macro-F1 {r['val_macro_f1']:.4f} | {seconds:.1f} s" + ("  (best so far)" if best else ""))
+    log_epoch(state.runtime, p.global_step, p.records[-1], sigmas(state.groups["nga"].items()))

@@ -101,17 +101,18 @@ def test_sigterm_saves_state_exits_cleanly_and_resumes(reference, tmp_path, cach
     out = tmp_path / "run"
     stopped = hclafter(*train_args(out, cache_dir), kill=("hclafter.training", "train_step", 6, "after"), sig=15)
     assert stopped.returncode == 128 + 15
-    assert "state saved: continue with --resume" in stopped.stderr
+    assert f"state saved. Continue with: hclafter train --out {out} --resume" in stopped.stderr
     state = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert state["folder"] == "step-00000006"  # saved right at the interruption, not at the last periodic save
     resumed = hclafter("train", "--out", str(out), "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming {out} at epoch" in resumed.stdout
     assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
 
 
 def test_resume_refuses_a_different_config_and_new_runs_refuse_an_existing_one(reference, tmp_path, cache_dir):
     again = hclafter(*train_args(reference, cache_dir))
-    assert again.returncode == 2 and "already holds a run; continue it with --resume" in again.stderr
+    assert again.returncode == 2 and "already holds a finished run; choose another --out" in again.stderr
     other = hclafter(*train_args(reference, cache_dir), "--resume", "model.prompt_tokens=3")
     assert other.returncode == 2 and "model.prompt_tokens" in other.stderr
     nothing = hclafter("train", "--out", str(tmp_path / "empty"), "--resume")
@@ -121,11 +122,11 @@ def test_resume_refuses_a_different_config_and_new_runs_refuse_an_existing_one(r
 def test_a_kill_before_the_summary_leaves_a_run_that_resume_finishes(reference, tmp_path, cache_dir):
     """summary.json, the mark of a finished run, is written last: predictions and plots come before it."""
     out = tmp_path / "run"
-    killed = hclafter(*train_args(out, cache_dir), kill=("hclafter.run", "_write_run_files", 1, "before"))
+    killed = hclafter(*train_args(out, cache_dir), kill=("hclafter.run", "write_run_figures", 1, "after"))
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (out / "predictions.csv").is_file()
     assert all((out / "plots" / name).is_file() for name in ("curves.png", "confusion.png", "stage_weights.png"))
-    assert not (out / "summary.json").exists() and not (out / "run.json").exists()
+    assert not (out / "summary.json").exists()
     resumed = hclafter("train", "--out", str(out), "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
