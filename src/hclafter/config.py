@@ -237,7 +237,7 @@ def _with_includes(paths: Sequence[str | Path], seen: tuple[Path, ...] = ()) -> 
         try:
             includes = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("include", [])
         except (yaml.YAMLError, AttributeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not a valid YAML mapping ({e})") from None
+            raise ConfigError(f"{path}: not a valid YAML mapping ({' '.join(str(e).split())})") from None
         out += _with_includes([path.parent / p for p in ([includes] if isinstance(includes, str) else includes)],
                               (*seen, path.resolve()))
         out.append(path)
@@ -274,6 +274,13 @@ def _anchor_paths(node: DictConfig, base: Path) -> None:
         parent[leaf] = str(path.resolve())
 
 
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    """OmegaConf's message on one line, led by the key (it appends full_key and types on more lines)."""
+    message = str(getattr(e, "msg", e)).strip().splitlines()[0]
+    key = getattr(e, "full_key", None)
+    return f"{key}: {message}" if key else message
+
+
 def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
     """Merge YAML files (later ones win) and ``key.sub=value`` overrides onto the defaults.
 
@@ -289,7 +296,7 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
             required |= OmegaConf.missing_keys(loaded)
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{path}: {e.msg if hasattr(e, 'msg') else e}") from None
+            raise ConfigError(f"{path}: {_omegaconf_message(e)}") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
@@ -298,12 +305,18 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
         _anchor_paths(given, Path.cwd())
         merged = OmegaConf.merge(merged, given)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"command-line override: {e.msg if hasattr(e, 'msg') else e}") from None
+        raise ConfigError(f"command-line override: {_omegaconf_message(e)}") from None
     missing = sorted(k for k in required | OmegaConf.missing_keys(merged) if OmegaConf.select(merged, k) in (None, "???"))
     if missing:
         raise ConfigError(f"no value given for {', '.join(missing)}: set it in a config file or as key=value")
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as e:  # say where the settings came from (a damaged run config.yaml, ...)
+        if not paths:
+            raise
+        where = ", ".join(map(str, paths)) + (" and the overrides" if overrides else "")
+        raise ConfigError(f"{where}: {e}") from None
     return cfg
 
 

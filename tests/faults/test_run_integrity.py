@@ -232,6 +232,17 @@ def test_a_damaged_run_file_gives_one_line_and_exit_2(command, name, damage, fin
         assert code == 0, err
 
 
+def test_a_config_yaml_cut_anywhere_gives_one_line(finished, tmp_path, capsys):
+    copy = copy_of(finished, tmp_path)
+    text = (finished / "config.yaml").read_bytes()
+    for tenth in range(1, 10):  # a cut lands in a key, a value, a list: every one is refused in one line
+        (copy / "config.yaml").write_bytes(text[: len(text) * tenth // 10])
+        for command in (["eval", str(copy)], ["train", "--out", str(copy), "--resume", "--quiet"]):
+            assert main(command) == 2, tenth
+            lines = error_line(capsys).strip().splitlines()
+            assert len(lines) == 1 and "config.yaml" in lines[0], (tenth, lines)
+
+
 def test_report_on_a_read_only_or_full_disk_names_the_file(finished, tmp_path, capsys, monkeypatch):
     copy = copy_of(finished, tmp_path)
     for number, message in ((errno.EROFS, "Read-only file system"), (errno.ENOSPC, "No space left on device")):
