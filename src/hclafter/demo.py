@@ -27,9 +27,10 @@ from .config import Config, load_config
 from .data import DatasetSplits, load_splits
 from .data.images import load_rgb
 from .data.worlds import DEFAULT_WORLD, available_worlds, read_world
-from .evidence import MethodRuns, comparison_rows, markdown_table, random_backbone, table_notes
+from .evidence import MethodRuns, comparison_rows, markdown_table, random_backbone, table_cells, table_notes
 from .files import atomic_write_text, write_json
 from .plots import plt, save_figure
+from .report import Figure, Section, Table, write_html
 from .runtime import cache_dir_of
 from .sweep import SweepRun, execute
 
@@ -187,6 +188,15 @@ Re-run: `hclafter demo --out {out} --world {world} --seeds {info['seeds']}`; oth
 """
     path = out / "report.md"
     atomic_write_text(path, text)
+    header, cells = table_cells(rows, names[HEADLINE], names[REFERENCE])
+    intro, notes = text.split("\n\n| method")[0].split("\n", 2)[2], table_notes(rows, info["random_backbone"])
+    write_html(out / "report.html", "hclafter demo report", [
+        Section("Results", [*intro.split("\n\n"), Table(header, cells, f"Test split, world {world}"),
+                            *notes.split("\n\n"), f"Chance accuracy: {100 * chance:.1f} %. The table claims nothing "
+                                                   "beyond these images and this backbone."]),
+        Section("Figures", [Figure(out / "plots" / "accuracy.png", "Accuracy and macro-F1 per method, mean ± std"),
+                            Figure(out / "plots" / "world_samples.png", "Example test images, one emotion per row")]),
+    ], subtitle=f"{len(rows)} methods × {info['seeds']} seed(s), synthetic world **{world}**")
     return path
 
 

@@ -94,25 +94,35 @@ def comparison_rows(methods: Sequence[MethodRuns], headline: str, reference: Opt
 
 def _pm(value: tuple[float, float], scale: float = 1.0, digits: int = 1) -> str:
     mean, std = value
-    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}" if not math.isnan(std) else f"{scale * mean:.{digits}f}"
+    if math.isnan(std):
+        return f"{scale * mean:.{digits}f}"
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
-def markdown_table(rows: Sequence[dict], headline_name: str, reference_name: Optional[str] = None) -> str:
-    """The table, with a header line stating the test-set size and what the columns are."""
+def table_cells(rows: Sequence[dict], headline_name: str,
+                reference_name: Optional[str] = None) -> tuple[list[str], list[list[str]]]:
+    """The comparison table as text cells (header, rows), for Markdown and HTML alike."""
     header = ["method", "seeds", "accuracy %", "macro-F1 %", "KL ↓ raw", "KL ↓ calibrated", "ECE ↓ raw",
               "ECE ↓ calibrated", "trained params", f"added vs {reference_name or 'reference'}",
               f"Δ accuracy vs {headline_name} (95 % CI)", "McNemar p", "verdict"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells = []
     for r in rows:
         c = r["comparison"]
         diff = "—" if c is None else (f"{100 * c['difference']:+.1f} [{100 * c['ci'][0]:+.1f}, "
                                       f"{100 * c['ci'][1]:+.1f}]")
         added = "–" if r["added_vs_reference"] is None else f"+{r['added_vs_reference']:,d}"
-        lines.append("| " + " | ".join([
-            r["method"], str(r["seeds"]), _pm(r["accuracy"], 100), _pm(r["macro_f1"], 100), _pm(r["kl"], 1, 3),
-            _pm(r["kl_calibrated"], 1, 3), _pm(r["ece"], 1, 3), _pm(r["ece_calibrated"], 1, 3), f"{r['trained']:,d}",
-            added, diff, "—" if c is None else f"{c['p_value']:.3g}",
-            "(headline)" if c is None else c["verdict"]]) + " |")
+        cells.append([r["method"], str(r["seeds"]), _pm(r["accuracy"], 100), _pm(r["macro_f1"], 100),
+                      _pm(r["kl"], 1, 3), _pm(r["kl_calibrated"], 1, 3), _pm(r["ece"], 1, 3),
+                      _pm(r["ece_calibrated"], 1, 3), f"{r['trained']:,d}", added, diff,
+                      "—" if c is None else f"{c['p_value']:.3g}", "(headline)" if c is None else c["verdict"]])
+    return header, cells
+
+
+def markdown_table(rows: Sequence[dict], headline_name: str, reference_name: Optional[str] = None) -> str:
+    """The comparison table in Markdown."""
+    header, cells = table_cells(rows, headline_name, reference_name)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
 
 
