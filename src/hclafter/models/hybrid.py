@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .base import ModelOutput, StagedClassifier
-from .layers import NGA, MeanAggregation, StageAdapter, StageFusion, TextClassifier, VisualPrompts
+from .layers import NGA, MeanAggregation, StageAdapter, StageFusion, TextClassifier, VisualPrompts, adapt_stages
 from .vit import check_vit, cls_after_blocks, embed_patches, project
 
 if TYPE_CHECKING:
@@ -82,11 +82,9 @@ class HybridCascadeLaFTer(StagedClassifier):
 
     def forward_head(self, features: torch.Tensor) -> ModelOutput:
         """Everything after the encoder: [n, B, D] layer features → fused and per-stage logits."""
-        stage_logits = []
-        for s, index in enumerate(self._stage_index):
-            z = self.nga[s](features[index])
-            if self.adapters is not None:
-                z = self.adapters[s](z)
-            stage_logits.append(self.classifier(z))
-        stacked = torch.stack(stage_logits)
+        z = torch.stack([self.nga[s](features[index]) for s, index in enumerate(self._stage_index)])
+        if self.adapters is not None:
+            z = adapt_stages(self.adapters, z)
+        # Stage by stage, so the classifier's gradient sums the stages in the same order as ever.
+        stacked = torch.stack([self.classifier(stage) for stage in z])
         return ModelOutput(self.fusion(stacked), stacked)
