@@ -99,6 +99,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .data.store import prepare_stores
+
+    for line in prepare_stores(load_config(args.config, args.overrides), progress=not args.quiet):
+        print(line)
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
@@ -258,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid", action="store_true", help="judge as a run with data.skip_invalid=true would")
     p.add_argument("--limit", type=int, default=50, help="problems listed in full (default 50)")
     p.set_defaults(func=cmd_data_check)
+    p = data_sub.add_parser("prepare", help="decode a run config's images once into the pre-decoded image store "
+                                            "(training does it on first use unless data.image_store=off)")
+    with_config(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_prepare)
     return parser
 
 

@@ -87,6 +87,12 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 64
     num_workers: int = 0
+    # true: decode each image once, on first use, into the pre-decoded image store (cache_dir/images,
+    # see data/store.py) and read batches from it; false (or off): decode the files in every epoch.
+    image_store: bool = True
+    # Labelled training's view: none (the evaluation view), or crop_flip (random crop from a
+    # slightly larger resize, random horizontal flip).
+    train_augment: str = "none"
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -282,7 +288,7 @@ CHOICES = {
     "model.method": tuple(METHODS), "model.aggregation": ("nga", "mean"),
     "train.loss.name": ("ce", "ls_ce", "dual_task"), "train.on_nonfinite": ("stop", "skip"),
     "data.emotion6_label": ("folder", "argmax"), "data.ties": ("skip", "first"),
-    "data.distribution.source": ("wheel", "dataset"),
+    "data.distribution.source": ("wheel", "dataset"), "data.train_augment": ("none", "crop_flip"),
 }
 # key → (lowest allowed, whether the bound is inclusive, highest or None, inclusive)
 RANGES = {
@@ -370,6 +376,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.supervision == "pseudo" and cfg.train.loss.name == "dual_task":
         raise ConfigError("train.loss.name: dual_task needs label-derived distributions; with "
                           "train.supervision=pseudo use ce or ls_ce")
+    if cfg.train.supervision == "pseudo" and cfg.data.train_augment != "none":
+        raise ConfigError("data.train_augment applies to labelled training; pseudo-label training has its own "
+                          "strong view: leave it at none")
     if cfg.backbone.random_init and cfg.backbone.pretrained is not None:
         raise ConfigError(f"backbone.random_init=true contradicts backbone.pretrained={cfg.backbone.pretrained}; "
                           "drop one of them")

@@ -28,6 +28,7 @@ from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .config import Config, load_config, to_dict, tuned_groups
 from .data import SPLITS, DatasetSplits, eval_loader, load_splits, make_dataset, make_loader, write_manifest
 from .data.loading import cache_applies, cached_datasets
+from .data.store import crop_flip_transform, stored_datasets
 from .emotions import Wheel
 from .evaluation import Classify, Predictions, clip_classifier, efficiency, evaluate_classifier, predict
 from .files import RunError, atomic_write_text, write_json, writing
@@ -151,17 +152,24 @@ def _prepare_training(cfg: Config, out_dir: Path, backbone: Backbone, data: Data
     saved_names = saved_parameter_names(model, cfg)
     # Everything any phase tunes requires grad while the model is wrapped (DDP registers those).
     set_trainable(model, groups, tuned_groups(cfg.train))
+    pseudo = cfg.train.supervision == "pseudo"
     views = {"train": strong_view(backbone.preprocess_cfg.size, backbone.preprocess_cfg.mean,
-                                  backbone.preprocess_cfg.std)} if cfg.train.supervision == "pseudo" else {}
+                                  backbone.preprocess_cfg.std)} if pseudo else {}
+    if cfg.data.train_augment == "crop_flip":
+        views["train"] = crop_flip_transform(backbone.preprocess_cfg)
     image_sets = {split: make_dataset(data[split], wheel, views.get(split, backbone.preprocess), cfg.data)
                   for split in SPLITS}
     sample_images = torch.stack([image_sets["test"][i]["image"] for i in range(min(8, len(image_sets["test"])))])
-    datasets, from_features = dict(image_sets), cache_applies(cfg)
+    datasets, from_features, inputs = dict(image_sets), cache_applies(cfg), None
     if from_features:
         model.to(runtime.device)
         with runtime.main_process_first():
             datasets = cached_datasets(model, datasets, wheel, backbone.preprocess, backbone.identity,
                                        backbone.preprocess_cfg, cache, cfg.data.eval_batch_size, runtime.device, show)
+    elif cfg.data.image_store:  # pseudo-labels' strong view stays on the JPEG path
+        with runtime.main_process_first():
+            datasets, inputs = stored_datasets(image_sets, backbone.preprocess_cfg, cfg.data, cache,
+                                               ("train",) if pseudo else (), show)
     loaders = {split: make_loader(datasets[split], cfg.data.batch_size if split == "train" else cfg.data.eval_batch_size,
                                   shuffle=split == "train", seed=cfg.seed, num_workers=cfg.data.num_workers,
                                   pin_memory=runtime.device.type == "cuda")
@@ -175,7 +183,8 @@ def _prepare_training(cfg: Config, out_dir: Path, backbone: Backbone, data: Data
                                                                      *(loaders[s] for s in SPLITS))
     state = TrainState(cfg, out_dir, runtime, prepared, runtime.unwrap_model(prepared), groups, saved_names,
                        optimizer, scheduler, dict(zip(SPLITS, split_loaders)), train_sampler,
-                       [s.path for s in data["train"]], wheel, backbone.identity, from_features, None, show)
+                       [s.path for s in data["train"]], wheel, backbone.identity, from_features, None, show,
+                       inputs=inputs)
     return state, image_sets, sample_images
 
 

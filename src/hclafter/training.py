@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import load_state, save_checkpoint, save_state
+from .data.store import InputView
 from .config import PARAM_GROUPS, Config, PhaseConfig, trained_groups, tuned_groups
 from .emotions import Wheel
 from .evaluation import Predictions, compute_metrics, predict
@@ -227,6 +228,7 @@ class TrainState:
     pseudo: Optional[tuple[torch.Tensor, torch.Tensor]]  # (teacher label, kept) per training image
     show: bool
     progress: Progress = field(default_factory=Progress)
+    inputs: Optional[InputView] = None  # turns image-store batches into model inputs
 
     @property
     def main(self) -> bool:
@@ -239,6 +241,8 @@ class TrainState:
     def classify(self, inputs: torch.Tensor, images: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused and per-stage logits of the loaders' inputs, or of ``images`` when the loaders give
         cached features."""
+        if self.inputs is not None:
+            inputs = self.inputs(inputs, train=False)
         with self.runtime.autocast():
             out = self.plain(inputs, return_stages=True, from_features=self.from_features and not images)
         return out.logits, out.stage_logits
@@ -299,6 +303,8 @@ def train_epoch(state: TrainState, phase_no: int, phase: PhaseConfig, stop: dict
     bar = tqdm(loader, desc=f"epoch {epoch}/{len(state.epochs)} (phase {phase_no})", leave=False,
                disable=not state.show, initial=p.step_in_epoch, total=total)
     for batch in bar:
+        if state.inputs is not None:
+            batch["image"] = state.inputs(batch["image"], train=True)
         try:
             step = train_step(state.model, batch, state.optimizer, state.scheduler, state.runtime, cfg,
                               phase.consistency, state.train_paths, state.pseudo, state.from_features)
