@@ -75,6 +75,7 @@ class TrainedRun:
         self.model = build_run_model(self.backbone, self.wheel, self.cfg, cache_dir_of(self.cfg), self.runtime.device)
         load_weights(self.model, self.run_dir / "model.safetensors", self.backbone.identity)
         self.model = self.runtime.prepare_model(self.model, evaluation_mode=True).eval()
+        self.runtime.lower_frozen(self.runtime.unwrap_model(self.model))
 
     def _classify(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.runtime.autocast():

@@ -170,6 +170,7 @@ def _prepare_training(cfg: Config, out_dir: Path, backbone: Backbone, data: Data
         with runtime.main_process_first():
             datasets, inputs = stored_datasets(image_sets, backbone.preprocess_cfg, cfg.data, cache,
                                                ("train",) if pseudo else (), show)
+    runtime.lower_frozen(model, [p for g in tuned_groups(cfg.train) for p in groups[g].values()])
     loaders = {split: make_loader(datasets[split], cfg.data.batch_size if split == "train" else cfg.data.eval_batch_size,
                                   shuffle=split == "train", seed=cfg.seed, num_workers=cfg.data.num_workers,
                                   pin_memory=runtime.device.type == "cuda")
@@ -287,6 +288,7 @@ def frozen_classifier(cfg: Config, backbone: Backbone, wheel: Wheel, runtime: Ru
         weight, stage1 = train_stage1(backbone, wheel, cfg.text, cfg.seed, cache, runtime.device)
         scale = 1.0
     model = runtime.prepare_model(backbone.model, evaluation_mode=True).eval()
+    runtime.lower_frozen(backbone.model)
     return clip_classifier(model, weight, scale, runtime), stage1
 
 
