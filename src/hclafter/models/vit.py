@@ -101,6 +101,11 @@ class _ClsTap(torch.autograd.Function):
         return grad_tokens.select_scatter(grad_tokens[:, 0] + grad_cls, 1, 0)
 
 
+def tap_cls(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, a copy of their CLS token) for reading the CLS token of tokens that flow on."""
+    return _ClsTap.apply(tokens)
+
+
 def cls_after_blocks(visual: nn.Module, tokens: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
     """Run the blocks up to max(layers) and return the CLS token after each of ``layers``: [n, B, W]."""
     wanted, last = set(layers), max(layers)
@@ -110,7 +115,7 @@ def cls_after_blocks(visual: nn.Module, tokens: torch.Tensor, layers: Sequence[i
         if layer == last:  # nothing runs after it: a plain copy (a view would keep [B, T, W] alive)
             cls.append(x[:, 0].clone())
         elif layer in wanted:
-            x, token = _ClsTap.apply(x)
+            x, token = tap_cls(x)
             cls.append(token)
     return torch.stack(cls)
 
