@@ -12,6 +12,7 @@ from hclafter.model import build_model
 from hclafter.models import HybridCascadeLaFTer
 from hclafter.models.layers import adapt_stages
 from hclafter.models.vit import cls_after_blocks
+from hclafter.run import train_run
 from hclafter.runtime import Runtime
 from hclafter.training import param_groups
 
@@ -127,3 +128,12 @@ def test_bf16_tower_weights_give_exactly_the_autocast_results(method):
         assert torch.equal(outs[0].logits, outs[1].logits) and torch.equal(outs[0].stage_logits, outs[1].stage_logits)
     Runtime("cpu", "fp32").lower_frozen(model)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_compiled_training_steps_give_the_eager_run(tmp_path, cache_dir):
+    short = ["data.synthetic.per_class=8", "text.steps=30", f"cache_dir={cache_dir}",
+             "train.phases=[{epochs: 1, train: [stage_adapters, prompts, layernorms]}]"]
+    eager = train_run(load_config([TINY_CONFIG], short), tmp_path / "eager", progress=False)
+    compiled = train_run(load_config([TINY_CONFIG], [*short, "train.compile=eager"]), tmp_path / "compiled",
+                         progress=False)
+    assert compiled == eager

@@ -170,6 +170,9 @@ class TrainConfig:
     # learns from a strongly augmented view (loss ce or ls_ce); the training labels are never read.
     supervision: str = "labels"
     pseudo_threshold: float = 0.0  # pseudo: ignore images whose teacher confidence is below this
+    # A torch.compile backend for the training steps (inductor: pays on a GPU over long runs; each
+    # phase compiles once), or None for eager execution.
+    compile: Optional[str] = None
     # Encode each image once and reuse its layer features when the image tower cannot change
     # (no prompts, no LayerNorm or backbone tuning, labels supervision): see feature_cache.py.
     feature_cache: bool = True

@@ -182,7 +182,8 @@ def _prepare_training(cfg: Config, out_dir: Path, backbone: Backbone, data: Data
     train_sampler = loaders["train"].sampler
     prepared, optimizer, scheduler, *split_loaders = runtime.prepare(model, optimizer, scheduler,
                                                                      *(loaders[s] for s in SPLITS))
-    state = TrainState(cfg, out_dir, runtime, prepared, runtime.unwrap_model(prepared), groups, saved_names,
+    steps = torch.compile(prepared, backend=cfg.train.compile) if cfg.train.compile else prepared
+    state = TrainState(cfg, out_dir, runtime, steps, runtime.unwrap_model(prepared), groups, saved_names,
                        optimizer, scheduler, dict(zip(SPLITS, split_loaders)), train_sampler,
                        [s.path for s in data["train"]], wheel, backbone.identity, from_features, None, show,
                        inputs=inputs)

@@ -213,7 +213,7 @@ class TrainState:
     cfg: Config
     out_dir: Path
     runtime: Runtime
-    model: nn.Module  # as prepared by accelerate (DDP-wrapped under several processes)
+    model: nn.Module  # as prepared by accelerate (DDP-wrapped under several processes), compiled by train.compile
     plain: StagedClassifier  # the same model unwrapped
     groups: dict[str, dict[str, nn.Parameter]]
     saved_names: list[str]
