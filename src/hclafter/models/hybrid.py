@@ -83,8 +83,8 @@ class HybridCascadeLaFTer(StagedClassifier):
     def forward_head(self, features: torch.Tensor) -> ModelOutput:
         """Everything after the encoder: [n, B, D] layer features → fused and per-stage logits."""
         z = torch.stack([self.nga[s](features[index]) for s, index in enumerate(self._stage_index)])
-        if self.adapters is not None:
-            z = adapt_stages(self.adapters, z)
+        if self.adapters is not None:  # batched where kernel launches cost more than stacking the weights
+            z = adapt_stages(self.adapters, z) if z.is_cuda else torch.stack([a(x) for a, x in zip(self.adapters, z)])
         # Stage by stage, so the classifier's gradient sums the stages in the same order as ever.
         stacked = torch.stack([self.classifier(stage) for stage in z])
         return ModelOutput(self.fusion(stacked), stacked)

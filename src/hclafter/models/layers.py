@@ -87,8 +87,9 @@ class StageAdapter(nn.Module):
 
 def adapt_stages(adapters: nn.ModuleList, z: torch.Tensor) -> torch.Tensor:
     """Each stage's adapter on its own features, [S, B, D] → [S, B, D], as two batched products
-    over the stacked weights instead of 2·S small ones: fewer kernels on a GPU, and on CPU the
-    same values and gradients bit for bit."""
+    over the stacked weights instead of 2·S small ones: fewer kernels on a GPU; on CPU the same
+    values and gradients bit for bit, but stacking the weights costs more than the calls it saves
+    (a ViT-B-32 head step: 7.3 against 5.9 ms)."""
     def stacked(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         layers = [getattr(a, name) for a in adapters]
         return torch.stack([f.weight for f in layers]).transpose(1, 2), torch.stack([f.bias for f in layers])[:, None]
