@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# GPU check (about 7 minutes on an H100): what issue 17 asks a CUDA machine to measure, in one run.
+# GPU check: what issue 17 asks a CUDA machine to measure, in one run. Expected on an H100: bench about 2 minutes,
+# epoch about 1.5, compile 3-5 (inductor compiles two models twice); each part is bounded (5, 4 and 6 minutes) and
+# PARTS="bench epoch" leaves out the compile part.
 #   1. bench:   HybridCascade-LaFTer vs LaFTer vs Cascade-CLIP on ViT-B-32 with 50 prompts, batch 256, bf16
 #               (autocast over the tower's frozen weights kept in bf16): training step and inference, direct
 #               and from parts; inference MFU in bf16 against this GPU's measured 8192² bf16 matmul rate;
@@ -50,12 +52,13 @@ part() {  # name, seconds, command...: run one part, its JSON into $results/<nam
   echo "   $name: $((SECONDS - start))s" >&2
 }
 
-part bench 240 python3 -m hclafter bench --device cuda --batch 256 --prompts 50 --repeats "${REPEATS:-6}" \
-  --precision bf16 --json
-part epoch 180 python3 -m hclafter bench --device cuda --batch 256 --prompts 50 --precision bf16 \
-  --epoch "${EPOCH_IMAGES:-8192}" --json
-part compile 300 python3 -m hclafter bench --device cuda --batch 256 --prompts 50 --repeats "${REPEATS:-6}" \
-  --precision bf16 --compile inductor --json
+parts="${PARTS:-bench epoch compile}"
+[[ " $parts " == *" bench "* ]] && part bench 300 python3 -m hclafter bench --device cuda --batch 256 --prompts 50 \
+  --repeats "${REPEATS:-6}" --precision bf16 --json
+[[ " $parts " == *" epoch "* ]] && part epoch 240 python3 -m hclafter bench --device cuda --batch 256 --prompts 50 \
+  --precision bf16 --epoch "${EPOCH_IMAGES:-8192}" --json
+[[ " $parts " == *" compile "* ]] && part compile 360 python3 -m hclafter bench --device cuda --batch 256 \
+  --prompts 50 --repeats "${REPEATS:-6}" --precision bf16 --compile inductor --json
 
 python3 - "$results" <<'PY'
 import json

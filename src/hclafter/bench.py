@@ -9,9 +9,11 @@ reported too (``timing_noise``: median / minimum − 1 of each measurement).
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -361,14 +363,16 @@ def _cache_speedup(model: HybridCascadeLaFTer, images: torch.Tensor, repeats: in
 
 
 def _jpegs(folder: Path, count: int, size: tuple[int, int] = (480, 640)) -> list[Sample]:
-    """``count`` random JPEGs (quality 90) of ``size`` (h, w), labelled round the wheel."""
-    rng = np.random.default_rng(0)
-    samples = []
-    for i in range(count):
+    """``count`` random JPEGs (quality 90) of ``size`` (h, w), labelled round the wheel; written by
+    a thread per core (encoding releases the GIL)."""
+    def write(i: int) -> Sample:
         path = folder / f"{i}.jpg"
-        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path, quality=90)
-        samples.append(Sample(str(path), i % 8))
-    return samples
+        pixels = np.random.default_rng(i).integers(0, 255, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, quality=90)
+        return Sample(str(path), i % 8)
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        return list(pool.map(write, range(count)))
 
 
 def _loader_rate(dataset: Any, batch: int, workers: int, view: Optional[Callable] = None, rounds: int = 1) -> float:
@@ -446,7 +450,6 @@ def epoch_rates(device: str = "cuda", precision: str = "bf16", batch: int = 256,
     files in every epoch against two epochs reading the image store (built beforehand, its time
     reported apart); the second epoch of each is the warm one."""
     import json
-    import os
 
     from .config import load_config
     from .data import write_manifest

@@ -214,8 +214,10 @@ class InputView:
         else:  # torchvision's CenterCrop offsets
             top, left = int(round((h - out_h) / 2.0)), int(round((w - out_w) / 2.0))
             images = images[:, :, top:top + out_h, left:left + out_w]
+        if self.mean.device != device:
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
         x = images.to(torch.float32, memory_format=torch.contiguous_format)  # one new tensor, then in place
-        return x.div_(255).sub_(self.mean.to(device)).div_(self.std.to(device))
+        return x.div_(255).sub_(self.mean).div_(self.std)
 
 
 def stored_datasets(image_sets: dict[str, EmotionImages], preprocess_cfg: Any, cfg: DataConfig, cache_dir: Path,
