@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .config import BackboneConfig, looks_like_path
+from .models.vit import use_sdpa_attention
 
 # Keys OpenAI stores beside the weights; their presence marks an OpenAI checkpoint (QuickGELU).
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -157,6 +158,7 @@ def _load(cfg: BackboneConfig) -> Backbone:
         identity["weights"] = {"open_clip_tag": pretrained}
     identity["quick_gelu"] = qg
     model.eval()
+    use_sdpa_attention(model.visual)
     preprocess_cfg = open_clip.transform.PreprocessCfg(**open_clip.get_model_preprocess_cfg(model))
     preprocess = open_clip.transform.image_transform_v2(preprocess_cfg, is_train=False)
     if cfg.model_cfg is None:

@@ -8,22 +8,31 @@ reported too (``timing_noise``: median / minimum − 1 of each measurement).
 """
 from __future__ import annotations
 
+import copy
+import os
 import platform
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .backbone import load_backbone
+from .config import DataConfig
 from .data import EmotionImages, Sample, make_loader
+from .data.store import stored_datasets
 from .emotions import MIKELS8
 from .evaluation import count_gflops
 from .models import CascadeCLIPClassifier, HybridCascadeLaFTer
-from .models.vit import project
+from .models.vit import project, tap_cls
+from .runtime import DTYPES, lower_frozen
 from .timing import interleaved, timing_noise
 from .training import param_groups
 
@@ -73,10 +82,14 @@ def _train_all_but_backbone(model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def _tail(model: HybridCascadeLaFTer, block_output: torch.Tensor) -> torch.Tensor:
     """The part of an eval forward after the blocks, the only part that differs between the models:
-    a copy of the CLS token at each extraction layer (all from one block output here, at the same
-    cost), their projection, and the head."""
-    cls = torch.stack([block_output[:, 0].clone() for _ in model.extraction_layers])
-    return model.forward_head(project(model.visual, cls)).logits
+    the CLS token read at each extraction layer as the model reads it (all from one block output
+    here, at the same cost), their projection, and the head."""
+    x, cls = block_output, []
+    for _ in model.extraction_layers[1:]:
+        x, token = tap_cls(x)
+        cls.append(token)
+    cls.append(x[:, 0].clone())
+    return model.forward_head(project(model.visual, torch.stack(cls))).logits
 
 
 def _cascade_tail(model: CascadeCLIPClassifier, block_output: torch.Tensor) -> torch.Tensor:
@@ -84,11 +97,31 @@ def _cascade_tail(model: CascadeCLIPClassifier, block_output: torch.Tensor) -> t
     return model.forward_head(({layer: block_output for layer in model.extraction_layers}, block_output)).logits
 
 
+def _forward(model: torch.nn.Module, images: torch.Tensor, cast: Callable[[], Any]) -> Callable[[], None]:
+    """An inference forward pass of ``model`` on ``images``."""
+    def run() -> None:
+        with torch.inference_mode(), cast():
+            model(images)
+    return run
+
+
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+          cast: Callable[[], Any]) -> Callable[[], None]:
+    """A training step of ``model`` on ``images`` (the fused logits' log-sum-exp as the loss)."""
+    def run() -> None:
+        with cast():
+            loss = model(images).float().logsumexp(-1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return run
+
+
 def _tail_step(model: HybridCascadeLaFTer, block_output: torch.Tensor,
                optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     """The part of a training step that differs between the models: the tail, its backward into the
-    block outputs (one CLS gradient per extraction layer, added into the residual stream's gradient)
-    and the update of the parameters it reaches."""
+    block outputs (one CLS gradient per extraction layer, scattered into the residual stream's
+    gradient) and the update of the parameters it reaches."""
     def run() -> None:
         loss = _tail(model, block_output).float().logsumexp(-1).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -96,6 +129,15 @@ def _tail_step(model: HybridCascadeLaFTer, block_output: torch.Tensor,
         loss.backward()
         optimizer.step()
     return run
+
+
+def bf16_units() -> list[str]:
+    """The CPU's bf16 arithmetic instructions (AMX tiles, AVX-512 BF16) from /proc/cpuinfo; without
+    them bf16 matrix products run slower than fp32 ones."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("flags")), []) if cpuinfo.exists() else []
+    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
 
 
 def _device_name(dev: torch.device) -> str:
@@ -129,18 +171,10 @@ class _Pair:
         return max(1, self.repeats // 2)
 
 
-def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: int = 5,
-              name: str = "ViT-B-32", precision: str = "fp32", model_cfg: Optional[dict] = None) -> dict:
-    """Every ratio of the performance targets, for ``name`` at random init (speed does not depend on
-    the weights). ``precision`` (fp32 or bf16 autocast) applies to the HybridCascade/LaFTer timings.
-
-    Whole forwards and training steps are timed in ``repeats`` interleaved rounds (the training
-    step, feature cache and Cascade-CLIP comparisons in half as many, the precision not asked for
-    in one without warm-up). On a shared machine their minima still move by several per cent
-    between runs, more than the 0.1 % of work the cascade adds, so the eval, training and
-    Cascade-CLIP ratios are also given ``_from_parts``: the models run the same embedding and
-    blocks and differ only in the tail after them (milliseconds), which is timed in
-    20 × ``repeats`` interleaved rounds and added to the directly measured time of the other side."""
+def _models(device: str, batch: int, prompts: int, repeats: int, name: str, precision: str,
+            model_cfg: Optional[dict]) -> tuple[_Pair, Any, CascadeCLIPClassifier]:
+    """HybridCascade, LaFTer and Cascade-CLIP on one random-init tower (its frozen weights in
+    ``precision``, as runs keep them), random images of the model's size, and the backbone."""
     dev = torch.device(device)
     torch.manual_seed(0)
     backbone = load_backbone(name, model_cfg=model_cfg)
@@ -149,20 +183,68 @@ def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: 
     lafter = HybridCascadeLaFTer(backbone, 8, prompt_tokens=prompts, stages=[[hybrid.visual.transformer.layers]],
                                  stage_adapters=False).to(dev)
     lafter.prompts.load_state_dict(hybrid.prompts.state_dict())
+    embeddings = F.normalize(torch.randn(8, hybrid.visual.output_dim), dim=-1)
+    cascade = CascadeCLIPClassifier(backbone, 8, embeddings, prompt_tokens=prompts).to(dev).eval()
+    if precision != "fp32":  # one tower, shared by the three models
+        lower_frozen(hybrid, DTYPES[precision])
     size = backbone.preprocess_cfg.size
     size = size if isinstance(size, int) else size[0]
     cast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
-    pair = _Pair(hybrid, lafter, torch.randn(batch, 3, size, size, device=dev), cast, precision, repeats)
+    images = torch.randn(batch, 3, size, size, device=dev)
+    return _Pair(hybrid, lafter, images, cast, precision, repeats), backbone, cascade
+
+
+def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: int = 5,
+              name: str = "ViT-B-32", precision: str = "fp32", model_cfg: Optional[dict] = None) -> dict:
+    """Every ratio of the performance targets, for ``name`` at random init (speed does not depend on
+    the weights). ``precision`` (fp32, or bf16: autocast over the tower's frozen weights kept in
+    bf16, as runs do) applies to the HybridCascade/LaFTer timings; inference throughput is measured
+    in both precisions, each after a warm-up.
+
+    Whole forwards and training steps are timed in ``repeats`` interleaved rounds (the training
+    step, feature cache, Cascade-CLIP comparisons and the other precision in half as many). On a
+    shared machine their minima still move by several per cent between runs, more than the 0.1 %
+    of work the cascade adds, so the eval, training and Cascade-CLIP ratios are also given
+    ``_from_parts``: the models run the same embedding and blocks and differ only in the tail
+    after them (milliseconds; Cascade-CLIP's decoders: tenths of a second), which is timed in
+    20 × ``repeats`` interleaved rounds (4 × for Cascade-CLIP) and added to the directly measured
+    time of the other side."""
+    pair, backbone, cascade = _models(device, batch, prompts, repeats, name, precision, model_cfg)
+    dev = pair.device
     out: dict = {"device": _device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
                  "batch": batch, "prompts": prompts, "model": name, "precision": precision, "repeats": repeats,
                  "timing_noise": {}}
+    if dev.type == "cpu":
+        out["cpu_bf16_units"] = bf16_units()
+    seconds, start = {}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal start
+        seconds[name], start = time.perf_counter() - start, time.perf_counter()
+
     _eval_ratios(pair, out)
+    lap("eval")
     _train_ratios(pair, out)
-    out["cache_speedup"], out["timing_noise"]["cache"] = _cache_speedup(hybrid, pair.images, pair.fewer, dev)
-    embeddings = F.normalize(torch.randn(8, hybrid.visual.output_dim), dim=-1)
-    _cascade_ratios(pair, CascadeCLIPClassifier(backbone, 8, embeddings, prompt_tokens=prompts).to(dev).eval(), out)
-    out["pipeline_images_per_s"] = pipeline_rate(backbone.preprocess, batch)
+    lap("train")
+    with pair.cast():
+        out["cache_speedup"], out["timing_noise"]["cache"] = _cache_speedup(pair.hybrid, pair.images, pair.fewer, dev)
+    lap("cache")
+    _cascade_ratios(pair, cascade, out)
+    lap("cascadeclip")
+    out.update(data_rates(backbone.preprocess, backbone.preprocess_cfg, batch))
+    lap("data")
+    out["seconds"] = seconds  # where the bench's own time goes
     return out
+
+
+def _other_precision(pair: _Pair) -> tuple[str, HybridCascadeLaFTer, Callable[[], Any]]:
+    """The precision not asked for, a copy of the hybrid with its tower in it, and its autocast."""
+    label = "bf16" if pair.precision == "fp32" else "fp32"
+    model = copy.deepcopy(pair.hybrid)
+    if label == "fp32":
+        return label, model.float(), nullcontext
+    lower_frozen(model, torch.bfloat16)
+    return label, model, lambda: torch.autocast(pair.device.type, dtype=torch.bfloat16)
 
 
 def _eval_ratios(pair: _Pair, out: dict) -> None:
@@ -170,15 +252,20 @@ def _eval_ratios(pair: _Pair, out: dict) -> None:
     hybrid, lafter, images, dev, batch = pair.hybrid, pair.lafter, pair.images, pair.device, len(pair.images)
     for m in (hybrid, lafter):
         m.eval()
-    flops_h, flops_l = count_gflops(hybrid, images[:1]), count_gflops(lafter, images[:1])
+    with pair.cast():
+        flops_h, flops_l = count_gflops(hybrid, images[:1]), count_gflops(lafter, images[:1])
     out["gflops_per_image"] = {"hybrid": flops_h, "lafter": flops_l}
     out["eval_flops_ratio"] = flops_h / flops_l
-    # The reference does the hybrid forward's FLOPs as square matrix products, timed in the same
-    # rounds, so that utilisation compares the two under the same load of the machine.
-    eval_dtype = torch.bfloat16 if pair.precision == "bf16" else torch.float32
-    reference, reference_flops = _reference(eval_dtype, dev, batch * flops_h * 1e9)
+    # Both precisions' forwards and references (the hybrid forward's FLOPs as square matrix
+    # products) in the same rounds: utilisation and the bf16/fp32 ratio then compare like with like,
+    # however loaded the machine (on a shared CPU the fp32 rate alone moves by a factor of 3).
+    other, other_model, other_cast = _other_precision(pair)
+    reference, reference_flops = _reference(DTYPES[pair.precision], dev, batch * flops_h * 1e9)
+    other_reference, other_flops = _reference(DTYPES[other], dev, batch * flops_h * 1e9)
+    fns = [_forward(hybrid, images, pair.cast), _forward(lafter, images, pair.cast),
+           _forward(other_model, images, other_cast), reference, other_reference]
+    times = interleaved(fns, pair.repeats, dev)
     with torch.inference_mode(), pair.cast():
-        times = interleaved([lambda: hybrid(images), lambda: lafter(images), reference], pair.repeats, dev)
         block_output = hybrid.embed(images)  # [B, N, W], the shape of every block's output
         tails = interleaved([lambda: _tail(hybrid, block_output), lambda: _tail(lafter, block_output)],
                             20 * pair.repeats, dev)
@@ -186,19 +273,13 @@ def _eval_ratios(pair: _Pair, out: dict) -> None:
     out["eval_time_ratio"] = t_h / t_l
     out["eval_time_ratio_from_parts"] = 1 + (min(tails[0]) - min(tails[1])) / t_l
     out["eval_images_per_s"] = {"hybrid": batch / t_h, "lafter": batch / t_l}
-    out["timing_noise"]["eval"] = timing_noise(times[:2])
+    out["timing_noise"]["eval"] = timing_noise(times[:3])
     # Encoder FLOP utilisation in both precisions: images/s × FLOPs per image / matrix-product rate.
-    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if dtype == eval_dtype:
-            t, peak = t_h, reference_flops / min(times[2]) / 1e9
-        else:  # one run without warm-up: this precision's targets are about a factor of 2
-            other, other_flops = _reference(dtype, dev, 0)
-            with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-                t, t_ref = (min(ts) for ts in interleaved([lambda: hybrid(images), other], 1, dev, warmup=0))
-            peak = other_flops / t_ref / 1e9
-        out[f"{label}_matmul_gflops"] = peak
+    for label, t, flops, t_ref in ((pair.precision, t_h, reference_flops, min(times[3])),
+                                   (other, min(times[2]), other_flops, min(times[4]))):
+        out[f"{label}_matmul_gflops"] = flops / t_ref / 1e9
         out[f"{label}_images_per_s"] = batch / t
-        out[f"{label}_utilisation"] = batch / t * flops_h / peak
+        out[f"{label}_utilisation"] = batch / t * flops_h / out[f"{label}_matmul_gflops"]
     out["bf16_over_fp32_throughput"] = out["bf16_images_per_s"] / out["fp32_images_per_s"]
 
 
@@ -206,24 +287,15 @@ def _train_ratios(pair: _Pair, out: dict) -> None:
     """Training: memory kept for backward, step time (direct and from parts), CUDA peak memory."""
     hybrid, lafter, images, dev, batch = pair.hybrid, pair.lafter, pair.images, pair.device, len(pair.images)
     opt_h, opt_l = _train_all_but_backbone(hybrid), _train_all_but_backbone(lafter)
-
-    def step(model, opt):
-        def run():
-            with pair.cast():
-                loss = model.forward_stages(images).logits.float().logsumexp(-1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return run
-
+    steps = [_step(hybrid, opt_h, images, pair.cast), _step(lafter, opt_l, images, pair.cast)]
     hybrid.train(), lafter.train()
     with pair.cast():  # counting the memory also warms both steps up
         mem_h, mem_l = training_memory_bytes(hybrid, images), training_memory_bytes(lafter, images)
     out["train_memory_bytes"] = {"hybrid": mem_h, "lafter": mem_l}
     out["train_memory_ratio"] = mem_h / mem_l
-    times = interleaved([step(hybrid, opt_h), step(lafter, opt_l)], pair.fewer, dev, warmup=0)
+    times = interleaved(steps, pair.fewer, dev, warmup=0)
     s_h, s_l = min(times[0]), min(times[1])
-    with torch.no_grad():
+    with torch.no_grad(), pair.cast():
         block_output = hybrid.embed(images).detach().requires_grad_()
     with pair.cast():
         tails = interleaved([_tail_step(hybrid, block_output, opt_h), _tail_step(lafter, block_output, opt_l)],
@@ -234,7 +306,7 @@ def _train_ratios(pair: _Pair, out: dict) -> None:
     out["timing_noise"]["train_step"] = timing_noise(times)
     if dev.type == "cuda":
         peaks = []
-        for run in (step(hybrid, opt_h), step(lafter, opt_l)):
+        for run in steps:
             torch.cuda.reset_peak_memory_stats(dev)
             run()
             peaks.append(torch.cuda.max_memory_allocated(dev))
@@ -248,13 +320,15 @@ def _cascade_ratios(pair: _Pair, cascade: CascadeCLIPClassifier, out: dict) -> N
     with torch.inference_mode(), pair.cast():
         times = interleaved([lambda: cascade(images), lambda: hybrid(images)], pair.fewer, dev)
         block_output = hybrid.embed(images)
+        # Cascade-CLIP's tail (its decoders) takes a good part of a second: fewer rounds suffice.
         tails = interleaved([lambda: _cascade_tail(cascade, block_output), lambda: _tail(hybrid, block_output)],
-                            20 * pair.repeats, dev)
+                            4 * pair.repeats, dev)
     t_h = len(images) / out["eval_images_per_s"]["hybrid"]
     out["cascadeclip_over_hybrid_time"] = min(times[0]) / min(times[1])
     out["cascadeclip_over_hybrid_time_from_parts"] = 1 + (min(tails[0]) - min(tails[1])) / t_h
     out["timing_noise"]["cascadeclip"] = timing_noise(times)
-    out["gflops_per_image"]["cascadeclip"] = count_gflops(cascade, images[:1])
+    with pair.cast():
+        out["gflops_per_image"]["cascadeclip"] = count_gflops(cascade, images[:1])
     out["cascadeclip_over_hybrid_flops"] = out["gflops_per_image"]["cascadeclip"] / out["gflops_per_image"]["hybrid"]
 
 
@@ -288,26 +362,130 @@ def _cache_speedup(model: HybridCascadeLaFTer, images: torch.Tensor, repeats: in
     return min(times[0]) / min(times[1]), timing_noise(times)
 
 
-def pipeline_rate(preprocess, batch: int, images: int = 96, workers: int = 2) -> float:
-    """Images/s of decoding + preprocessing alone (synthetic 640×480 JPEGs, ``workers`` processes),
-    to tell whether loading or compute limits a run."""
-    import tempfile
+def _jpegs(folder: Path, count: int, size: tuple[int, int] = (480, 640)) -> list[Sample]:
+    """``count`` random JPEGs (quality 90) of ``size`` (h, w), labelled round the wheel; written by
+    a thread per core (encoding releases the GIL)."""
+    def write(i: int) -> Sample:
+        path = folder / f"{i}.jpg"
+        pixels = np.random.default_rng(i).integers(0, 255, (*size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, quality=90)
+        return Sample(str(path), i % 8)
 
-    import numpy as np
-    from PIL import Image
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        return list(pool.map(write, range(count)))
 
+
+def _loader_rate(dataset: Any, batch: int, workers: int, view: Optional[Callable] = None, rounds: int = 1) -> float:
+    """Images/s of iterating a loader over ``dataset`` (the least disturbed of ``rounds`` passes),
+    with ``view`` applied to each batch's images."""
+    loader = make_loader(dataset, batch, False, 0, num_workers=workers)
+
+    def one_pass() -> None:
+        for b in loader:
+            if view is not None:
+                view(b["image"])
+    (times,) = interleaved([one_pass], rounds, torch.device("cpu"), warmup=0)
+    return len(dataset) / min(times)
+
+
+def data_rates(preprocess: Callable, preprocess_cfg: Any, batch: int, images: int = 96, workers: int = 2) -> dict:
+    """Images/s of turning files into model inputs, on synthetic 640×480 JPEGs: decoding and
+    preprocessing in ``workers`` processes (``pipeline_images_per_s``: does loading or compute
+    limit a run), and per CPU core (one process, one thread): the same JPEG path, building the
+    image store (its decoding, once), and reading batches from it with the training view (random
+    crop and flip from the margin store) and the evaluation view; ``store_over_jpeg_per_core`` is
+    the slower view's rate over the JPEG path's."""
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
-        rng = np.random.default_rng(0)
-        samples = []
-        for i in range(images):
-            path = Path(tmp) / f"{i}.jpg"
-            Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(path, quality=90)
-            samples.append(Sample(str(path), i % 8))
-        loader = make_loader(EmotionImages(samples, MIKELS8, preprocess), batch, False, 0, num_workers=workers)
+        samples = _jpegs(Path(tmp), images)
+        out = {"pipeline_images_per_s": _loader_rate(EmotionImages(samples, MIKELS8, preprocess), batch, workers)}
+        torch.set_num_threads(1)
+        try:
+            out["jpeg_images_per_s_per_core"] = _loader_rate(EmotionImages(samples, MIKELS8, preprocess), batch, 0)
+            splits = {split: EmotionImages(samples, MIKELS8, preprocess) for split in ("train", "test")}
+            start = time.perf_counter()
+            stored, view = stored_datasets(splits, preprocess_cfg, DataConfig(train_augment="crop_flip"),
+                                           Path(tmp) / "cache", progress=False)
+            out["store_build_images_per_s"] = 2 * images / (time.perf_counter() - start)  # two stores
+            for split, train in (("train", True), ("test", False)):
+                out[f"store_{'train' if train else 'eval'}_images_per_s_per_core"] = _loader_rate(
+                    stored[split], batch, 0, lambda x, train=train: view(x, train), rounds=5)
+        finally:
+            torch.set_num_threads(threads)
+    slower = min(out["store_train_images_per_s_per_core"], out["store_eval_images_per_s_per_core"])
+    out["store_over_jpeg_per_core"] = slower / out["jpeg_images_per_s_per_core"]
+    return out
+
+
+def compile_rates(backend: str = "inductor", device: str = "cuda", batch: int = 256, prompts: int = 50,
+                  repeats: int = 5, name: str = "ViT-B-32", precision: str = "bf16",
+                  model_cfg: Optional[dict] = None) -> dict:
+    """Eval and training-step images/s of HybridCascade and LaFTer under ``torch.compile(backend)``
+    (interleaved minima after compiling; compile seconds apart) and their ratios."""
+    pair, _, _ = _models(device, batch, prompts, repeats, name, precision, model_cfg)
+    images, dev = pair.images, pair.device
+    optimizers = [_train_all_but_backbone(m) for m in (pair.hybrid, pair.lafter)]
+    out: dict = {"device": _device_name(dev), "torch": torch.__version__, "backend": backend, "batch": batch,
+                 "prompts": prompts, "model": name, "precision": precision}
+    for mode in ("eval", "train"):
+        compiled = [torch.compile(m.train(mode == "train"), backend=backend) for m in (pair.hybrid, pair.lafter)]
+        fns = [_forward(c, images, pair.cast) if mode == "eval" else _step(c, opt, images, pair.cast)
+               for c, opt in zip(compiled, optimizers)]
         start = time.perf_counter()
-        for _ in loader:
-            pass
-        return images / (time.perf_counter() - start)
+        for fn in fns:  # the first calls compile
+            fn()
+        out[f"{mode}_compile_s"] = time.perf_counter() - start
+        times = interleaved(fns, repeats if mode == "eval" else pair.fewer, dev, warmup=0)
+        out[f"{mode}_images_per_s"] = {"hybrid": batch / min(times[0]), "lafter": batch / min(times[1])}
+        out[f"{mode}_ratio"] = min(times[0]) / min(times[1])
+        out[f"{mode}_timing_noise"] = timing_noise(times)
+    return out
+
+
+def epoch_rates(device: str = "cuda", precision: str = "bf16", batch: int = 256, images: int = 8192,
+                workers: Optional[int] = None, prompts: int = 50, name: str = "ViT-B-32",
+                model_cfg: Optional[dict] = None, image_size: tuple[int, int] = (480, 640)) -> dict:
+    """End to end, data included: training images/s of HybridCascade-LaFTer (``name`` at random
+    init, the default phase 2's groups) over ``images`` synthetic JPEGs, two epochs decoding the
+    files in every epoch against two epochs reading the image store (built beforehand, its time
+    reported apart); the second epoch of each is the warm one."""
+    import json
+
+    from .config import load_config
+    from .data import write_manifest
+    from .data.store import prepare_stores
+    from .run import train_run
+
+    workers = os.cpu_count() if workers is None else workers
+    out: dict = {"device": device, "precision": precision, "batch": batch, "images": images, "workers": workers,
+                 "image_size": list(image_size)}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "images").mkdir()
+        samples = _jpegs(root / "images", images, image_size)
+        write_manifest(root / "manifest.csv", samples, MIKELS8)
+        groups = "[prompts, layernorms, classifier, stage_adapters, fusion, nga]"
+        overrides = [
+            f"device={device}", f"precision={precision}", f"backbone.name={name}", "backbone.random_init=true",
+            f"model.prompt_tokens={prompts}", "data.format=manifest", f"data.root={root / 'manifest.csv'}",
+            "data.split_ratios=[0.9,0.05,0.05]", "data.verify_images=false", f"data.batch_size={batch}",
+            f"data.eval_batch_size={batch}", f"data.num_workers={workers}", "text.steps=10",
+            f"train.phases=[{{epochs: 2, train: {groups}}}]", f"cache_dir={root / 'cache'}"]
+        if model_cfg is not None:
+            overrides.append(f"backbone.model_cfg={json.dumps(model_cfg)}")
+        for store in (False, True):
+            cfg = load_config([], [*overrides, f"data.image_store={str(store).lower()}"])
+            key = "store" if store else "jpeg"
+            if store:
+                start = time.perf_counter()
+                prepare_stores(cfg, progress=False)
+                out["store_build_s"] = time.perf_counter() - start
+            train_run(cfg, root / key, progress=False)
+            records = [json.loads(line) for line in (root / key / "metrics.jsonl").read_text().splitlines()]
+            train_images = sum(1 for _ in (root / key / "splits" / "train.csv").open()) - 1
+            out[f"{key}_images_per_s"] = [train_images / r["time_s"] for r in records]
+    out["store_over_jpeg"] = out["store_images_per_s"][-1] / out["jpeg_images_per_s"][-1]
+    return out
 
 
 def onnx_latency(batch: int = 32, prompts: int = 50, repeats: int = 5, name: str = "ViT-B-32",

@@ -283,6 +283,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .data.store import prepare_stores
+
+    for line in prepare_stores(load_config(args.config, args.overrides), progress=not args.quiet):
+        print(line)
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .sweep import run_sweep
 
@@ -315,10 +323,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import onnx_latency, run_bench
+    from .bench import compile_rates, epoch_rates, onnx_latency, run_bench
 
     if args.onnx:
         result = onnx_latency(args.batch, args.prompts, args.repeats)
+    elif args.epoch:
+        result = epoch_rates(args.device, args.precision, args.batch, args.epoch, prompts=args.prompts)
+    elif args.compile:
+        result = compile_rates(args.compile, args.device, args.batch, args.prompts, args.repeats,
+                               precision=args.precision)
     else:
         result = run_bench(args.device, args.batch, args.prompts, args.repeats, precision=args.precision)
     if args.json:
@@ -484,7 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="visual prompt tokens of the timed models (default 50)")
     p.add_argument("--repeats", type=int, default=5,
                    help="interleaved rounds for the eval timing (half for the slower measurements); minima are compared")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="autocast for the model timings")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="the model timings' precision (bf16: autocast over the tower's frozen weights in bf16)")
+    p.add_argument("--compile", metavar="BACKEND",
+                   help="instead: both models' eval and training step under torch.compile (e.g. inductor)")
+    p.add_argument("--epoch", type=int, metavar="IMAGES",
+                   help="instead: end-to-end training images/s over IMAGES synthetic 640x480 JPEGs, decoded in "
+                        "every epoch vs read from the image store")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--onnx", action="store_true",
                    help="instead: ONNX Runtime vs PyTorch latency per image of HybridCascade-LaFTer on CPU "
@@ -521,6 +540,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-invalid", action="store_true", help="judge as a run with data.skip_invalid=true would")
     p.add_argument("--limit", type=int, default=50, help="problems listed in full (default 50)")
     p.set_defaults(func=cmd_data_check)
+    p = data_sub.add_parser("prepare", help="decode a run config's images once into the pre-decoded image store "
+                                            "(training does it on first use unless data.image_store=off)")
+    with_config(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_prepare)
     return parser
 
 

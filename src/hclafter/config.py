@@ -97,6 +97,12 @@ class DataConfig:
     batch_size: int = 32
     eval_batch_size: int = 64
     num_workers: int = 0
+    # true: decode each image once, on first use, into the pre-decoded image store (cache_dir/images,
+    # see data/store.py) and read batches from it; false (or off): decode the files in every epoch.
+    image_store: bool = True
+    # Labelled training's view: none (the evaluation view), or crop_flip (random crop from a
+    # slightly larger resize, random horizontal flip).
+    train_augment: str = "none"
     distribution: DistributionConfig = field(default_factory=DistributionConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -188,6 +194,9 @@ class TrainConfig:
     # learns from a strongly augmented view (loss ce or ls_ce); the training labels are never read.
     supervision: str = "labels"
     pseudo_threshold: float = 0.0  # pseudo: ignore images whose teacher confidence is below this
+    # A torch.compile backend for the training steps (inductor: pays on a GPU over long runs; each
+    # phase compiles once), or None for eager execution.
+    compile: Optional[str] = None
     # Encode each image once and reuse its layer features when the image tower cannot change
     # (no prompts, no LayerNorm or backbone tuning, labels supervision): see feature_cache.py.
     feature_cache: bool = True
@@ -327,7 +336,7 @@ CHOICES = {
     "model.fusion": ("static", "adaptive"), "model.stage_mixer": ("none", "attention"),
     "train.loss.name": ("ce", "ls_ce", "dual_task"), "train.on_nonfinite": ("stop", "skip"),
     "data.emotion6_label": ("folder", "argmax"), "data.ties": ("skip", "first"),
-    "data.distribution.source": ("wheel", "dataset"),
+    "data.distribution.source": ("wheel", "dataset"), "data.train_augment": ("none", "crop_flip"),
 }
 # key → (lowest allowed, whether the bound is inclusive, highest or None, inclusive)
 RANGES = {
@@ -423,6 +432,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.supervision == "pseudo" and cfg.train.loss.name == "dual_task":
         raise ConfigError("train.loss.name: dual_task needs label-derived distributions; with "
                           "train.supervision=pseudo use ce or ls_ce")
+    if cfg.train.supervision == "pseudo" and cfg.data.train_augment != "none":
+        raise ConfigError("data.train_augment applies to labelled training; pseudo-label training has its own "
+                          "strong view: leave it at none")
     if cfg.backbone.random_init and cfg.backbone.pretrained is not None:
         raise ConfigError(f"backbone.random_init=true contradicts backbone.pretrained={cfg.backbone.pretrained}; "
                           "drop one of them")

@@ -118,6 +118,7 @@ class TrainedRun:
         self.stage_blocks = [list(stage) for stage in self.model.stages]
         load_weights(self.model, self.run_dir / "model.safetensors", self.backbone.identity)
         self.model = self.runtime.prepare_model(self.model, evaluation_mode=True).eval()
+        self.runtime.lower_frozen(self.runtime.unwrap_model(self.model))
 
     def _classify(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self.runtime.autocast():

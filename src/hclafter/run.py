@@ -32,6 +32,7 @@ from .config import Config, load_config, to_dict, tuned_groups
 from .data import SPLITS, DatasetSplits, eval_loader, load_splits, make_dataset, make_loader
 from .data.splits import load_run_splits, save_run_splits
 from .data.loading import cache_applies, cached_datasets
+from .data.store import crop_flip_transform, stored_datasets
 from .emotions import Wheel
 from .evaluation import (Classify, Predictions, clip_classifier, compute_metrics, efficiency, evaluate_classifier,
                          predict)
@@ -206,18 +207,26 @@ def _prepare_training(cfg: Config, out_dir: Path, backbone: Backbone, data: Data
     saved_names = saved_parameter_names(model, cfg)
     # Everything any phase tunes requires grad while the model is wrapped (DDP registers those).
     set_trainable(model, groups, tuned_groups(cfg.train))
+    pseudo = cfg.train.supervision == "pseudo"
     views = {"train": strong_view(backbone.preprocess_cfg.size, backbone.preprocess_cfg.mean,
-                                  backbone.preprocess_cfg.std)} if cfg.train.supervision == "pseudo" else {}
+                                  backbone.preprocess_cfg.std)} if pseudo else {}
+    if cfg.data.train_augment == "crop_flip":
+        views["train"] = crop_flip_transform(backbone.preprocess_cfg)
     image_sets = {split: make_dataset(data[split], wheel, views.get(split, backbone.preprocess), cfg.data)
                   for split in SPLITS}
     sample_images = torch.stack([image_sets["test"][i]["image"] for i in range(min(8, len(image_sets["test"])))])
-    datasets, from_features = dict(image_sets), cache_applies(cfg)
+    datasets, from_features, inputs = dict(image_sets), cache_applies(cfg), None
     if from_features:
         model.to(runtime.device)
         with runtime.main_process_first():
             datasets = cached_datasets(model, datasets, wheel, backbone.preprocess, backbone.identity,
                                        backbone.preprocess_cfg, cache, cfg.data.eval_batch_size, runtime.device,
                                        show and interactive())
+    elif cfg.data.image_store:  # pseudo-labels' strong view stays on the JPEG path
+        with runtime.main_process_first():
+            datasets, inputs = stored_datasets(image_sets, backbone.preprocess_cfg, cfg.data, cache,
+                                               ("train",) if pseudo else (), show)
+    runtime.lower_frozen(model, [p for g in tuned_groups(cfg.train) for p in groups[g].values()])
     loaders = {split: make_loader(datasets[split], cfg.data.batch_size if split == "train" else cfg.data.eval_batch_size,
                                   shuffle=split == "train", seed=cfg.seed, num_workers=cfg.data.num_workers,
                                   pin_memory=runtime.device.type == "cuda")
@@ -229,9 +238,11 @@ def _prepare_training(cfg: Config, out_dir: Path, backbone: Backbone, data: Data
     train_sampler = loaders["train"].sampler
     prepared, optimizer, scheduler, *split_loaders = runtime.prepare(model, optimizer, scheduler,
                                                                      *(loaders[s] for s in SPLITS))
-    state = TrainState(cfg, out_dir, runtime, prepared, runtime.unwrap_model(prepared), groups, saved_names,
+    steps = torch.compile(prepared, backend=cfg.train.compile) if cfg.train.compile else prepared
+    state = TrainState(cfg, out_dir, runtime, steps, runtime.unwrap_model(prepared), groups, saved_names,
                        optimizer, scheduler, dict(zip(SPLITS, split_loaders)), train_sampler,
-                       [s.path for s in data["train"]], wheel, backbone.identity, from_features, None, show)
+                       [s.path for s in data["train"]], wheel, backbone.identity, from_features, None, show,
+                       inputs=inputs)
     return state, image_sets, sample_images
 
 
@@ -336,9 +347,11 @@ def _image_fusion_weights(state: TrainState, wheel: Wheel) -> Optional[dict]:
     weights, labels = [], []
     state.plain.eval()
     for batch in state.loaders["test"]:
+        inputs = batch["image"].to(state.runtime.device)
+        if state.inputs is not None:  # image-store rows → model inputs
+            inputs = state.inputs(inputs, train=False)
         with state.runtime.autocast():
-            out = state.plain(batch["image"].to(state.runtime.device), return_stages=True,
-                              from_features=state.from_features)
+            out = state.plain(inputs, return_stages=True, from_features=state.from_features)
         if out.fusion_weights is None:
             return None
         weights.append(state.runtime.gather_for_metrics(out.fusion_weights.float()).cpu())
@@ -396,6 +409,7 @@ def frozen_classifier(cfg: Config, backbone: Backbone, wheel: Wheel, runtime: Ru
         weight, stage1 = train_stage1(backbone, wheel, cfg.text, cfg.seed, cache, runtime.device)
         scale = 1.0
     model = runtime.prepare_model(backbone.model, evaluation_mode=True).eval()
+    runtime.lower_frozen(backbone.model)
     return clip_classifier(model, weight, scale, runtime), stage1
 
 

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
+from torch import nn
 
 from .config import Config
 
@@ -48,6 +49,25 @@ class Runtime(Accelerator):
 
     def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         super().backward(self.grad_scaler.scale(loss), **kwargs)
+
+    def lower_frozen(self, model: nn.Module, trained: Iterable[nn.Parameter] = ()) -> None:
+        """``lower_frozen`` at this runtime's precision (nothing to do in fp32)."""
+        if self.precision != "fp32":
+            lower_frozen(model, DTYPES[self.precision], trained)
+
+
+def lower_frozen(model: nn.Module, dtype: torch.dtype, trained: Iterable[nn.Parameter] = ()) -> None:
+    """Keep the image tower's frozen weights in the low precision ``dtype`` that autocast runs in.
+
+    Autocast casts them to exactly these values at every call, so results stay the same bit for
+    bit; what goes is a fresh low-precision copy of the tower's weights in every forward pass, and
+    half their memory. LayerNorms, the ``trained`` parameters and everything outside the tower
+    (prompts, head) stay in fp32."""
+    keep = {id(p) for p in trained}
+    keep |= {id(p) for m in model.visual.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    for p in model.visual.parameters():
+        if id(p) not in keep:
+            p.data = p.data.to(dtype)
 
 
 def make_runtime(cfg: Config, log_with: Optional[list[str]] = None, project_dir: Optional[Path] = None) -> Runtime:

@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from .checkpoint import load_state, save_checkpoint, save_state
+from .data.store import InputView
 from .config import PARAM_GROUPS, Config, PhaseConfig, trained_groups, tuned_groups
 from .emotions import Wheel
 from .evaluation import Predictions, compute_metrics, predict
@@ -234,7 +235,7 @@ class TrainState:
     cfg: Config
     out_dir: Path
     runtime: Runtime
-    model: nn.Module  # as prepared by accelerate (DDP-wrapped under several processes)
+    model: nn.Module  # as prepared by accelerate (DDP-wrapped under several processes), compiled by train.compile
     plain: StagedClassifier  # the same model unwrapped
     groups: dict[str, dict[str, nn.Parameter]]
     saved_names: list[str]
@@ -252,6 +253,7 @@ class TrainState:
     progress: Progress = field(default_factory=Progress)
     fingerprint: Optional[dict] = None  # the run's config and splits, stored with every saved state
     resumed: bool = False  # the progress was loaded from a saved state
+    inputs: Optional[InputView] = None  # turns image-store batches into model inputs
 
     @property
     def main(self) -> bool:
@@ -264,6 +266,8 @@ class TrainState:
     def classify(self, inputs: torch.Tensor, images: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused and per-stage logits of the loaders' inputs, or of ``images`` when the loaders give
         cached features."""
+        if self.inputs is not None:
+            inputs = self.inputs(inputs, train=False)
         with self.runtime.autocast():
             out = self.plain(inputs, return_stages=True, from_features=self.from_features and not images)
         return out.logits, out.stage_logits
@@ -355,6 +359,8 @@ def train_epoch(state: TrainState, phase_no: int, phase: PhaseConfig, stop: dict
     steps = bar(loader, f"epoch {epoch}/{len(state.epochs)} (phase {phase_no})", state.show, total=total,
                 initial=p.step_in_epoch)
     for batch in steps:
+        if state.inputs is not None:
+            batch["image"] = state.inputs(batch["image"], train=True)
         try:
             step = train_step(state.model, batch, state.optimizer, state.scheduler, state.runtime, cfg,
                               phase.consistency, state.train_paths, state.pseudo, state.from_features, state.teacher)

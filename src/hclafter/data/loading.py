@@ -109,7 +109,7 @@ def cache_applies(cfg: Config) -> bool:
     """Whether the image tower's output is fixed for the whole run."""
     return (cfg.train.feature_cache and method_class(cfg.model.method).supports_feature_cache
             and cfg.model.prompt_tokens == 0 and cfg.train.supervision == "labels"
-            and not tuned_groups(cfg.train) & ENCODER_GROUPS)
+            and cfg.data.train_augment == "none" and not tuned_groups(cfg.train) & ENCODER_GROUPS)
 
 
 def cache_key(identity: dict, layers: Sequence[int], preprocess_cfg, paths: Sequence[str]) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .base import ModelOutput, StagedClassifier
 from .layers import (NGA, AdaptiveFusion, MeanAggregation, StageAdapter, StageFusion, StageMixer, TextClassifier,
-                     VisualPrompts)
+                     VisualPrompts, adapt_stages)
 from .vit import check_vit, cls_after_blocks, embed_patches, project
 
 if TYPE_CHECKING:
@@ -115,13 +115,17 @@ class HybridCascadeLaFTer(StagedClassifier):
 
     def forward_head(self, features: torch.Tensor) -> ModelOutput:
         """Everything after the encoder: [n, B, D] layer features → fused and per-stage logits."""
-        zs = [self.nga[s](features[index]) for s, index in enumerate(self._stage_index)]
+        z = torch.stack([self.nga[s](features[index]) for s, index in enumerate(self._stage_index)])
         if self.mixer is not None:
-            zs = list(self.mixer(torch.stack(zs)).unbind(0))
-        if self.adapters is not None:
-            zs = [self.adapters[s % len(self.adapters)](z) for s, z in enumerate(zs)]
-        stacked = torch.stack([self.classifier(z) for z in zs])
+            z = self.mixer(z)
+        if self.adapters is not None:  # batched where kernel launches cost more than stacking the weights
+            if z.is_cuda and len(self.adapters) == len(z):
+                z = adapt_stages(self.adapters, z)
+            else:
+                z = torch.stack([self.adapters[s % len(self.adapters)](x) for s, x in enumerate(z)])
+        # Stage by stage, so the classifier's gradient sums the stages in the same order as ever.
+        stacked = torch.stack([self.classifier(stage) for stage in z])
         if isinstance(self.fusion, AdaptiveFusion):
-            fused, weights = self.fusion(stacked, torch.stack(zs))
+            fused, weights = self.fusion(stacked, z)
             return ModelOutput(fused, stacked, weights)
         return ModelOutput(self.fusion(stacked), stacked)

