@@ -115,22 +115,23 @@ def _nan_for(index):
 
 def test_a_nan_batch_stops_naming_its_images_and_keeps_the_last_good_state(finished, tmp_path, cache_dir,
                                                                          monkeypatch):
-    monkeypatch.setattr(EmotionImages, "__getitem__", _nan_for(5))
+    monkeypatch.setattr(EmotionImages, "__getitem__", _nan_for(5))  # decoded images: the file path, not the store
     out = tmp_path / "run"
     with pytest.raises(RunError, match=r"non-finite loss.*\.png.*Stopped; the last good state") as info:
-        train_run(config(cache_dir), out, progress=False)
+        train_run(config(cache_dir, "data.image_store=false"), out, progress=False)
     assert "images/" in str(info.value)
     latest = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert all(torch.isfinite(t).all() for t in checkpoint.load_checkpoint(
         out / "checkpoints" / latest["folder"] / "weights.safetensors").values())
     monkeypatch.undo()
-    train_run(config(cache_dir), out, progress=False, resume=True)
+    train_run(config(cache_dir, "data.image_store=false"), out, progress=False, resume=True)
     assert json.loads((out / "summary.json").read_text()) == json.loads((finished / "summary.json").read_text())
 
 
 def test_nan_batches_can_be_skipped_and_counted(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setattr(EmotionImages, "__getitem__", _nan_for(5))
-    summary = train_run(config(cache_dir, "train.on_nonfinite=skip"), tmp_path / "run", progress=False)
+    summary = train_run(config(cache_dir, "train.on_nonfinite=skip", "data.image_store=false"), tmp_path / "run",
+                        progress=False)
     assert len(summary["nonfinite_batches_skipped"]) == 3  # the same image, once per epoch
     assert "non-finite loss" in summary["nonfinite_batches_skipped"][0]
 
