@@ -282,7 +282,7 @@ def _eval_ratios(pair: _Pair, out: dict) -> None:
                                                  (other, times[1], other_flops, times[4])):
         out[f"{label}_matmul_gflops"] = flops / min(ref_times) / 1e9
         out[f"{label}_images_per_s"] = batch / min(model_times)
-        out[f"{label}_utilisation"] = statistics.median(batch * flops_h * t_ref / (t * flops)
+        out[f"{label}_utilisation"] = statistics.median(batch * flops_h * 1e9 * t_ref / (t * flops)
                                                         for t, t_ref in zip(model_times, ref_times))
     fp32, bf16 = (times[0], times[1]) if pair.precision == "fp32" else (times[1], times[0])
     out["bf16_over_fp32_throughput"] = statistics.median(f / b for f, b in zip(fp32, bf16))
