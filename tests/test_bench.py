@@ -23,6 +23,8 @@ def test_bench_reports_every_ratio():
     assert out["train_memory_ratio"] > 1  # the hybrid keeps 8 layers' CLS tokens for backward
     assert set(out["timing_noise"]) == {"eval", "train_step", "cache", "cascadeclip"}
     assert isinstance(out["cpu_bf16_units"], list)
+    for label in ("fp32", "bf16"):  # a fraction of the matrix-product rate (tiny models: a small one)
+        assert 0 < out[f"{label}_utilisation"] < 2, label
 
 
 def test_compiled_models_are_timed():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import statistics
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -199,7 +200,8 @@ def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: 
     """Every ratio of the performance targets, for ``name`` at random init (speed does not depend on
     the weights). ``precision`` (fp32, or bf16: autocast over the tower's frozen weights kept in
     bf16, as runs do) applies to the HybridCascade/LaFTer timings; inference throughput is measured
-    in both precisions, each after a warm-up.
+    in both precisions in the same rounds after a warm-up (their ratio and each utilisation: the
+    median over rounds of the ratio within a round).
 
     Whole forwards and training steps are timed in ``repeats`` interleaved rounds (the training
     step, feature cache, Cascade-CLIP comparisons and the other precision in half as many). On a
@@ -257,30 +259,33 @@ def _eval_ratios(pair: _Pair, out: dict) -> None:
     out["gflops_per_image"] = {"hybrid": flops_h, "lafter": flops_l}
     out["eval_flops_ratio"] = flops_h / flops_l
     # Both precisions' forwards and references (the hybrid forward's FLOPs as square matrix
-    # products) in the same rounds: utilisation and the bf16/fp32 ratio then compare like with like,
-    # however loaded the machine (on a shared CPU the fp32 rate alone moves by a factor of 3).
+    # products) in the same rounds, the two forwards next to each other. On a shared CPU the load
+    # moves the fp32 rate alone by a factor of 3 within minutes, so ratios between them are taken
+    # per round (the same moment for both) and their median is reported.
     other, other_model, other_cast = _other_precision(pair)
     reference, reference_flops = _reference(DTYPES[pair.precision], dev, batch * flops_h * 1e9)
     other_reference, other_flops = _reference(DTYPES[other], dev, batch * flops_h * 1e9)
-    fns = [_forward(hybrid, images, pair.cast), _forward(lafter, images, pair.cast),
-           _forward(other_model, images, other_cast), reference, other_reference]
+    fns = [_forward(hybrid, images, pair.cast), _forward(other_model, images, other_cast),
+           _forward(lafter, images, pair.cast), reference, other_reference]
     times = interleaved(fns, pair.repeats, dev)
     with torch.inference_mode(), pair.cast():
         block_output = hybrid.embed(images)  # [B, N, W], the shape of every block's output
         tails = interleaved([lambda: _tail(hybrid, block_output), lambda: _tail(lafter, block_output)],
                             20 * pair.repeats, dev)
-    t_h, t_l = min(times[0]), min(times[1])
+    t_h, t_l = min(times[0]), min(times[2])
     out["eval_time_ratio"] = t_h / t_l
     out["eval_time_ratio_from_parts"] = 1 + (min(tails[0]) - min(tails[1])) / t_l
     out["eval_images_per_s"] = {"hybrid": batch / t_h, "lafter": batch / t_l}
     out["timing_noise"]["eval"] = timing_noise(times[:3])
     # Encoder FLOP utilisation in both precisions: images/s × FLOPs per image / matrix-product rate.
-    for label, t, flops, t_ref in ((pair.precision, t_h, reference_flops, min(times[3])),
-                                   (other, min(times[2]), other_flops, min(times[4]))):
-        out[f"{label}_matmul_gflops"] = flops / t_ref / 1e9
-        out[f"{label}_images_per_s"] = batch / t
-        out[f"{label}_utilisation"] = batch / t * flops_h / out[f"{label}_matmul_gflops"]
-    out["bf16_over_fp32_throughput"] = out["bf16_images_per_s"] / out["fp32_images_per_s"]
+    for label, model_times, flops, ref_times in ((pair.precision, times[0], reference_flops, times[3]),
+                                                 (other, times[1], other_flops, times[4])):
+        out[f"{label}_matmul_gflops"] = flops / min(ref_times) / 1e9
+        out[f"{label}_images_per_s"] = batch / min(model_times)
+        out[f"{label}_utilisation"] = statistics.median(batch * flops_h * 1e9 * t_ref / (t * flops)
+                                                        for t, t_ref in zip(model_times, ref_times))
+    fp32, bf16 = (times[0], times[1]) if pair.precision == "fp32" else (times[1], times[0])
+    out["bf16_over_fp32_throughput"] = statistics.median(f / b for f, b in zip(fp32, bf16))
 
 
 def _train_ratios(pair: _Pair, out: dict) -> None:
