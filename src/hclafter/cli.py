@@ -119,6 +119,8 @@ def _load_run(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .files import read_json
+
     run = _load_run(args)
     if args.data is not None or args.overrides:
         from .crossdata import cross_dataset_config, describe_result, evaluate_on
@@ -130,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     metrics = run.evaluate(args.split, progress=not args.json)
     summary = run.run_dir / "summary.json"
-    best = json.loads(summary.read_text(encoding="utf-8")).get("best_epoch") if summary.is_file() else None
+    best = read_json(summary).get("best_epoch") if summary.is_file() else None
     checkpoint = f"checkpoint of epoch {best} (selected on val)" if best else "the run's model"
     header = f"{run.run_dir}: {args.split} split, {metrics['num_samples']} images, {checkpoint}"
     if args.json:

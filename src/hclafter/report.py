@@ -231,7 +231,7 @@ class RunFiles:
         log = run_dir / "metrics.jsonl"
         records = read_jsonl(log) if log.is_file() else []
         config = run_dir / "config.yaml"
-        config_text = config.read_text(encoding="utf-8") if config.is_file() else ""
+        config_text = config.read_text(encoding="utf-8", errors="replace") if config.is_file() else ""
         stages = info.get("stages") or _stages_from_config(config_text)
         return cls(run_dir, summary, info, records, config_text, stages,
                    read_prediction_table(run_dir / "predictions.csv", info["classes"]))
@@ -252,14 +252,17 @@ class RunFiles:
         return [stage_label(s + 1, self.stages[s] if s < len(self.stages) else None) for s in range(count)]
 
     def split_counts(self) -> dict[str, dict[str, int]]:
-        """Images per class in each saved split (``splits/*.csv``)."""
+        """Images per class in each readable saved split (``splits/*.csv``); a damaged list is left
+        out of this table (eval, predict and resume refuse it with a message)."""
         counts = {}
         for split in ("train", "val", "test"):
             path = self.run_dir / "splits" / f"{split}.csv"
-            if path.is_file():
+            try:
                 with open(path, newline="", encoding="utf-8") as f:
                     labels = [row["label"] for row in csv.DictReader(f)]
-                counts[split] = {c: labels.count(c) for c in self.classes}
+            except (OSError, UnicodeDecodeError, csv.Error, KeyError):
+                continue
+            counts[split] = {c: labels.count(c) for c in self.classes}
         return counts
 
 
@@ -494,7 +497,7 @@ def write_sweep_report(out_dir: Path, rows: Sequence[dict], runs: Sequence[Any])
         table_rows.append([r["dataset"], r["method"] + (f" ({r['variant']})" if r["variant"] else ""), r["seeds"],
                            *(f"{100 * r[k + '_mean']:.2f} ± {100 * r[k + '_std']:.2f}"
                              for k in ("accuracy", "macro_f1", "polarity_accuracy")),
-                           f"{r['kl_mean']:.3f} ± {r['kl_std']:.3f}", f"{r['trainable_params']:,d}", added,
+                           f"{r['kl_mean']:.3f} ± {r['kl_std']:.3f}", f"{r['trained_params']:,d}", added,
                            f"{r['gflops_per_image']:.3f}", f"{r['latency_ms_per_image']:.2f}"])
     per_run, seconds, hardware = [], 0.0, None
     for run in runs:
