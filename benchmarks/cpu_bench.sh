@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# CPU benchmark (about 5 minutes on 2 cores): every ratio of the performance targets, as JSON.
+# CPU benchmark (3 minutes on a quiet 2-core host, 5-6 while others share it): every ratio of the performance
+# targets, the image store's and bf16's rates and the CPU's bf16 units (cpu_bf16_units), as JSON.
 #   benchmarks/cpu_bench.sh > cpu_bench.json
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -258,13 +258,13 @@ def _eval_ratios(pair: _Pair, out: dict) -> None:
         flops_h, flops_l = count_gflops(hybrid, images[:1]), count_gflops(lafter, images[:1])
     out["gflops_per_image"] = {"hybrid": flops_h, "lafter": flops_l}
     out["eval_flops_ratio"] = flops_h / flops_l
-    # Both precisions' forwards and references (the hybrid forward's FLOPs as square matrix
-    # products) in the same rounds, the two forwards next to each other. On a shared CPU the load
-    # moves the fp32 rate alone by a factor of 3 within minutes, so ratios between them are taken
-    # per round (the same moment for both) and their median is reported.
+    # Both precisions' forwards and references (square matrix products, a quarter of the forward's
+    # FLOPs: enough for a rate) in the same rounds, the two forwards next to each other. On a
+    # shared CPU the load moves the fp32 rate alone by a factor of 3 within minutes, so ratios
+    # between them are taken per round (the same moment for both) and their median is reported.
     other, other_model, other_cast = _other_precision(pair)
-    reference, reference_flops = _reference(DTYPES[pair.precision], dev, batch * flops_h * 1e9)
-    other_reference, other_flops = _reference(DTYPES[other], dev, batch * flops_h * 1e9)
+    reference, reference_flops = _reference(DTYPES[pair.precision], dev, batch * flops_h * 1e9 / 4)
+    other_reference, other_flops = _reference(DTYPES[other], dev, batch * flops_h * 1e9 / 4)
     fns = [_forward(hybrid, images, pair.cast), _forward(other_model, images, other_cast),
            _forward(lafter, images, pair.cast), reference, other_reference]
     times = interleaved(fns, pair.repeats, dev)
