@@ -103,7 +103,7 @@ def test_cascadeclip_groups_and_gradients(tiny_backbone, images, text):
     groups = param_groups(model)
     assert not groups["classifier"] and not groups["fusion"] and not groups["stage_adapters"]
     assert groups["decoders"] and groups["projections"] and list(groups["prompts"]) == ["prompts.tokens"]
-    assert sorted(groups["nga"]) == ["nga.0", "nga.1"]
+    assert not groups["nga"] and sorted(groups["layer_weights"]) == ["nga.0", "nga.1"]
     assert model.stage_of_parameter("decoders.1.score.q.weight") == 2
     assert model.stage_of_parameter("queries.0.weight") == 1 and model.stage_of_parameter("nga.1") == 2
     assert model.stage_of_parameter("projections.0.9.1.weight") == 1

@@ -126,13 +126,14 @@ def test_page_renders_upload_and_results_in_chromium(server, run_dir, image, tmp
         page.goto(server)
         upload = page.locator("input[type=file]").first
         upload.wait_for(state="attached", timeout=30_000)
-        assert page.get_by_text("Upload an image").first.is_visible()
-        assert page.get_by_text("Test-split examples").first.is_visible()
+        # The labels render after the file input is attached: wait for them rather than poll once.
+        page.get_by_text("Upload an image").first.wait_for(state="visible", timeout=30_000)
+        page.get_by_text("Test-split examples").first.wait_for(state="visible", timeout=30_000)
         upload.set_input_files(image)
         page.get_by_text("fused", exact=True).first.wait_for(timeout=30_000)
         page.locator("img[src^='data:image']").first.wait_for(timeout=30_000)  # the wheel plot
-        assert page.get_by_text("stage 3", exact=True).first.is_visible()
-        assert page.get_by_text(expected, exact=True).first.is_visible()  # the top emotion's heading
+        page.get_by_text("stage 3", exact=True).first.wait_for(state="visible", timeout=30_000)
+        page.get_by_text(expected, exact=True).first.wait_for(state="visible", timeout=30_000)  # top emotion
         page.screenshot(path=str(os.environ.get("HCLAFTER_SCREENSHOT", tmp_path / "serve.png")), full_page=True)
         page.get_by_label("Clear").first.click()  # as a person would, before the next upload
         page.get_by_text("fused", exact=True).first.wait_for(state="detached", timeout=30_000)

@@ -98,6 +98,9 @@ def _train_run(cfg: Config, out_dir: Path, progress: bool, resume: bool) -> dict
             with writing(out_dir):
                 save_checkpoint(out_dir / "text_classifier.safetensors", {"weight": text_weight}, backbone.identity)
                 write_json(out_dir / "checkpoints" / "stage1.json", {**stage1, "text_only": text_only_metrics})
+        # Training's random stream starts from the seed, whatever the set-up drew: building a cache
+        # on first use iterates loaders that a run finding the cache warm does not.
+        set_seed(cfg.seed)
         state.save()
     state.rewrite_log()
     tracking.start(runtime, cfg, out_dir)
