@@ -1,10 +1,10 @@
-"""``hclafter demo``: every method, its controls and ablations on a synthetic emotion world, with a
+"""hclafter demo: every method, its controls and ablations on a synthetic emotion world, with a
 small aligned CLIP, over several seeds, and a table that follows the evidence protocol.
 
 The demo is a sweep: zero-shot CLIP, the text-only classifier, LaFTer (label-free), LaFTer-sup,
 the capacity-matched control LaFTer-sup + adapter, HybridCascade-LaFTer, two of its ablations and
 the Cascade-CLIP-style baseline, each with its own method config and the shipped toy CLIP, on a
-named world (default: ``mixed``, which hurts global and fine cues alike). It prints the table
+named world (default: mixed, which hurts global and fine cues alike). It prints the table
 (mean ± std over seeds, paired differences with the headline method, verdicts) and writes a
 Markdown and an HTML report. Nothing is downloaded. The world is synthetic: its numbers show the
 methods working end to end, not what they achieve on real photographs.
