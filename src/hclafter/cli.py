@@ -8,7 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from . import demo, describe
 from .config import Config, ConfigError, load_config, to_dict
@@ -382,33 +382,32 @@ class Parser(argparse.ArgumentParser):
         return super().add_argument(*names, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="hclafter", description=DESCRIPTION, epilog=EXAMPLES,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"hclafter {__version__}",
-                        help="print the version and exit")
-    parser.set_defaults(func=lambda args: parser.print_help() or 0)  # a bare `hclafter` explains itself
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+# What a command's registration function receives: the parser's sub-command action.
+Subparsers = Any
 
-    def with_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
-                       help="config file; repeat to merge several (later ones win)")
-        p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                       help="config overrides, anywhere on the line (e.g. train.phases.0.epochs=1 seed=1)")
 
-    def device_options(p: argparse.ArgumentParser, precision: bool = True) -> None:
-        p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
-                       help="where to compute (default: the run's own setting; auto takes a GPU if there is one)")
-        if precision:
-            p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
-                           help="forward pass precision (bf16/fp16: autocast; fp16 needs CUDA); default: the run's own")
+def _with_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", action="append", default=[], metavar="YAML",
+                   help="config file; repeat to merge several (later ones win)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, anywhere on the line (e.g. train.phases.0.epochs=1 seed=1)")
 
+
+def _device_options(p: argparse.ArgumentParser, precision: bool = True) -> None:
+    p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"),
+                   help="where to compute (default: the run's own setting; auto takes a GPU if there is one)")
+    if precision:
+        p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                       help="forward pass precision (bf16/fp16: autocast; fp16 needs CUDA); default: the run's own")
+
+
+def _add_train(sub: Subparsers) -> None:
     p = sub.add_parser("train", help="stage 1 + stage 2 training into a run directory",
                        description="Train a run (or evaluate a mode=zeroshot|textonly baseline) into --out: config, "
                                    "splits, metrics.jsonl, summary.json, weights, predictions, figures and TensorBoard "
                                    "logs (train.log_with). Progress bars on a terminal; one line per epoch and per "
                                    "evaluation when the output goes to a file.")
-    with_config(p)
+    _with_config(p)
     p.add_argument("--out", required=True,
                    help="run directory to write (a new one, or an interrupted one with --resume)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or evaluation lines; the per-epoch "
@@ -417,10 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the interrupted run in --out from its last saved state (its own config)")
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub: Subparsers) -> None:
     p = sub.add_parser("eval", help="evaluate a finished run on one of its saved splits")
     p.add_argument("run_dir", help=COMMON_HELP["run_dir"])
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which saved split (default test)")
-    device_options(p)
+    _device_options(p)
     p.add_argument("--json", action="store_true", help="print all metrics as JSON (the header goes to stderr)")
     p.add_argument("--data", default=None, metavar="FORMAT:ROOT",
                    help="evaluate on another dataset instead (e.g. fi:/data/FI, synthetic:), split as training "
@@ -429,15 +430,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data settings of the other dataset (e.g. data.synthetic.world=blur)")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_analyze(sub: Subparsers) -> None:
     p = sub.add_parser("analyze", help="what each layer and stage knows: linear probes per block of the frozen "
                                        "tower beside the trained stages, per-stage per-class accuracy, stage "
                                        "disagreements (Markdown, JSON, PNG/SVG plot)")
     p.add_argument("run_dir", help=COMMON_HELP["run_dir"])
     p.add_argument("--out", default=None, help="output folder (default: RUN/analysis)")
-    device_options(p, precision=False)
+    _device_options(p, precision=False)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_analyze)
 
+
+def _add_predict(sub: Subparsers) -> None:
     p = sub.add_parser("predict", help="emotion predictions for image files, folders, glob patterns or a list",
                        description="Predict the emotion and its distribution for images, streamed in batches (memory "
                                    "holds one batch). An image that cannot be read is reported and the others are "
@@ -461,15 +466,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also each stage's own prediction (stages numbered 1..S, with the image blocks each reads)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="images per forward pass (default: the run's data.eval_batch_size)")
-    device_options(p)
+    _device_options(p)
     p.set_defaults(func=cmd_predict)
 
+
+def _add_zeroshot(sub: Subparsers) -> None:
     p = sub.add_parser("zeroshot", help="zero-shot CLIP baseline with the label space's templates")
-    with_config(p)
+    _with_config(p)
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split (default test)")
     p.add_argument("--json", action="store_true", help="print all metrics as JSON")
     p.set_defaults(func=cmd_zeroshot)
 
+
+def _add_sweep(sub: Subparsers) -> None:
     p = sub.add_parser("sweep", help="run a grid of methods x datasets x overrides x seeds; mean ± std tables")
     p.add_argument("sweep", help="sweep YAML (see configs/sweeps/)")
     p.add_argument("--out", required=True, help="sweep directory (re-running it finishes missing runs only)")
@@ -486,12 +495,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(otherwise they are refused by name)")
     p.set_defaults(func=cmd_sweep)
 
+
+def _add_report(sub: Subparsers) -> None:
     p = sub.add_parser("report", help="a self-contained HTML report of a finished run or of a sweep")
     p.add_argument("run_dir", metavar="DIR",
                    help="a finished run (writes DIR/report.html) or a sweep directory (its report.html and every "
                         "finished run's)")
     p.set_defaults(func=cmd_report)
 
+
+def _add_bench(sub: Subparsers) -> None:
     p = sub.add_parser("bench", help="speed/memory/FLOP ratios: HybridCascade vs LaFTer vs Cascade-CLIP (ViT-B-32)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to time (default cpu)")
     p.add_argument("--batch", type=int, default=32, help="images per timed batch (default 32)")
@@ -512,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs hclafter[onnx])")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_export(sub: Subparsers) -> None:
     p = sub.add_parser("export", help="a run as a Hugging Face model directory or an ONNX graph")
     p.add_argument("run_dir", help=COMMON_HELP["run_dir"])
     p.add_argument("--format", required=True, choices=("hf", "onnx"),
@@ -522,31 +537,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: embed the CLIP image tower instead of referencing its weights file by name and hash")
     p.set_defaults(func=cmd_export)
 
+
+def _add_serve(sub: Subparsers) -> None:
     p = sub.add_parser("serve", help="a local web demo of a run (needs hclafter[serve])")
     p.add_argument("run_dir", help=COMMON_HELP["run_dir"])
     p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
-    device_options(p, precision=False)
+    _device_options(p, precision=False)
     p.set_defaults(func=cmd_serve)
 
-    describe.add_parser(sub)
-    demo.add_parser(sub)
 
+def _add_data(sub: Subparsers) -> None:
     p = sub.add_parser("data", help="dataset tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="TOOL")
     p = data_sub.add_parser("check", help="validate a dataset root without training: counts per class and split, "
                                           "missing/unreadable files, unknown classes, malformed lines")
     p.add_argument("--format", required=True, help="dataset format (emotion6, emoset, fi, manifest, ...)")
     p.add_argument("root", help="dataset root (or manifest file)")
-    with_config(p)
+    _with_config(p)
     p.add_argument("--skip-invalid", action="store_true", help="judge as a run with data.skip_invalid=true would")
     p.add_argument("--limit", type=int, default=50, help="problems listed in full (default 50)")
     p.set_defaults(func=cmd_data_check)
     p = data_sub.add_parser("prepare", help="decode a run config's images once into the pre-decoded image store "
                                             "(training does it on first use unless data.image_store=off)")
-    with_config(p)
+    _with_config(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_prepare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hclafter`` parser: each command registers its own options (``_add_<command>``)."""
+    parser = Parser(prog="hclafter", description=DESCRIPTION, epilog=EXAMPLES,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"hclafter {__version__}",
+                        help="print the version and exit")
+    parser.set_defaults(func=lambda args: parser.print_help() or 0)  # a bare `hclafter` explains itself
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for add in (_add_train, _add_eval, _add_analyze, _add_predict, _add_zeroshot, _add_sweep, _add_report,
+                _add_bench, _add_export, _add_serve, describe.add_parser, demo.add_parser, _add_data):
+        add(sub)
     return parser
 
 
