@@ -11,6 +11,7 @@ from hclafter.config import ConfigError, load_config
 from hclafter.emotions import MIKELS8
 from hclafter.model import build_model
 from hclafter.run import train_run
+from hclafter.sweep import plan
 from hclafter.training import param_groups
 
 from .conftest import ROOT, TINY_CONFIG
@@ -100,7 +101,8 @@ def _tiny_sweep(tmp_path):
         "methods": {"zeroshot": str(METHODS / "zeroshot.yaml"), "lafter": str(METHODS / "lafter.yaml"),
                     "hybrid": str(METHODS / "hybrid.yaml")},
         "overrides": [*SHORT, "train.phases=[{epochs: 1, train: [prompts, classifier, fusion]}]"],
-        "headline": "hybrid", "reference": "lafter", "seeds": [0, 1]}, sort_keys=False))
+        "headline": "hybrid", "reference": "lafter", "pairs": [["lafter", "hybrid"]], "seeds": [0, 1]},
+        sort_keys=False))
     return sweep
 
 
@@ -136,6 +138,12 @@ def test_sweep_tables_and_restart_after_a_kill(tmp_path, cache_dir, monkeypatch)
     assert "Δ accuracy vs HybridCascade-LaFTer" in evidence and "(headline)" in evidence
     assert evidence.count("not distinguishable at 95 %") + evidence.count("better") + evidence.count("worse") >= 2
     assert "carry no meaning" in evidence  # random-initialised tiny backbone
+    # A pair compares its two methods the other way round: the same difference, negated.
+    lafter_row = next(line for line in evidence.splitlines() if line.startswith("| LaFTer-sup (last block) |"))
+    delta = float(lafter_row.split(" | ")[10].split(" [")[0])
+    pair = next(line for line in table[table.index("## Pairwise comparisons"):].splitlines()
+                if line.startswith("| default | LaFTer-sup (last block) | HybridCascade-LaFTer |"))
+    assert float(pair.split(" | ")[5].split(" [")[0]) == pytest.approx(-delta, abs=0.051)
     assert float(rows["lafter"]["accuracy_std"]) >= 0 and "±" in table
     for plot in ("accuracy.png", "train_loss.png", "learned_weights.png"):
         assert (out / "plots" / plot).stat().st_size > 0
@@ -144,6 +152,15 @@ def test_sweep_tables_and_restart_after_a_kill(tmp_path, cache_dir, monkeypatch)
     assert page.count("data:image/svg+xml;base64,") == 3 and "<h2>Runs</h2>" in page
     assert page.count('report.html">report</a>') == 6
     assert (out / "runs" / "default" / "zeroshot" / "default" / "seed0" / "report.html").is_file()
+
+
+def test_sweep_pairs_must_name_two_of_its_methods(tmp_path):
+    sweep = _tiny_sweep(tmp_path)
+    spec = yaml.safe_load(sweep.read_text())
+    for bad in (["lafter", "nope"], ["lafter"], "lafter"):
+        sweep.write_text(yaml.safe_dump({**spec, "pairs": [bad]}))
+        with pytest.raises(ConfigError, match=r"pairs: .* is not a pair \[A, B\] of the methods"):
+            plan(sweep, tmp_path / "out")
 
 
 def test_report_is_a_self_contained_page(tmp_path, cache_dir):

@@ -92,6 +92,37 @@ def comparison_rows(methods: Sequence[MethodRuns], headline: str, reference: Opt
     return list(rows)
 
 
+def pair_rows(methods: Sequence[MethodRuns], pairs: Sequence[Sequence[str]], n_boot: int = 10000,
+              seed: int = 0) -> list[dict]:
+    """For each pair (a, b) of method keys: both test accuracies over seeds and the paired
+    comparison a − b, as the main table makes it (for options compared with more than one row)."""
+    by_key = {m.key: m for m in methods}
+    classes = read_predictions(methods[0].runs[0] / "predictions.csv").classes
+    preds: dict[str, list[RunPredictions]] = {}
+    rows = []
+    for a, b in pairs:
+        for key in (a, b):
+            if key not in preds:
+                preds[key] = [read_predictions(run / "predictions.csv", classes) for run in by_key[key].runs]
+        c = compare_runs(preds[a], {b: preds[b]}, n_boot=n_boot, seed=seed)[b]
+        rows.append({"a": by_key[a].name, "b": by_key[b].name, "accuracy_a": c.headline_accuracy,
+                     "accuracy_b": c.other_accuracy, "difference": c.difference.mean, "ci": list(c.difference.ci),
+                     "p_value": c.p_value, "verdict": c.verdict})
+    return rows
+
+
+def pairs_markdown(rows_by_dataset: dict[str, list[dict]]) -> str:
+    """The pairwise comparisons of every dataset in one Markdown table."""
+    lines = ["| dataset | method A | method B | A accuracy % | B accuracy % | Δ A − B (95 % CI) | McNemar p | "
+             "A is |", "|" + "---|" * 8]
+    for dataset, rows in rows_by_dataset.items():
+        for r in rows:
+            lines.append(f"| {dataset} | {r['a']} | {r['b']} | {_pm(r['accuracy_a'], 100)} | "
+                         f"{_pm(r['accuracy_b'], 100)} | {100 * r['difference']:+.1f} [{100 * r['ci'][0]:+.1f}, "
+                         f"{100 * r['ci'][1]:+.1f}] | {r['p_value']:.3g} | {r['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _pm(value: tuple[float, float], scale: float = 1.0, digits: int = 1) -> str:
     mean, std = value
     if math.isnan(std):

@@ -23,14 +23,15 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import yaml
 
 from .checkpoint import config_differences
 from .config import ConfigError, load_config, to_dict
-from .evidence import MethodRuns, comparison_rows, markdown_table, random_backbone, table_notes
+from .evidence import (MethodRuns, comparison_rows, markdown_table, pair_rows, pairs_markdown, random_backbone,
+                       table_notes)
 from .files import RunError, atomic_write_text, clear_run_dir, run_lock, write_json
 from .metrics import HEADLINE
 from .report import write_sweep_figures, write_sweep_report
@@ -49,7 +50,7 @@ class SweepRun:
     out: Path
 
 
-SWEEP_KEYS = ("base", "methods", "datasets", "overrides", "grid", "seeds", "headline", "reference", "slurm")
+SWEEP_KEYS = ("base", "methods", "datasets", "overrides", "grid", "seeds", "headline", "reference", "pairs", "slurm")
 
 
 def _paths(base: Path, value: Any, key: str) -> list[Path]:
@@ -82,6 +83,9 @@ def plan(sweep_file: Path, out_dir: Path, extra: Sequence[str] = ()) -> list[Swe
     for role in ("headline", "reference"):
         if spec.get(role) is not None and spec[role] not in methods:
             raise ConfigError(f"{sweep_file}: {role} {spec[role]!r} is not one of the methods {list(methods)}")
+    for pair in spec.get("pairs") or []:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(m in methods for m in pair)):
+            raise ConfigError(f"{sweep_file}: pairs: {pair!r} is not a pair [A, B] of the methods {list(methods)}")
     grid = spec.get("grid") or {}
     variants = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
     seeds = spec.get("seeds") or [0]
@@ -101,10 +105,11 @@ def plan(sweep_file: Path, out_dir: Path, extra: Sequence[str] = ()) -> list[Swe
 
 
 def sweep_roles(sweep_file: Path) -> dict[str, Optional[str]]:
-    """The sweep file's ``headline`` method (compared with every other row) and ``reference`` method
-    (parameters added are counted against it), both optional."""
+    """The sweep file's ``headline`` method (compared with every other row), ``reference`` method
+    (parameters added are counted against it) and ``pairs`` (each [A, B] compared on its own), all
+    optional."""
     spec = yaml.safe_load(Path(sweep_file).read_text(encoding="utf-8")) or {}
-    return {"headline": spec.get("headline"), "reference": spec.get("reference")}
+    return {"headline": spec.get("headline"), "reference": spec.get("reference"), "pairs": spec.get("pairs") or []}
 
 
 def run_status(run: SweepRun) -> str:
@@ -232,25 +237,39 @@ def _markdown(rows: list[dict], reference: Optional[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _method_groups(runs: Sequence[SweepRun]) -> Iterator[tuple[str, list[SweepRun], list[MethodRuns]]]:
+    """Per dataset and variant: its title, its runs and its methods' runs (seeds in sweep order)."""
+    for dataset, variant in dict.fromkeys((r.dataset, r.variant) for r in runs):
+        group = [r for r in runs if (r.dataset, r.variant) == (dataset, variant)]
+        yield (f"{dataset}{' / ' + variant if variant else ''}", group,
+               [MethodRuns(m, _display_name(group, m), [r.out for r in group if r.method == m])
+                for m in dict.fromkeys(r.method for r in group)])
+
+
 def evidence_markdown(runs: Sequence[SweepRun], headline: str, reference: Optional[str]) -> str:
     """Per dataset and variant, the comparison table of the evidence protocol (SPEC §9)."""
     parts = []
-    for dataset, variant in dict.fromkeys((r.dataset, r.variant) for r in runs):
-        group = [r for r in runs if (r.dataset, r.variant) == (dataset, variant)]
-        methods = [MethodRuns(m, _display_name(group, m), [r.out for r in group if r.method == m])
-                   for m in dict.fromkeys(r.method for r in group)]
+    for title, group, methods in _method_groups(runs):
         rows = comparison_rows(methods, headline, reference)
         names = {m.key: m.name for m in methods}
-        parts.append(f"## {dataset}{' / ' + variant if variant else ''}\n\n"
-                     + markdown_table(rows, names[headline], names.get(reference)) + "\n"
+        parts.append(f"## {title}\n\n" + markdown_table(rows, names[headline], names.get(reference)) + "\n"
                      + table_notes(rows, random_backbone(group[0].out)))
     return "\n".join(parts)
 
 
+def pairs_section(runs: Sequence[SweepRun], pairs: Sequence[Sequence[str]]) -> str:
+    """The sweep's ``pairs``, compared per dataset and variant in one table."""
+    rows = {title: pair_rows(methods, pairs) for title, _, methods in _method_groups(runs)}
+    return ("## Pairwise comparisons\n\nEach pair as in the tables above, with A in the headline's place: Δ is A "
+            "minus B, pooled over seeds, 95 % paired-bootstrap CI over test images; McNemar's exact p; the last "
+            "column says whether A is better, worse or not distinguishable from B at 95 %.\n\n"
+            + pairs_markdown(rows))
+
+
 def write_results(rows: list[dict], runs: list[SweepRun], out_dir: Path, headline: Optional[str] = None,
-                  reference: Optional[str] = None) -> None:
+                  reference: Optional[str] = None, pairs: Sequence[Sequence[str]] = ()) -> None:
     """results.csv and results.md (with the comparison tables when the sweep names a headline
-    method), sweep.json, and the plots."""
+    method, and the pairwise ones when it names pairs), sweep.json, and the plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else [])
@@ -258,6 +277,8 @@ def write_results(rows: list[dict], runs: list[SweepRun], out_dir: Path, headlin
     writer.writerows(rows)
     atomic_write_text(out_dir / "results.csv", table.getvalue())
     comparisons = evidence_markdown(runs, headline, reference) if headline else ""
+    if pairs:
+        comparisons += "\n" + pairs_section(runs, pairs)
     atomic_write_text(out_dir / "results.md", "# Sweep results (test split, mean ± std over seeds)\n\n" +
                       _markdown(rows, reference) + "\nPlots: `plots/accuracy.png`, `plots/train_loss.png`, "
                                                    "`plots/learned_weights.png`; all of it with every run in "
