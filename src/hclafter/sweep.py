@@ -104,7 +104,7 @@ def plan(sweep_file: Path, out_dir: Path, extra: Sequence[str] = ()) -> list[Swe
     return runs
 
 
-def sweep_roles(sweep_file: Path) -> dict[str, Optional[str]]:
+def sweep_roles(sweep_file: Path) -> dict[str, Any]:
     """The sweep file's ``headline`` method (compared with every other row), ``reference`` method
     (parameters added are counted against it) and ``pairs`` (each [A, B] compared on its own), all
     optional."""
