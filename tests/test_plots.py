@@ -6,7 +6,7 @@ from xml.etree import ElementTree
 import numpy as np
 
 from hclafter.plots import (plot_confusion, plot_curves, plot_examples, plot_learned_weights, plot_stage_class_accuracy,
-                            plot_stage_weights, plot_wheel_means, stage_label)
+                            plot_stage_weights, plot_wheel_means, stage_label, weight_matrix)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NGA = [[0.0148, 0.1797, 0.8055], [0.18, 0.82], [0.0148, 0.1797, 0.8055]]
@@ -84,9 +84,16 @@ def test_distribution_and_stage_figures(tmp_path: Path) -> None:
                  "predicted": predicted, "target": target}]
     plot_examples(examples, classes, tmp_path / "examples.png")
     assert_png(tmp_path / "examples.png")
-    plot_learned_weights({"hybrid": {"nga_weights": NGA, "fusion_weights": [0.2, 0.3, 0.5],
-                                     "stages": [[5, 6, 7], [8, 9], [10, 11, 12]]}}, tmp_path / "learned.png")
+    weights = {"hybrid": {"nga_weights": NGA, "fusion_weights": [0.2, 0.3, 0.5],
+                          "stages": [[5, 6, 7], [8, 9], [10, 11, 12]]},
+               "zeroshot": {},
+               "lafter": {"nga_weights": [[1.0]], "fusion_weights": [1.0], "stages": [[12]]}}
+    plot_learned_weights(weights, tmp_path / "learned.png")
     assert_png(tmp_path / "learned.png")
+    names, blocks, nga, fusion = weight_matrix(weights)
+    assert names == ["hybrid", "lafter"] and blocks == list(range(5, 13))
+    assert nga[0].tolist() == [w for stage in NGA for w in stage] and nga[1, -1] == 1.0
+    assert np.isnan(nga[1, :-1]).all() and fusion[1, 0] == 1.0 and np.isnan(fusion[1, 1:]).all()
 
 
 def test_plot_stage_weights_fusion_only(tmp_path: Path) -> None:

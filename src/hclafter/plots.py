@@ -31,11 +31,13 @@ plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9
 FUSED_COLOR = "black"
 
 
-def save_figure(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path, tight: bool = True) -> None:
     """Write the figure as ``path`` (PNG) and the same name with ``.svg``, each atomically (a kill
-    leaves the old file or the new one), then close it so long runs do not accumulate open figures."""
+    leaves the old file or the new one), then close it so long runs do not accumulate open figures.
+    ``tight=False`` keeps a layout the caller made (e.g. room left for a figure legend)."""
     path = Path(path)
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     for suffix, options in ((".png", {"dpi": 120}), (".svg", {"metadata": {"Date": None}})):
         data = io.BytesIO()
         fig.savefig(data, format=suffix[1:], **options)
@@ -306,7 +308,7 @@ def plot_examples(examples: Sequence[dict], classes: Sequence[str], path: Path, 
     handles = [plt.Line2D([], [], **styles["predicted"]), plt.Line2D([], [], **styles["target"])]
     fig.legend(handles, ["predicted distribution", "target distribution"], loc="lower center", ncol=2)
     fig.tight_layout(rect=(0.02, 0.03, 1, 1))
-    save_figure(fig, path)
+    save_figure(fig, path, tight=False)
 
 
 def plot_method_bars(rows: list[dict], key: str, path: Path, ylabel: str, chance: Optional[float] = None) -> None:
@@ -324,7 +326,8 @@ def plot_method_bars(rows: list[dict], key: str, path: Path, ylabel: str, chance
         means = [by_method[m][f"{key}_mean"] for m in methods if m in by_method]
         stds = [by_method[m][f"{key}_std"] for m in methods if m in by_method]
         bars = ax.bar(xs, means, width, yerr=stds, capsize=3, label=dataset)
-        ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+        if len(datasets) <= 2:  # more would overlap; results.md has every number
+            ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
     ax.set_xticks([m + 0.4 - width / 2 for m in range(len(methods))])
@@ -333,58 +336,72 @@ def plot_method_bars(rows: list[dict], key: str, path: Path, ylabel: str, chance
     ax.set_ylim(0, 1)
     ax.grid(True, axis="y", alpha=0.3)
     if len(datasets) > 1 or chance is not None:
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over them
     save_figure(fig, path)
 
 
-def plot_overlaid_curves(curves: dict[str, list[dict]], keys: Sequence[str], path: Path,
+def plot_overlaid_curves(curves: dict[str, dict[str, list[dict]]], keys: Sequence[str], path: Path,
                          titles: Sequence[str] = ()) -> None:
-    """One panel per key (e.g. train loss, val loss), one line per method against epoch."""
-    fig, axes = plt.subplots(1, len(keys), figsize=(WIDTH, 4.2), squeeze=False)
-    for i, (ax, key) in enumerate(zip(axes[0], keys)):
-        for method, records in curves.items():
-            _plot_key(ax, records, key, method)
-        ax.set_title(titles[i] if i < len(titles) else key)
-        _epoch_axis(ax)
-        if key.endswith(("accuracy", "f1")):
-            ax.set_ylim(0, 1)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
+    """One row of panels per dataset (``curves[dataset][method]`` = a run's records), one panel per
+    key (e.g. train loss, val loss), one line per method against epoch, a method's colour the same
+    in every row."""
+    methods = list(dict.fromkeys(m for by_method in curves.values() for m in by_method))
+    colors = dict(zip(methods, plt.get_cmap("tab20")(np.arange(len(methods)) % 20)))
+    legend_rows = 1 + (len(methods) - 1) // 4
+    fig, axes = plt.subplots(len(curves), len(keys), figsize=(WIDTH, 3.0 * len(curves) + 0.3 * legend_rows + 0.4),
+                             squeeze=False)
+    for row, (dataset, by_method) in zip(axes, curves.items()):
+        for i, (ax, key) in enumerate(zip(row, keys)):
+            for method, records in by_method.items():
+                _plot_key(ax, records, key, method, color=colors[method])
+            title = titles[i] if i < len(titles) else key
+            ax.set_title(f"{dataset}: {title}" if len(curves) > 1 else title)
+            _epoch_axis(ax)
+            if key.endswith(("accuracy", "f1")):
+                ax.set_ylim(0, 1)
+    handles = [plt.Line2D([], [], color=colors[m], marker="o", markersize=3) for m in methods]
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4))
-        fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 4), 1, 1))
-    save_figure(fig, path)
+        fig.legend(handles, methods, loc="lower center", ncol=min(len(methods), 4))
+        fig.tight_layout(rect=(0, 0.3 * legend_rows / fig.get_figheight() + 0.02, 1, 1))
+    save_figure(fig, path, tight=False)
+
+
+def weight_matrix(weights: dict[str, dict]) -> tuple[list[str], list[int], np.ndarray, np.ndarray]:
+    """The runs that learned weights, the image blocks any of them reads, and two matrices with one
+    row per run: NGA weight per block (nan where the run reads none) and fusion weight per stage."""
+    runs = {name: w for name, w in weights.items() if w.get("nga_weights") or w.get("fusion_weights")}
+    blocks = sorted({b for w in runs.values() for stage in w.get("stages") or [] for b in stage})
+    stages = max((len(w.get("fusion_weights") or []) for w in runs.values()), default=0)
+    nga = np.full((len(runs), len(blocks)), np.nan)
+    fusion = np.full((len(runs), stages), np.nan)
+    for r, w in enumerate(runs.values()):
+        for stage_blocks, stage_weights in zip(w.get("stages") or [], w.get("nga_weights") or []):
+            for block, value in zip(stage_blocks, stage_weights):
+                nga[r, blocks.index(block)] = value
+        fusion[r, :len(w.get("fusion_weights") or [])] = w.get("fusion_weights") or []
+    return list(runs), blocks, nga, fusion
 
 
 def plot_learned_weights(weights: dict[str, dict], path: Path) -> None:
-    """Final NGA weights (per block, grouped by stage) and stage fusion weights of each run that has
-    them, as bars on 0–1. ``weights[name]``: ``nga_weights``, ``fusion_weights``, optional ``stages``."""
-    runs = {name: w for name, w in weights.items() if w.get("nga_weights") or w.get("fusion_weights")}
-    if not runs:
+    """Runs' learned weights as two heat maps on 0–1, one row per run: NGA weight per image block
+    (blank where the run reads none) and fusion weight per stage (values written in). ``weights[name]``:
+    ``nga_weights``, ``fusion_weights``, ``stages`` (the blocks of each stage)."""
+    names, blocks, nga, fusion = weight_matrix(weights)
+    if not names:
         return
-    fig, axes = plt.subplots(len(runs), 2, figsize=(WIDTH, 2.6 * len(runs) + 0.6), squeeze=False,
-                             gridspec_kw={"width_ratios": [2, 1]})
-    for (name, w), (ax_nga, ax_fusion) in zip(runs.items(), axes):
-        stages = w.get("stages") or []
-        nga = w.get("nga_weights") or []
-        colors = _stage_colors(max(len(nga), len(w.get("fusion_weights") or [])))
-        x, labels, position = [], [], 0
-        for s, stage in enumerate(nga):
-            blocks = list(stages[s]) if s < len(stages) else []
-            xs = list(range(position, position + len(stage)))
-            ax_nga.bar(xs, stage, color=colors[s], label=stage_label(s + 1, blocks))
-            x += xs
-            labels += [f"b{blocks[k]}" if k < len(blocks) else f"{s + 1}.{k + 1}" for k in range(len(stage))]
-            position += len(stage) + 1
-        ax_nga.set_xticks(x, labels, fontsize=8)
-        ax_nga.set_ylim(0, 1)
-        ax_nga.set_title(f"{name}: NGA weights per block")
-        if nga:
-            ax_nga.legend(fontsize=8, ncol=min(len(nga), 3), loc="upper left")
-        fusion = w.get("fusion_weights") or []
-        ax_fusion.bar(range(len(fusion)), fusion, color=colors[:len(fusion)])
-        ax_fusion.set_xticks(range(len(fusion)), [f"stage {s + 1}" for s in range(len(fusion))])
-        ax_fusion.set_ylim(0, 1)
-        ax_fusion.set_title(f"{name}: fusion weights")
-        for ax in (ax_nga, ax_fusion):
-            ax.grid(True, axis="y", alpha=0.3)
+    stages = fusion.shape[1]
+    fig, (ax_nga, ax_fusion) = plt.subplots(1, 2, figsize=(WIDTH, 0.24 * len(names) + 1.6),
+                                            gridspec_kw={"width_ratios": [max(len(blocks), 1), max(stages, 1) + 1]})
+    for ax, values, columns, title in ((ax_nga, nga, [f"b{b}" for b in blocks], "NGA weight per block"),
+                                       (ax_fusion, fusion, [f"stage {s + 1}" for s in range(stages)],
+                                        "fusion weight per stage")):
+        image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks(range(len(columns)), columns, fontsize=8)
+        ax.set_yticks(range(len(names)), names if ax is ax_nga else [], fontsize=7)
+        ax.set_title(title)
+    for (r, c), value in np.ndenumerate(fusion):
+        if not np.isnan(value):
+            ax_fusion.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                           color="white" if value < 0.6 else "black")
+    fig.colorbar(image, ax=ax_fusion, fraction=0.08)
     save_figure(fig, path)

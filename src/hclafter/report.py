@@ -76,9 +76,10 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:
      padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.7em;margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
 .subtitle{color:#666;margin-top:0} nav{font-size:.92em;color:#444} nav a{margin-right:.9em;white-space:nowrap}
-table{border-collapse:collapse;margin:.3em 0 .8em;font-size:.88em} .caption{color:#555;font-size:.92em;margin:.6em 0 0}
+table{border-collapse:collapse;margin:.3em auto .8em;font-size:.85em} .caption{color:#555;font-size:.92em;margin:.6em 0 0}
 th,td{border:1px solid #d5d5d5;padding:3px 7px;text-align:right;font-variant-numeric:tabular-nums}
-td{white-space:nowrap} .wide{overflow-x:auto}
+td{white-space:nowrap}
+.wide{overflow-x:auto;width:min(calc(100vw - 2em),1500px);margin-left:50%;transform:translateX(-50%)}
 th{background:#f2f2f2} td.l,th.l{text-align:left} tr:nth-child(even) td{background:#fafafa}
 figure{margin:1em 0} figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{color:#555;font-size:.92em} code{background:#f3f3f3;padding:0 .25em;border-radius:3px}
@@ -522,9 +523,11 @@ def write_sweep_report(out_dir: Path, rows: Sequence[dict], runs: Sequence[Any])
             Figure(plots / "accuracy.svg", "Test accuracy per method, mean ± std over seeds.")]),
         Section("Training", [Figure(plots / "train_loss.svg", "Training and validation loss and validation "
                                                               "accuracy per epoch (first seed of each method).")]),
-        Section("Learned weights", [Figure(plots / "learned_weights.svg", "Final NGA weight of each block "
-                                                                           "(grouped by stage) and stage fusion "
-                                                                           "weights (first seed of each method).")]),
+        Section("Learned weights", [Figure(plots / "learned_weights.svg", "Final NGA weight of each image "
+                                                                           "block (blank: not read; Cascade-CLIP's "
+                                                                           "unnormalised weights above 1 show as 1) "
+                                                                           "and stage fusion weights, one row per "
+                                                                           "dataset/method (first seed).")]),
         Section("Runs", [Table(["dataset", "method", "seed", "accuracy %", "macro-F1 %", "selected epoch",
                                 "run time", ""], per_run, label_columns=2)]),
     ]
@@ -542,8 +545,11 @@ def write_sweep_figures(out_dir: Path, rows: Sequence[dict], runs: Sequence[Any]
         key = f"{run.dataset}/{run.method}{'/' + run.variant if run.variant else ''}"
         if key not in first_seed and (run.out / "summary.json").is_file():
             first_seed[key] = RunFiles.read(run.out)
-    curves = {k: f.records for k, f in first_seed.items()}
+    curves: dict[str, dict[str, list[dict]]] = {}
+    for key, files in first_seed.items():
+        dataset, method = key.split("/", 1)
+        curves.setdefault(dataset, {})[method] = files.records
     plot_overlaid_curves(curves, ("train_loss", "val_loss", "val_accuracy"), out_dir / "plots" / "train_loss.png",
                          ("train loss", "validation loss", "validation accuracy"))
     plot_learned_weights({k: {**(f.records[-1] if f.records else {}), "stages": f.stages}
-                          for k, f in first_seed.items()}, out_dir / "plots" / "learned_weights.png")
+                       for k, f in first_seed.items()}, out_dir / "plots" / "learned_weights.png")
