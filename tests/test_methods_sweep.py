@@ -155,6 +155,8 @@ def test_sweep_tables_and_restart_after_a_kill(tmp_path, cache_dir, monkeypatch)
         assert (out / "plots" / plot).with_suffix(".svg").stat().st_size > 0
     page = (out / "report.html").read_text()  # the sweep's HTML report links every run's own report
     assert page.count("data:image/svg+xml;base64,") == 3 and "<h2>Runs</h2>" in page
+    assert "<h2>Comparisons</h2>" in page and "Δ A − B (95 % CI)" in page  # the evidence tables, as in results.md
+    assert f"{int(rows['hybrid']['added_over_reference']):+,d}" in page and "added vs LaFTer-sup (last block)" in page
     assert page.count('report.html">report</a>') == 6
     assert (out / "runs" / "default" / "zeroshot" / "default" / "seed0" / "report.html").is_file()
 

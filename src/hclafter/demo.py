@@ -156,6 +156,7 @@ def write_demo_report(out: Path, rows: Sequence[dict], chance: float, info: dict
     world = info["world"]
     n = info["num_samples"]
     names = {r["key"]: r["method"] for r in rows}
+    header, cells = table_cells(rows, names[HEADLINE], names[REFERENCE])
     text = f"""# hclafter demo report
 
 **The data are synthetic.** Images come from `hclafter.data.world`, a seeded generator in which each
@@ -171,7 +172,7 @@ Dataset: {n['train']} train / {n['val']} val / {n['test']} test images, {len(inf
 Headline method: {names[HEADLINE]}; parameters added are counted against {names[REFERENCE]}.
 Total time {info['time_s']:.0f} s.
 
-{markdown_table(rows, names[HEADLINE], names[REFERENCE])}
+{markdown_table(header, cells)}
 {table_notes(rows, info['random_backbone'])}
 Chance accuracy: {100 * chance:.1f} %. The table claims nothing beyond these images and this backbone.
 
@@ -188,7 +189,6 @@ Re-run: `hclafter demo --out {out} --world {world} --seeds {info['seeds']}`; oth
 """
     path = out / "report.md"
     atomic_write_text(path, text)
-    header, cells = table_cells(rows, names[HEADLINE], names[REFERENCE])
     intro, notes = text.split("\n\n| method")[0].split("\n", 2)[2], table_notes(rows, info["random_backbone"])
     write_html(out / "report.html", "hclafter demo report", [
         Section("Results", [*intro.split("\n\n"), Table(header, cells, f"Test split, world {world}"),

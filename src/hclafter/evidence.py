@@ -114,16 +114,15 @@ def pair_rows(methods: Sequence[MethodRuns], pairs: Sequence[Sequence[str]], n_b
     return rows
 
 
-def pairs_markdown(rows_by_dataset: dict[str, list[dict]]) -> str:
-    """The pairwise comparisons of every dataset in one Markdown table."""
-    lines = ["| dataset | method A | method B | A accuracy % | B accuracy % | Δ A − B (95 % CI) | McNemar p | "
-             "A is |", "|" + "---|" * 8]
-    for dataset, rows in rows_by_dataset.items():
-        for r in rows:
-            lines.append(f"| {dataset} | {r['a']} | {r['b']} | {_pm(r['accuracy_a'], 100)} | "
-                         f"{_pm(r['accuracy_b'], 100)} | {100 * r['difference']:+.1f} [{100 * r['ci'][0]:+.1f}, "
-                         f"{100 * r['ci'][1]:+.1f}] | {r['p_value']:.3g} | {r['verdict']} |")
-    return "\n".join(lines) + "\n"
+def pair_cells(rows_by_dataset: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
+    """The pairwise comparisons of every dataset as text cells (header, rows), for Markdown and HTML."""
+    header = ["dataset", "method A", "method B", "A accuracy %", "B accuracy %", "Δ A − B (95 % CI)", "McNemar p",
+              "A is"]
+    cells = [[dataset, r["a"], r["b"], _pm(r["accuracy_a"], 100), _pm(r["accuracy_b"], 100),
+              f"{100 * r['difference']:+.1f} [{100 * r['ci'][0]:+.1f}, {100 * r['ci'][1]:+.1f}]",
+              f"{r['p_value']:.3g}", r["verdict"]]
+             for dataset, rows in rows_by_dataset.items() for r in rows]
+    return header, cells
 
 
 def _pm(value: tuple[float, float], scale: float = 1.0, digits: int = 1) -> str:
@@ -153,9 +152,8 @@ def table_cells(rows: Sequence[dict], headline_name: str,
     return header, cells
 
 
-def markdown_table(rows: Sequence[dict], headline_name: str, reference_name: Optional[str] = None) -> str:
-    """The comparison table in Markdown."""
-    header, cells = table_cells(rows, headline_name, reference_name)
+def markdown_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """Text cells (e.g. from :func:`table_cells`) as a Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines) + "\n"

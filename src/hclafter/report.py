@@ -487,15 +487,18 @@ def write_report(run_dir: Path, redraw: bool = True) -> Path:
 # --- the sweep report --------------------------------------------------------------------------
 
 
-def write_sweep_report(out_dir: Path, rows: Sequence[dict], runs: Sequence[Any]) -> Path:
-    """``report.html`` of a sweep: the mean ± std table, every run with a link to its own report,
-    and the comparison figures. ``rows``: :func:`hclafter.sweep.summarise`; ``runs``: its plan."""
+def write_sweep_report(out_dir: Path, rows: Sequence[dict], runs: Sequence[Any], reference: Optional[str] = None,
+                       comparisons: Sequence[tuple[str, Sequence[str], Sequence[Sequence[str]], str]] = ()) -> Path:
+    """``report.html`` of a sweep: the mean ± std table, the comparison tables (title, header,
+    cells, notes: :func:`hclafter.sweep.evidence_tables`), every run with a link to its own
+    report, and the comparison figures. ``rows``: :func:`hclafter.sweep.summarise`; ``runs``: its
+    plan; ``reference``: the name of the method parameters added are counted against."""
     out_dir = Path(out_dir)
     plots = out_dir / "plots"
     table_rows = []
     for r in rows:
-        added = "" if r.get("added_over_lafter") is None else f"{r['added_over_lafter']:+,d}"
-        table_rows.append([r["dataset"], r["method"] + (f" ({r['variant']})" if r["variant"] else ""), r["seeds"],
+        added = "–" if r["added_over_reference"] is None else f"{r['added_over_reference']:+,d}"
+        table_rows.append([r["dataset"], r["name"] + (f" ({r['variant']})" if r["variant"] else ""), r["seeds"],
                            *(f"{100 * r[k + '_mean']:.2f} ± {100 * r[k + '_std']:.2f}"
                              for k in ("accuracy", "macro_f1", "polarity_accuracy")),
                            f"{r['kl_mean']:.3f} ± {r['kl_std']:.3f}", f"{r['trained_params']:,d}", added,
@@ -518,9 +521,13 @@ def write_sweep_report(out_dir: Path, rows: Sequence[dict], runs: Sequence[Any])
             f"{len(per_run)} runs; test split, mean ± std over seeds; models selected on validation. Total run time "
             f"{_duration(seconds)}; hardware: {hardware_text(hardware) if hardware else 'not recorded'}.",
             Table(["dataset", "method", "seeds", "accuracy %", "macro-F1 %", "polarity %", "KL ↓", "trained params",
-                   "added vs LaFTer", "GFLOPs / image", "ms / image"], table_rows,
-                  "Parameters: those trained, and those added over LaFTer; latency: median per image", label_columns=2),
+                   f"added vs {reference or 'reference'}", "GFLOPs / image", "ms / image"], table_rows,
+                  "Parameters: those trained, and those added over the reference method (– where that means "
+                  "nothing); latency: median per image", label_columns=2),
             Figure(plots / "accuracy.svg", "Test accuracy per method, mean ± std over seeds.")]),
+        *([Section("Comparisons", [block for title, header, cells, notes in comparisons
+                                   for block in (Table(header, cells, title), *notes.strip().split("\n\n"))])]
+          if comparisons else []),
         Section("Training", [Figure(plots / "train_loss.svg", "Training and validation loss and validation "
                                                               "accuracy per epoch (first seed of each method).")]),
         Section("Learned weights", [Figure(plots / "learned_weights.svg", "Final NGA weight of each image "

@@ -30,8 +30,8 @@ import yaml
 
 from .checkpoint import config_differences
 from .config import ConfigError, load_config, to_dict
-from .evidence import (MethodRuns, comparison_rows, markdown_table, pair_rows, pairs_markdown, random_backbone,
-                       table_notes)
+from .evidence import (MethodRuns, comparison_rows, markdown_table, pair_cells, pair_rows, random_backbone,
+                       table_cells, table_notes)
 from .files import RunError, atomic_write_text, clear_run_dir, run_lock, write_json
 from .metrics import HEADLINE
 from .report import write_sweep_figures, write_sweep_report
@@ -246,24 +246,25 @@ def _method_groups(runs: Sequence[SweepRun]) -> Iterator[tuple[str, list[SweepRu
                 for m in dict.fromkeys(r.method for r in group)])
 
 
-def evidence_markdown(runs: Sequence[SweepRun], headline: str, reference: Optional[str]) -> str:
-    """Per dataset and variant, the comparison table of the evidence protocol (SPEC §9)."""
-    parts = []
+def evidence_tables(runs: Sequence[SweepRun], headline: Optional[str], reference: Optional[str],
+                    pairs: Sequence[Sequence[str]] = ()) -> list[tuple[str, list[str], list[list[str]], str]]:
+    """The comparison tables of the evidence protocol (SPEC §9) as (title, header, cells, notes):
+    one per dataset and variant against the headline method (if any), then one of the sweep's ``pairs``."""
+    tables, pair_rows_by_title = [], {}
     for title, group, methods in _method_groups(runs):
-        rows = comparison_rows(methods, headline, reference)
-        names = {m.key: m.name for m in methods}
-        parts.append(f"## {title}\n\n" + markdown_table(rows, names[headline], names.get(reference)) + "\n"
-                     + table_notes(rows, random_backbone(group[0].out)))
-    return "\n".join(parts)
-
-
-def pairs_section(runs: Sequence[SweepRun], pairs: Sequence[Sequence[str]]) -> str:
-    """The sweep's ``pairs``, compared per dataset and variant in one table."""
-    rows = {title: pair_rows(methods, pairs) for title, _, methods in _method_groups(runs)}
-    return ("## Pairwise comparisons\n\nEach pair as in the tables above, with A in the headline's place: Δ is A "
-            "minus B, pooled over seeds, 95 % paired-bootstrap CI over test images; McNemar's exact p; the last "
-            "column says whether A is better, worse or not distinguishable from B at 95 %.\n\n"
-            + pairs_markdown(rows))
+        if headline:
+            rows = comparison_rows(methods, headline, reference)
+            names = {m.key: m.name for m in methods}
+            tables.append((title, *table_cells(rows, names[headline], names.get(reference)),
+                           table_notes(rows, random_backbone(group[0].out))))
+        if pairs:
+            pair_rows_by_title[title] = pair_rows(methods, pairs)
+    if pairs:
+        tables.append(("Pairwise comparisons", *pair_cells(pair_rows_by_title),
+                       "Each pair as in the tables above, with A in the headline's place: Δ is A minus B, pooled "
+                       "over seeds, 95 % paired-bootstrap CI over test images; McNemar's exact p; the last column "
+                       "says whether A is better, worse or not distinguishable from B at 95 %.\n"))
+    return tables
 
 
 def write_results(rows: list[dict], runs: list[SweepRun], out_dir: Path, headline: Optional[str] = None,
@@ -276,9 +277,9 @@ def write_results(rows: list[dict], runs: list[SweepRun], out_dir: Path, headlin
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out_dir / "results.csv", table.getvalue())
-    comparisons = evidence_markdown(runs, headline, reference) if headline else ""
-    if pairs:
-        comparisons += "\n" + pairs_section(runs, pairs)
+    tables = evidence_tables(runs, headline, reference, pairs) if headline or pairs else []
+    comparisons = "\n".join(f"## {title}\n\n" + markdown_table(header, cells) + "\n" + notes
+                             for title, header, cells, notes in tables)
     atomic_write_text(out_dir / "results.md", "# Sweep results (test split, mean ± std over seeds)\n\n" +
                       _markdown(rows, reference) + "\nPlots: `plots/accuracy.png`, `plots/train_loss.png`, "
                                                    "`plots/learned_weights.png`; all of it with every run in "
@@ -286,4 +287,4 @@ def write_results(rows: list[dict], runs: list[SweepRun], out_dir: Path, headlin
     write_json(out_dir / "sweep.json", [{"dataset": r.dataset, "method": r.method, "variant": r.variant,
                                          "seed": r.seed, "out": str(r.out)} for r in runs])
     write_sweep_figures(out_dir, rows, runs)
-    write_sweep_report(out_dir, rows, runs)
+    write_sweep_report(out_dir, rows, runs, _display_name(runs, reference) if reference else None, tables)
