@@ -150,8 +150,8 @@ def train(args) -> tuple[open_clip.CLIP, dict]:
 
 def demo_zeroshot(weights: Path) -> dict:
     """Zero-shot accuracy of ``weights`` on the demo's test split, as ``hclafter demo`` measures it."""
-    from hclafter.run import zeroshot_eval
-    from hclafter.demo import demo_config
+    from hclafter.engine.run import zeroshot_eval
+    from hclafter.apps.demo import demo_config
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = demo_config(Path(tmp), weights=weights, device="cpu")

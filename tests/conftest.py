@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from hclafter.backbone import load_backbone
+from hclafter.models.backbone import load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from hclafter.analysis import MEANINGLESS, analyze_run, format_markdown
-from hclafter.cli import main
+from hclafter.apps.analysis import MEANINGLESS, analyze_run, format_markdown
+from hclafter.apps.cli import main
 
 from .conftest import TINY_CONFIG
 

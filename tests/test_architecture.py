@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hclafter.checkpoint import load_weights, save_checkpoint
-from hclafter.config import load_config, trained_groups
+from hclafter.core.checkpoint import load_weights, save_checkpoint
+from hclafter.core.config import load_config, trained_groups
 from hclafter.models import METHODS, build_model
-from hclafter.runtime import Runtime
-from hclafter.training import (build_optimizer, param_groups, saved_parameter_names, set_trainable, train_step,
-                               trained_parameters)
+from hclafter.core.runtime import Runtime
+from hclafter.engine.training import (build_optimizer, param_groups, saved_parameter_names, set_trainable, train_step,
+                                      trained_parameters)
 
 from .conftest import ROOT, TINY_CONFIG
 
@@ -77,7 +77,7 @@ def test_the_import_graph_has_no_cycle():
 def test_the_import_graph_resolves_relative_imports():
     graph = import_graph()
     assert "hclafter.models.base" in graph["hclafter.models.hybrid"]
-    assert "hclafter.config" in graph["hclafter.runtime"]
+    assert "hclafter.core.config" in graph["hclafter.core.runtime"]
 
 
 # aten operator handles are named by PyTorch's operator registry, not private Python API.
@@ -102,7 +102,7 @@ def test_no_private_names_of_other_modules_and_no_globals_lookup():
     ("hclafter.model", ["NGA", "HybridCascadeLaFTer", "build_model"]),
     ("hclafter.losses", ["dual_task_loss", "stage_consistency_loss"]),
     ("hclafter.emotions", ["MIKELS8", "EKMAN6", "wheel_distance", "strategy1"]),
-    ("hclafter", ["load_run"]),
+    ("hclafter", ["load_run", "from_pretrained"]),
 ])
 def test_the_specification_names_stay_importable(module, names):
     imported = importlib.import_module(module)

@@ -1,4 +1,4 @@
-"""Tests for hclafter.backbone: weight formats, QuickGELU selection, identity, errors, transforms.
+"""Tests for hclafter.models.backbone: weight formats, QuickGELU selection, identity, errors, transforms.
 
 Everything runs on a tiny random open_clip config, so no real CLIP weights and no network are needed.
 """
@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from hclafter.backbone import OPENAI_META_KEYS, BackboneError, load_backbone
+from hclafter.models.backbone import OPENAI_META_KEYS, BackboneError, load_backbone
 
 TINY = {
     "embed_dim": 32,

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hclafter.cli import main
-from hclafter.config import load_config
+from hclafter.apps.cli import main
+from hclafter.core.config import load_config
 from hclafter.data import load_splits
 from hclafter.data import DataError
-from hclafter.emotions import MIKELS8
+from hclafter.core.emotions import MIKELS8
 from hclafter.data.images import ImageError, load_rgb, to_rgb
-from hclafter.text import TextCorpusError, class_texts, load_descriptions, load_templates
+from hclafter.models.text import TextCorpusError, class_texts, load_descriptions, load_templates
 
 from .conftest import TINY_CONFIG
 from .test_datasets import fake_emoset, fake_emotion6, fake_imagefolder, image

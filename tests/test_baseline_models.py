@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from hclafter.models import CascadeCLIPClassifier
-from hclafter.config import ModelConfig
+from hclafter.core.config import ModelConfig
 from hclafter.model import HybridCascadeLaFTer, build_model
 from hclafter.models import SegmentedLaFTer
-from hclafter.training import param_groups
+from hclafter.engine.training import param_groups
 
 C = 8
 SEGMENTS = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11], [12]]

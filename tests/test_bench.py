@@ -1,6 +1,6 @@
 import math
 
-from hclafter.bench import compile_rates, epoch_rates, run_bench
+from hclafter.apps.bench import compile_rates, epoch_rates, run_bench
 
 from .conftest import TINY_CFG
 

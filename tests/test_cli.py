@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from hclafter.cli import main
+from hclafter.apps.cli import main
 
 from .conftest import TINY_CONFIG
 

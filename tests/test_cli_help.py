@@ -4,8 +4,8 @@ import argparse
 import pytest
 
 from hclafter import __version__
-from hclafter.cli import build_parser, cmd_bench, inapplicable_options, main
-from hclafter.config import load_config
+from hclafter.apps.cli import build_parser, cmd_bench, inapplicable_options, main
+from hclafter.core.config import load_config
 
 from .conftest import TINY_CONFIG
 
@@ -54,7 +54,7 @@ def test_device_errors_name_the_flag(tmp_path, capsys, monkeypatch):
 
 
 def test_bench_text_output_keeps_keys_and_values_apart(monkeypatch, capsys):
-    monkeypatch.setattr("hclafter.bench.run_bench", lambda *a, **k: {"eval_ms_ratio_hybrid_vs_lafter_from_parts": 1.0876,
+    monkeypatch.setattr("hclafter.apps.bench.run_bench", lambda *a, **k: {"eval_ms_ratio_hybrid_vs_lafter_from_parts": 1.0876,
                                                                      "batch": 32})
     args = build_parser().parse_args(["bench"])
     assert cmd_bench(args) == 0

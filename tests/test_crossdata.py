@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from hclafter.cli import main
-from hclafter.crossdata import BY_NAME, BY_POLARITY, MappingError, class_mapping
-from hclafter.emotions import EKMAN6, MIKELS8, Wheel
-from hclafter.evaluation import Predictions
+from hclafter.apps.cli import main
+from hclafter.apps.crossdata import BY_NAME, BY_POLARITY, MappingError, class_mapping
+from hclafter.core.emotions import EKMAN6, MIKELS8, Wheel
+from hclafter.engine.evaluation import Predictions
 
 from .conftest import TINY_CONFIG
 

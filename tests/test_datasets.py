@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hclafter.config import load_config
+from hclafter.core.config import load_config
 from hclafter.data import load_splits
 from hclafter.data import DataError
-from hclafter.emotions import EKMAN6, MIKELS8, POLARITY2
+from hclafter.core.emotions import EKMAN6, MIKELS8, POLARITY2
 
 RNG = np.random.default_rng(0)
 
@@ -260,7 +260,7 @@ def test_polarity_few_shot_and_split_round_trip(tmp_path):
 
 
 def test_custom_wheel_with_distance_matrix(tmp_path):
-    from hclafter.emotions import strategy1
+    from hclafter.core.emotions import strategy1
 
     wheel_file = tmp_path / "w.yaml"
     wheel_file.write_text("name: three\nclasses: [calm, joy, dread]\npolarity: [1, 1, 0]\n"

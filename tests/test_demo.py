@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from hclafter.data import world
-from hclafter.backbone import backbone_from_config, load_backbone
-from hclafter.run import zeroshot_eval
-from hclafter.config import load_config
+from hclafter.models.backbone import backbone_from_config, load_backbone
+from hclafter.engine.run import zeroshot_eval
+from hclafter.core.config import load_config
 from hclafter.data import load_splits
-from hclafter.demo import (METHODS, TOY_CLIP_ZEROSHOT_ACCURACY, add_parser, demo_config, demo_descriptions, demo_plan,
-                           format_table, toy_clip_dir, toy_clip_model_cfg)
-from hclafter.emotions import MIKELS8
-from hclafter.text import load_descriptions
+from hclafter.apps.demo import (METHODS, TOY_CLIP_ZEROSHOT_ACCURACY, add_parser, demo_config, demo_descriptions, demo_plan,
+                                format_table, toy_clip_dir, toy_clip_model_cfg)
+from hclafter.core.emotions import MIKELS8
+from hclafter.models.text import load_descriptions
 
 from .conftest import ROOT
 
@@ -165,7 +165,7 @@ def test_demo_cli_parser_and_table():
 
 @pytest.mark.slow
 def test_demo_end_to_end_writes_the_evidence_table(tmp_path):
-    from hclafter.demo import run_demo
+    from hclafter.apps.demo import run_demo
 
     started = time.time()
     results = run_demo(tmp_path, device="cpu", progress=False, seeds=1, world="clean")

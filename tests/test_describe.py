@@ -10,11 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from hclafter.describe import (QUESTIONS, ChatClient, ChatError, DescribeError, add_parser, build_prompt,
-                               client_from_settings, collect_descriptions, describe_classes, parse_reply,
-                               partial_path_for)
-from hclafter.emotions import get_wheel
-from hclafter.text import load_descriptions
+from hclafter.apps.describe import (QUESTIONS, ChatClient, ChatError, DescribeError, add_parser, build_prompt,
+                                    client_from_settings, collect_descriptions, describe_classes, parse_reply,
+                                    partial_path_for)
+from hclafter.core.emotions import get_wheel
+from hclafter.models.text import load_descriptions
 
 KNOWN = ("amusement", "contentment", "awe", "excitement", "fear", "sadness", "disgust", "anger", "surprise", "joy")
 SHARED = "A crowd gathers in the town square at dusk."

@@ -10,10 +10,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import hclafter
-from hclafter.backbone import load_backbone
-from hclafter.cli import main
-from hclafter.config import load_config
-from hclafter.export import ExportError, write_onnx
+from hclafter.models.backbone import load_backbone
+from hclafter.apps.cli import main
+from hclafter.core.config import load_config
+from hclafter.apps.export import ExportError, write_onnx
 from hclafter.data.images import load_rgb
 
 from .conftest import TINY_CFG, TINY_CONFIG
@@ -89,7 +89,7 @@ def test_model_card_reports_seeds_data_and_limits(hf_dir, run_dir):
 
 def test_model_card_of_a_sweep_run_lists_every_seed(run_dir, tmp_path):
     """A run of a sweep (``.../seedN``) reports its sibling seeds and their mean ± std."""
-    from hclafter.export import hf_config, model_card
+    from hclafter.apps.export import hf_config, model_card
 
     sibling = run_dir.parent / "seed1"
     sibling.mkdir(exist_ok=True)
@@ -162,7 +162,7 @@ def test_onnx_without_the_extra_names_it(run_dir, tmp_path, monkeypatch):
 
 
 def test_bench_onnx_latency():
-    from hclafter.bench import onnx_latency
+    from hclafter.apps.bench import onnx_latency
 
     out = onnx_latency(batch=2, prompts=2, repeats=2, name="tiny", model_cfg=TINY_CFG)
     for key in ("pytorch_ms_per_image", "onnxruntime_ms_per_image", "onnxruntime_speedup"):

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from hclafter.config import load_config
+from hclafter.core.config import load_config
 from hclafter.data.loading import cache_applies
-from hclafter.run import train_run
+from hclafter.engine.run import train_run
 
 from .conftest import TINY_CONFIG
 

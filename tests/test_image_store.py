@@ -9,12 +9,12 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from hclafter.cli import main
-from hclafter.config import ConfigError, load_config
+from hclafter.apps.cli import main
+from hclafter.core.config import ConfigError, load_config
 from hclafter.data import EmotionImages, Sample, make_loader
 from hclafter.data.store import ImageStore, InputView, crop_flip_transform, resize_steps, stored_datasets
-from hclafter.emotions import MIKELS8
-from hclafter.run import train_run
+from hclafter.core.emotions import MIKELS8
+from hclafter.engine.run import train_run
 
 from .conftest import TINY_CONFIG
 

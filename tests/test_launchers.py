@@ -7,14 +7,14 @@ import stat
 
 import pytest
 
-from hclafter.cli import main
-from hclafter.config import ConfigError
+from hclafter.apps.cli import main
+from hclafter.core.config import ConfigError
 
 from .conftest import TINY_CONFIG
 from .tiny_runs import FAST
 
 pytest.importorskip("submitit", reason="needs hclafter[slurm]")
-from hclafter.launchers import LaunchError, _minutes, cluster_sweep, slurm_settings  # noqa: E402
+from hclafter.apps.launchers import LaunchError, _minutes, cluster_sweep, slurm_settings  # noqa: E402
 
 
 def _sweep(path, cache_dir, slurm="{partition: debug, gpus_per_run: 0, time_limit: 15, array_parallelism: 2}",

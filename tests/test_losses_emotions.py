@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hclafter.config import LossConfig
-from hclafter.emotions import EKMAN6, MIKELS8, Wheel, strategy1, wheel_distance
-from hclafter.losses import dual_task_loss, stage_consistency_loss, task_loss
+from hclafter.core.config import LossConfig
+from hclafter.core.emotions import EKMAN6, MIKELS8, Wheel, strategy1, wheel_distance
+from hclafter.models.losses import dual_task_loss, stage_consistency_loss, task_loss
 
 
 def test_wheel_distance_is_steps_around_the_circle():

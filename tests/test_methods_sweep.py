@@ -5,14 +5,14 @@ import json
 import pytest
 import yaml
 
-from hclafter import run as run_module
-from hclafter.cli import main
-from hclafter.config import ConfigError, load_config
-from hclafter.emotions import MIKELS8
+from hclafter.engine import run as run_module
+from hclafter.apps.cli import main
+from hclafter.core.config import ConfigError, load_config
+from hclafter.core.emotions import MIKELS8
 from hclafter.model import build_model
-from hclafter.run import train_run
-from hclafter.sweep import plan
-from hclafter.training import param_groups
+from hclafter.engine.run import train_run
+from hclafter.apps.sweep import plan
+from hclafter.engine.training import param_groups
 
 from .conftest import ROOT, TINY_CONFIG
 

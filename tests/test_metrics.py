@@ -6,12 +6,12 @@ import math
 import numpy as np
 import pytest
 
-from hclafter.metrics import (
-    classification_metrics,
-    ldl_metrics,
-    polarity_accuracy,
-    stage_accuracies,
-)
+from hclafter.core.metrics import (
+                                   classification_metrics,
+                                   ldl_metrics,
+                                   polarity_accuracy,
+                                   stage_accuracies,
+                                   )
 
 NAMES = ["amusement", "anger", "sadness"]
 # Class 2 ("sadness") is never predicted.

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from hclafter.evaluation import count_gflops
+from hclafter.engine.evaluation import count_gflops
 from hclafter.model import NGA, HybridCascadeLaFTer
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hclafter.config import ConfigError, ModelConfig, load_config
-from hclafter.losses import stage_distillation_loss
+from hclafter.core.config import ConfigError, ModelConfig, load_config
+from hclafter.models.losses import stage_distillation_loss
 from hclafter.models import HybridCascadeLaFTer, build_model
-from hclafter.run import train_run
+from hclafter.engine.run import train_run
 
 from .conftest import ROOT, TINY_CONFIG
 

@@ -5,8 +5,8 @@ from xml.etree import ElementTree
 
 import numpy as np
 
-from hclafter.plots import (plot_confusion, plot_curves, plot_examples, plot_learned_weights, plot_stage_class_accuracy,
-                            plot_stage_weights, plot_wheel_means, stage_label, weight_matrix)
+from hclafter.reporting.plots import (plot_confusion, plot_curves, plot_examples, plot_learned_weights, plot_stage_class_accuracy,
+                                      plot_stage_weights, plot_wheel_means, stage_label, weight_matrix)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NGA = [[0.0148, 0.1797, 0.8055], [0.18, 0.82], [0.0148, 0.1797, 0.8055]]

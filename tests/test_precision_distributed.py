@@ -7,8 +7,8 @@ import sys
 import numpy as np
 
 import hclafter
-from hclafter.config import load_config
-from hclafter.run import train_run
+from hclafter.core.config import load_config
+from hclafter.engine.run import train_run
 
 from .conftest import TINY_CONFIG
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import hclafter
-from hclafter.cli import main
+from hclafter.apps.cli import main
 
 from .tiny_runs import train_tiny
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from hclafter.backbone import backbone_from_config
-from hclafter.config import load_config
+from hclafter.models.backbone import backbone_from_config
+from hclafter.core.config import load_config
 from hclafter.model import build_model
-from hclafter.run import train_run
+from hclafter.engine.run import train_run
 
 from .conftest import ROOT, TINY_CONFIG
 

@@ -11,8 +11,8 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 
-from hclafter.cli import main
-from hclafter.metrics import ldl_metrics
+from hclafter.apps.cli import main
+from hclafter.core.metrics import ldl_metrics
 
 from .conftest import ROOT, TINY_CONFIG
 

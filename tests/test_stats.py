@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from hclafter import stats
+from hclafter.core import stats
 
 
 def test_mcnemar_exact_hand_values():

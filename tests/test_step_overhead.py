@@ -6,15 +6,15 @@ import torch
 from open_clip.transformer import ResidualAttentionBlock
 from torch.profiler import profile
 
-from hclafter.backbone import backbone_from_config, load_backbone
-from hclafter.config import load_config
+from hclafter.models.backbone import backbone_from_config, load_backbone
+from hclafter.core.config import load_config
 from hclafter.model import build_model
 from hclafter.models import HybridCascadeLaFTer
 from hclafter.models.layers import adapt_stages
 from hclafter.models.vit import cls_after_blocks
-from hclafter.run import train_run
-from hclafter.runtime import Runtime
-from hclafter.training import param_groups
+from hclafter.engine.run import train_run
+from hclafter.core.runtime import Runtime
+from hclafter.engine.training import param_groups
 
 from .conftest import ROOT, TINY_CFG, TINY_CONFIG
 

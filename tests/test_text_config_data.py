@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from hclafter.config import Config, ConfigError, TextConfig, load_config
+from hclafter.core.config import Config, ConfigError, TextConfig, load_config
 from hclafter.data import DataError, Sample, load_splits, stratified_split
 from hclafter.data import read_manifest
-from hclafter.emotions import MIKELS8
-from hclafter.text import (TextCorpusError, class_texts, encode_texts, load_descriptions, load_templates,
-                           train_text_classifier)
+from hclafter.core.emotions import MIKELS8
+from hclafter.models.text import (TextCorpusError, class_texts, encode_texts, load_descriptions, load_templates,
+                                  train_text_classifier)
 
 
 def test_class_texts_are_descriptions_plus_formatted_templates():

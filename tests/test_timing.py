@@ -1,7 +1,7 @@
 """The one timer: interleaved rounds in ABBA order after warm-up rounds."""
 import torch
 
-from hclafter.timing import interleaved, per_image_ms, timing_noise
+from hclafter.core.timing import interleaved, per_image_ms, timing_noise
 
 
 def test_interleaved_rounds_alternate_order_after_the_warmup():

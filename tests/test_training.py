@@ -1,11 +1,11 @@
 import torch
 
-from hclafter.config import Config, load_config
+from hclafter.core.config import Config, load_config
 from hclafter.data import load_splits, make_dataset, make_loader
 from hclafter.model import HybridCascadeLaFTer, build_model
-from hclafter.config import trained_groups
-from hclafter.training import (build_optimizer, param_groups, phase_of_epoch, saved_parameter_names, set_trainable,
-                               warmup_cosine)
+from hclafter.core.config import trained_groups
+from hclafter.engine.training import (build_optimizer, param_groups, phase_of_epoch, saved_parameter_names, set_trainable,
+                                      warmup_cosine)
 
 
 def _requires_grad_by_group(groups):

@@ -1,7 +1,7 @@
 """Short tiny training runs for tests of the tools that take a finished run (export, serve, sweeps)."""
 from pathlib import Path
 
-from hclafter.cli import main
+from hclafter.apps.cli import main
 
 from .conftest import TINY_CONFIG
 

@@ -8,13 +8,13 @@ from .version import __version__
 __all__ = ["__version__", "from_pretrained", "load_run"]
 
 if TYPE_CHECKING:
-    from .export import EmotionModel
-    from .inference import TrainedRun
+    from .apps.export import EmotionModel
+    from .engine.inference import TrainedRun
 
 
 def load_run(run_dir: Any, device: Any = None, precision: Any = None) -> "TrainedRun":
     """A trained run ready for ``.predict(images)``; see ``hclafter.inference.load_run``."""
-    from .inference import load_run as _load_run
+    from .engine.inference import load_run as _load_run
 
     return _load_run(run_dir, device, precision)
 
@@ -22,6 +22,6 @@ def load_run(run_dir: Any, device: Any = None, precision: Any = None) -> "Traine
 def from_pretrained(model_dir_or_id: Any, **kwargs: Any) -> "EmotionModel":
     """A model exported with ``hclafter export RUN --format hf`` (a local directory or a Hub id);
     see ``hclafter.export.EmotionModel``."""
-    from .export import EmotionModel
+    from .apps.export import EmotionModel
 
     return EmotionModel.from_pretrained(model_dir_or_id, **kwargs)

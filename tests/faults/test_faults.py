@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import hclafter
-from hclafter import checkpoint, run
-from hclafter.cli import main
-from hclafter.config import ConfigError, load_config
+from hclafter.core import checkpoint
+from hclafter.engine import run
+from hclafter.apps.cli import main
+from hclafter.core.config import ConfigError, load_config
 from hclafter.data import EmotionImages
-from hclafter.run import RunError, train_run
+from hclafter.engine.run import RunError, train_run
 
 from ..conftest import TINY_CONFIG
 from .test_kill_resume import FAST

@@ -13,14 +13,14 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from hclafter.backbone import BackboneError, backbone_from_config, load_backbone
-from hclafter.checkpoint import save_checkpoint
-from hclafter.files import atomic_write_text
-from hclafter.cli import main
-from hclafter.config import BackboneConfig, ConfigError, TextConfig, load_config
-from hclafter.describe import ChatClient, ChatError
-from hclafter.emotions import MIKELS8
-from hclafter.text import Stage1Error, encode_texts, train_text_classifier, zeroshot_weights
+from hclafter.models.backbone import BackboneError, backbone_from_config, load_backbone
+from hclafter.core.checkpoint import save_checkpoint
+from hclafter.core.files import atomic_write_text
+from hclafter.apps.cli import main
+from hclafter.core.config import BackboneConfig, ConfigError, TextConfig, load_config
+from hclafter.apps.describe import ChatClient, ChatError
+from hclafter.core.emotions import MIKELS8
+from hclafter.models.text import Stage1Error, encode_texts, train_text_classifier, zeroshot_weights
 
 from ..conftest import ROOT, TINY_CFG, TINY_CONFIG
 

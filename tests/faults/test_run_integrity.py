@@ -16,12 +16,12 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from hclafter import files
-from hclafter.backbone import BackboneError, load_backbone
-from hclafter.cli import main
-from hclafter.config import load_config, to_dict
+from hclafter.core import files
+from hclafter.models.backbone import BackboneError, load_backbone
+from hclafter.apps.cli import main
+from hclafter.core.config import load_config, to_dict
 from hclafter.data.loading import layer_feature_file
-from hclafter.run import train_run
+from hclafter.engine.run import train_run
 
 from ..conftest import ROOT, TINY_CFG, TINY_CONFIG
 from .test_kill_resume import FAST
@@ -167,7 +167,7 @@ def test_sweep_refuses_finished_runs_of_a_changed_sweep_file_or_reruns_them(data
     assert "done earlier, skipped" in capsys.readouterr().out
 
     holder = subprocess.Popen(  # 1. another process holds the run's lock: the sweep stops, naming it
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from hclafter.files import run_lock\n"
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from hclafter.core.files import run_lock\n"
                                "with run_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)",
          str(run)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     try:
@@ -346,7 +346,7 @@ def test_a_class_absent_from_test_is_reported_and_left_out_of_macro_f1(dataset, 
 
 
 def test_a_kill_while_a_plot_is_written_leaves_the_previous_plot(tmp_path, monkeypatch):
-    from hclafter.plots import plot_confusion
+    from hclafter.reporting.plots import plot_confusion
 
     path = tmp_path / "confusion.png"
     plot_confusion([[1, 0], [0, 1]], ["awe", "fear"], path)

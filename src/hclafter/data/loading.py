@@ -25,8 +25,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from ..config import Config, DataConfig, tuned_groups
-from ..emotions import Wheel, strategy1
+from ..core.config import Config, DataConfig, tuned_groups
+from ..core.emotions import Wheel, strategy1
 from ..models import method_class
 from .images import ImageError, load_rgb
 from .readers import DataError, Sample

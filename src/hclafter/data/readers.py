@@ -17,9 +17,9 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..config import DataConfig
-from ..emotions import Wheel
-from ..files import atomic_write_text
+from ..core.config import DataConfig
+from ..core.emotions import Wheel
+from ..core.files import atomic_write_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")

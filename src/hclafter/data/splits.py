@@ -13,9 +13,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..config import DataConfig
-from ..emotions import POLARITY2, Wheel, get_wheel, load_wheel
-from ..files import atomic_write_text
+from ..core.config import DataConfig
+from ..core.emotions import POLARITY2, Wheel, get_wheel, load_wheel
+from ..core.files import atomic_write_text
 from .images import ImageError, load_rgb
 from .readers import READERS, SPLITS, DataError, Listing, Problem, Sample, read_manifest, write_manifest
 from .synthetic import ensure_synthetic

@@ -32,13 +32,13 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..config import DataConfig
+from ..core.config import DataConfig
 from .images import ImageError, load_rgb
 from .loading import EmotionImages
 from .readers import DataError
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from ..core.config import Config
 
 STORE_VERSION = 1  # part of the key: bump when the stored pixels change
 MARGIN = 7  # training stores are larger by 1/MARGIN of the side (224 → 256) for random crops
@@ -245,8 +245,8 @@ def stored_datasets(image_sets: dict[str, EmotionImages], preprocess_cfg: Any, c
 def prepare_stores(cfg: "Config", progress: bool = True) -> list[str]:
     """``hclafter data prepare``: decode the stores a training run of ``cfg`` reads, ahead of it;
     returns a line per store (folder, images, size on disk)."""
-    from ..backbone import backbone_from_config  # heavy: only to know the model's transform
-    from ..runtime import cache_dir_of
+    from ..models.backbone import backbone_from_config  # heavy: only to know the model's transform
+    from ..core.runtime import cache_dir_of
     from .loading import cache_applies, make_dataset
     from .splits import load_splits
 

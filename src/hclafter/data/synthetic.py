@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..config import DataConfig
-from ..emotions import MIKELS8, Wheel, strategy1
+from ..core.config import DataConfig
+from ..core.emotions import MIKELS8, Wheel, strategy1
 from .readers import DataError, Sample, write_manifest
 from .world import generate
 from .worlds import load_world

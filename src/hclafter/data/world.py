@@ -39,7 +39,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..emotions import MIKELS8, strategy1
+from ..core.emotions import MIKELS8, strategy1
 
 CLASSES = MIKELS8.classes
 VOTES = 20  # simulated annotators per image

@@ -16,8 +16,8 @@ from .layers import NGA
 from .segmented import SegmentedLaFTer
 
 if TYPE_CHECKING:
-    from ..backbone import Backbone
-    from ..config import ModelConfig
+    from .backbone import Backbone
+    from ..core.config import ModelConfig
 
 __all__ = ["METHODS", "NGA", "CascadeCLIPClassifier", "HybridCascadeLaFTer", "ModelOutput", "SegmentedLaFTer",
            "StagedClassifier", "build_model", "method_class"]

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from ..backbone import Backbone
-    from ..config import ModelConfig
+    from .backbone import Backbone
+    from ..core.config import ModelConfig
 
 
 @dataclass

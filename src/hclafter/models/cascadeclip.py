@@ -22,8 +22,8 @@ from .layers import VisualPrompts, stage_projection
 from .vit import check_vit, embed_patches, project, run_blocks
 
 if TYPE_CHECKING:
-    from ..backbone import Backbone
-    from ..config import ModelConfig
+    from .backbone import Backbone
+    from ..core.config import ModelConfig
 
 __all__ = ["CascadeCLIPClassifier", "gaussian_layer_weights"]
 

@@ -17,8 +17,8 @@ from .layers import (NGA, AdaptiveFusion, MeanAggregation, StageAdapter, StageFu
 from .vit import check_vit, cls_after_blocks, embed_patches, project
 
 if TYPE_CHECKING:
-    from ..backbone import Backbone
-    from ..config import ModelConfig
+    from .backbone import Backbone
+    from ..core.config import ModelConfig
 
 
 def aggregation_modules(stages: Sequence[Sequence[int]], aggregation: str, init_sigma: float) -> nn.ModuleList:

@@ -21,8 +21,8 @@ from .layers import NGA, StageFusion, TextClassifier, VisualPrompts, stage_proje
 from .vit import check_vit, embed_patches, run_blocks
 
 if TYPE_CHECKING:
-    from ..backbone import Backbone
-    from ..config import ModelConfig
+    from .backbone import Backbone
+    from ..core.config import ModelConfig
 
 
 class SegmentedLaFTer(StagedClassifier):

@@ -25,17 +25,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backbone import load_backbone
-from .config import DataConfig
-from .data import EmotionImages, Sample, make_loader
-from .data.store import stored_datasets
-from .emotions import MIKELS8
-from .evaluation import count_gflops
-from .models import CascadeCLIPClassifier, HybridCascadeLaFTer
-from .models.vit import project, tap_cls
-from .runtime import DTYPES, lower_frozen
-from .timing import interleaved, timing_noise
-from .training import param_groups
+from ..core.config import DataConfig
+from ..core.emotions import MIKELS8
+from ..core.runtime import DTYPES, lower_frozen
+from ..core.timing import interleaved, timing_noise
+from ..data import EmotionImages, Sample, make_loader
+from ..data.store import stored_datasets
+from ..engine.evaluation import count_gflops
+from ..engine.training import param_groups
+from ..models import CascadeCLIPClassifier, HybridCascadeLaFTer
+from ..models.backbone import load_backbone
+from ..models.vit import project, tap_cls
 
 
 def _reference(dtype: torch.dtype, device: torch.device, flops: float) -> tuple[Callable[[], None], float]:
@@ -456,10 +456,10 @@ def epoch_rates(device: str = "cuda", precision: str = "bf16", batch: int = 256,
     reported apart); the second epoch of each is the warm one."""
     import json
 
-    from .config import load_config
-    from .data import write_manifest
-    from .data.store import prepare_stores
-    from .run import train_run
+    from ..core.config import load_config
+    from ..data import write_manifest
+    from ..data.store import prepare_stores
+    from ..engine.run import train_run
 
     workers = os.cpu_count() if workers is None else workers
     out: dict = {"device": device, "precision": precision, "batch": batch, "images": images, "workers": workers,

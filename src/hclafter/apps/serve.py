@@ -17,9 +17,9 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from ..data.images import ImageError, load_rgb
+from ..engine.inference import TrainedRun, load_run
 from .export import missing_extra
-from .data.images import ImageError, load_rgb
-from .inference import TrainedRun, load_run
 
 MAX_PIXELS = 50_000_000  # decoded size of the largest accepted upload (≈ 150 MB as RGB)
 MAX_FILE_SIZE = "25mb"

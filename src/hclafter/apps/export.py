@@ -27,14 +27,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .version import __version__
-from .backbone import Backbone, backbone_from_config, file_sha256
-from .config import BackboneConfig, ModelConfig, to_dict
-from .emotions import Wheel
-from .data.images import ImageError, load_rgb, to_rgb
-from .models import build_model
-from .files import RunError, read_json
-from .inference import Prediction, TrainedRun, load_run
+from ..core.config import BackboneConfig, ModelConfig, to_dict
+from ..core.emotions import Wheel
+from ..core.files import RunError, read_json
+from ..data.images import ImageError, load_rgb, to_rgb
+from ..engine.inference import Prediction, TrainedRun, load_run
+from ..models import build_model
+from ..models.backbone import Backbone, backbone_from_config, file_sha256
+from ..version import __version__
 
 HF_FORMAT = "hclafter-hf/1"
 ONNX_OPSET = 21

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..core.config import Config, ConfigError, load_config, to_dict
+from ..version import __version__
 from . import demo, describe
-from .config import Config, ConfigError, load_config, to_dict
-from .version import __version__
 
 DESCRIPTION = """\
 hclafter: visual emotion recognition with CLIP. Trains and evaluates HybridCascade-LaFTer (a text-trained
@@ -77,7 +77,7 @@ def _warn_inapplicable(cfg: Config) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .run import train_run
+    from ..engine.run import train_run
 
     out = Path(args.out)
     # Resuming, overrides apply to the run's own config (so only what they change differs from it).
@@ -97,7 +97,7 @@ def _check_device_flags(args: argparse.Namespace) -> None:
     """Refuse --device/--precision values this machine cannot honour, naming the flag."""
     import torch
 
-    from .runtime import DeviceError
+    from ..core.runtime import DeviceError
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda: no CUDA device is available here; use --device cpu (or auto)")
@@ -108,8 +108,8 @@ def _check_device_flags(args: argparse.Namespace) -> None:
 
 def _load_run(args: argparse.Namespace):
     """The run of ``args.run_dir``, with errors about devices naming this command's flags."""
-    from .inference import load_run
-    from .runtime import DeviceError
+    from ..engine.inference import load_run
+    from ..core.runtime import DeviceError
 
     _check_device_flags(args)
     try:
@@ -119,7 +119,7 @@ def _load_run(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .files import read_json
+    from ..core.files import read_json
 
     run = _load_run(args)
     if args.data is not None or args.overrides:
@@ -160,7 +160,7 @@ class PredictionWriter:
     as they come, and in the csv/jsonl output with an ``error``."""
 
     def __init__(self, fmt: str, classes: Sequence[str], top_k: int, stage_blocks: Optional[list[list[int]]]) -> None:
-        from .plots import stage_label
+        from ..reporting.plots import stage_label
 
         self.fmt, self.classes, self.top_k = fmt, list(classes), top_k
         self.stage_names = [stage_label(s + 1, b) for s, b in enumerate(stage_blocks)] if stage_blocks else []
@@ -212,8 +212,8 @@ class PredictionWriter:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .inference import image_sources
-    from .progress import bar
+    from ..engine.inference import image_sources
+    from ..core.progress import bar
 
     fmt = "jsonl" if args.json else args.format
     if not args.images and args.from_list is None:
@@ -240,7 +240,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
-    from .run import zeroshot_eval
+    from ..engine.run import zeroshot_eval
 
     cfg = load_config(args.config, args.overrides)
     _warn_inapplicable(dataclasses.replace(cfg, mode="zeroshot"))
@@ -249,8 +249,8 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from .data import SPLITS, check_dataset, describe_problems
-    from .runtime import cache_dir_of
+    from ..data import SPLITS, check_dataset, describe_problems
+    from ..core.runtime import cache_dir_of
 
     overrides = [f"data.format={args.format}", f"data.root={args.root}", *args.overrides]
     if args.skip_invalid:
@@ -286,7 +286,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from .data.store import prepare_stores
+    from ..data.store import prepare_stores
 
     for line in prepare_stores(load_config(args.config, args.overrides), progress=not args.quiet):
         print(line)
@@ -308,7 +308,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from ..reporting.report import write_report
 
     folder = Path(args.run_dir)
     if (folder / "sweep.json").is_file():  # a sweep: its tables, figures and report, from the finished runs
@@ -588,13 +588,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from .backbone import BackboneError
-    from .data import DataError
-    from .data.images import ImageError
-    from .files import RunError
-    from .runtime import DeviceError
-    from .text import TextCorpusError
-    from .training import TrainingInterrupted
+    from ..models.backbone import BackboneError
+    from ..data import DataError
+    from ..data.images import ImageError
+    from ..core.files import RunError
+    from ..core.runtime import DeviceError
+    from ..models.text import TextCorpusError
+    from ..engine.training import TrainingInterrupted
 
     try:
         return args.func(args)

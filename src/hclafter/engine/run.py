@@ -23,26 +23,26 @@ import torch
 from accelerate.utils import set_seed
 from omegaconf import OmegaConf
 
+from ..core.checkpoint import (config_differences, load_checkpoint, load_weights, run_fingerprint, save_checkpoint,
+                               saved_fingerprint)
+from ..core.config import Config, load_config, to_dict, tuned_groups
+from ..core.emotions import Wheel
+from ..core.files import RunError, atomic_write_text, read_json, run_lock, write_json, writing
+from ..core.metrics import HEADLINE
+from ..core.progress import interactive
+from ..core.runtime import Runtime, cache_dir_of, make_runtime
+from ..data import SPLITS, DatasetSplits, eval_loader, load_splits, make_dataset, make_loader
+from ..data.loading import cache_applies, cached_datasets
+from ..data.splits import load_run_splits, save_run_splits
+from ..data.store import crop_flip_transform, stored_datasets
+from ..models.backbone import Backbone, backbone_from_config
+from ..models.text import load_templates, train_stage1, zeroshot_weights
+from ..reporting.report import write_run_figures
+from ..version import __version__
 from . import tracking
-from .version import __version__
-from .backbone import Backbone, backbone_from_config
-from .checkpoint import (config_differences, load_checkpoint, load_weights, run_fingerprint, save_checkpoint,
-                         saved_fingerprint)
-from .config import Config, load_config, to_dict, tuned_groups
-from .data import SPLITS, DatasetSplits, eval_loader, load_splits, make_dataset, make_loader
-from .data.splits import load_run_splits, save_run_splits
-from .data.loading import cache_applies, cached_datasets
-from .data.store import crop_flip_transform, stored_datasets
-from .emotions import Wheel
 from .evaluation import (Classify, Predictions, clip_classifier, compute_metrics, efficiency, evaluate_classifier,
                          predict)
-from .files import RunError, atomic_write_text, read_json, run_lock, write_json, writing
 from .inference import build_run_model, load_run
-from .metrics import HEADLINE
-from .progress import interactive
-from .report import write_run_figures
-from .runtime import Runtime, cache_dir_of, make_runtime
-from .text import load_templates, train_stage1, zeroshot_weights
 from .training import (TrainingInterrupted, TrainState, build_optimizer, fit, param_groups,
                        saved_parameter_names, set_trainable, strong_view, trained_parameters, warmup_cosine)
 

@@ -22,17 +22,17 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_state, save_checkpoint, save_state
-from .data.store import InputView
-from .config import PARAM_GROUPS, Config, PhaseConfig, trained_groups, tuned_groups
-from .emotions import Wheel
+from ..core.checkpoint import load_state, save_checkpoint, save_state
+from ..core.config import PARAM_GROUPS, Config, PhaseConfig, trained_groups, tuned_groups
+from ..core.emotions import Wheel
+from ..core.files import RunError, atomic_write_text, writing
+from ..core.metrics import HEADLINE
+from ..core.progress import bar, interactive, say
+from ..core.runtime import Runtime
+from ..data.store import InputView
+from ..models import StagedClassifier
+from ..models.losses import stage_consistency_loss, stage_distillation_loss, task_loss
 from .evaluation import Predictions, compute_metrics, predict
-from .files import RunError, atomic_write_text, writing
-from .losses import stage_consistency_loss, stage_distillation_loss, task_loss
-from .metrics import HEADLINE
-from .models import StagedClassifier
-from .progress import bar, interactive, say
-from .runtime import Runtime
 from .tracking import log_epoch, log_step, sigmas
 
 

@@ -28,13 +28,13 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import yaml
 
-from .checkpoint import config_differences
-from .config import ConfigError, load_config, to_dict
-from .evidence import (MethodRuns, comparison_rows, markdown_table, pair_cells, pair_rows, random_backbone,
-                       table_cells, table_notes)
-from .files import RunError, atomic_write_text, clear_run_dir, run_lock, write_json
-from .metrics import HEADLINE
-from .report import write_sweep_figures, write_sweep_report
+from ..core.checkpoint import config_differences
+from ..core.config import ConfigError, load_config, to_dict
+from ..core.files import RunError, atomic_write_text, clear_run_dir, run_lock, write_json
+from ..core.metrics import HEADLINE
+from ..reporting.evidence import (MethodRuns, comparison_rows, markdown_table, pair_cells, pair_rows, random_backbone,
+                                  table_cells, table_notes)
+from ..reporting.report import write_sweep_figures, write_sweep_report
 
 LDL = ("kl", "chebyshev", "clark", "canberra", "cosine", "intersection")
 
@@ -123,7 +123,7 @@ def changed_runs(runs: Sequence[SweepRun], rerun_changed: bool = False) -> set[P
     """The run directories (finished or interrupted) made with other settings than the sweep now
     plans, e.g. after its file changed: a ConfigError naming them and the differing keys, or with
     ``rerun_changed`` their set, to be run again from scratch. Used by the SLURM launcher alike."""
-    from .run import resolve_paths, saved_run_config
+    from ..engine.run import resolve_paths, saved_run_config
 
     changed: dict[Path, list[str]] = {}
     for run in runs:
@@ -148,7 +148,7 @@ def changed_runs(runs: Sequence[SweepRun], rerun_changed: bool = False) -> set[P
 def execute(runs: Sequence[SweepRun], progress: bool = True, rerun_changed: bool = False) -> None:
     """Run every run not finished yet: finished ones are skipped, interrupted ones resumed, each run's
     directory locked while this process decides about it and runs it."""
-    from .run import train_run
+    from ..engine.run import train_run
 
     changed = changed_runs(runs, rerun_changed)
     for i, run in enumerate(runs, start=1):

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .files import atomic_write_bytes  # noqa: E402
+from ..core.files import atomic_write_bytes  # noqa: E402
 
 WIDTH = 10.0  # inches: the report's column at 100 dpi
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "legend.fontsize": 9, "xtick.labelsize": 9,

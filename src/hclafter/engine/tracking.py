@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import ConfigError, Config, to_dict
+from ..core.config import ConfigError, Config, to_dict
 
 PROJECT = "hclafter"  # the TensorBoard folder under <run>/logs, the W&B and MLflow project name
 # the package each tracker needs

@@ -16,15 +16,15 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy.special import logsumexp
 
-from .config import Config, ConfigError, DataConfig, load_config
-from .data import READERS, DataError, eval_loader, load_splits, make_dataset
-from .data.splits import resolve_wheel
-from .emotions import POLARITY2, Wheel
-from .evaluation import Classify, Predictions, compute_metrics, predict
-from .evidence import random_backbone
-from .files import RunError
-from .inference import TrainedRun
-from .runtime import cache_dir_of
+from ..core.config import Config, ConfigError, DataConfig, load_config
+from ..core.emotions import POLARITY2, Wheel
+from ..core.files import RunError
+from ..core.runtime import cache_dir_of
+from ..data import READERS, DataError, eval_loader, load_splits, make_dataset
+from ..data.splits import resolve_wheel
+from ..engine.evaluation import Classify, Predictions, compute_metrics, predict
+from ..engine.inference import TrainedRun
+from ..reporting.evidence import random_backbone
 
 __all__ = ["BY_NAME", "BY_POLARITY", "ClassMapping", "MappingError", "class_mapping", "cross_dataset_config",
            "describe_result", "evaluate_on"]

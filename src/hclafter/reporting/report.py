@@ -24,11 +24,11 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .files import atomic_write_text, not_a_run, read_json, read_jsonl
+from ..core.files import atomic_write_text, not_a_run, read_json, read_jsonl
+from ..version import __version__
 from .plots import (plot_confusion, plot_curves, plot_examples, plot_learned_weights, plot_method_bars,
                     plot_overlaid_curves, plot_stage_class_accuracy, plot_stage_weights, plot_wheel_means,
                     stage_label)
-from .version import __version__
 
 # --- the page builder ----------------------------------------------------------------------------
 

@@ -33,8 +33,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
-from .files import RunError, clear_run_dir, run_lock, write_json
-from .config import ConfigError, load_config
+from ..core.config import ConfigError, load_config
+from ..core.files import RunError, clear_run_dir, run_lock, write_json
 from .sweep import SweepRun, changed_runs, plan, run_status, summarise, sweep_roles, write_results
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
@@ -124,7 +124,7 @@ class RunJob:
         import submitit
         from submitit.helpers import TorchDistributedEnvironment
 
-        from .run import train_run
+        from ..engine.run import train_run
 
         out_dir = Path(out)
         if (out_dir / "summary.json").is_file():

@@ -43,8 +43,8 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
-from .files import atomic_write_text
-from .emotions import WHEELS, get_wheel
+from ..core.emotions import WHEELS, get_wheel
+from ..core.files import atomic_write_text
 
 QUESTIONS: tuple[str, ...] = (
     "Describe what an image that evokes {c} looks like.",

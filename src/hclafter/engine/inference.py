@@ -15,17 +15,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbone import Backbone, backbone_from_config
-from .checkpoint import load_checkpoint, load_weights, verify_run_files
-from .config import Config, load_config, to_dict
-from .data import DatasetSplits, eval_loader, load_split_files, make_dataset
-from .data.images import ImageError, load_rgb, to_rgb
-from .data.readers import IMAGE_SUFFIXES
-from .emotions import Wheel
+from ..core.checkpoint import load_checkpoint, load_weights, verify_run_files
+from ..core.config import Config, load_config, to_dict
+from ..core.emotions import Wheel
+from ..core.files import RunError, not_a_run, read_json
+from ..core.runtime import make_runtime
+from ..data import DatasetSplits, eval_loader, load_split_files, make_dataset
+from ..data.images import ImageError, load_rgb, to_rgb
+from ..data.readers import IMAGE_SUFFIXES
+from ..models import StagedClassifier, build_model, method_class
+from ..models.backbone import Backbone, backbone_from_config
 from .evaluation import compute_metrics, predict
-from .files import RunError, not_a_run, read_json
-from .models import StagedClassifier, build_model, method_class
-from .runtime import make_runtime
 
 __all__ = ["ImagePrediction", "Prediction", "TrainedRun", "build_run_model", "image_sources", "load_run"]
 

@@ -20,17 +20,17 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .backbone import backbone_from_config
-from .data import EmotionImages, eval_loader, load_split_files
-from .data.loading import cached_datasets
-from .evaluation import predict
-from .evidence import random_backbone
-from .files import RunError, atomic_write_bytes, atomic_write_text, write_json
-from .inference import TrainedRun, load_run
-from .models.hybrid import HybridCascadeLaFTer
-from .models.vit import check_vit
-from .plots import plt
-from .runtime import cache_dir_of
+from ..core.files import RunError, atomic_write_bytes, atomic_write_text, write_json
+from ..core.runtime import cache_dir_of
+from ..data import EmotionImages, eval_loader, load_split_files
+from ..data.loading import cached_datasets
+from ..engine.evaluation import predict
+from ..engine.inference import TrainedRun, load_run
+from ..models.backbone import backbone_from_config
+from ..models.hybrid import HybridCascadeLaFTer
+from ..models.vit import check_vit
+from ..reporting.evidence import random_backbone
+from ..reporting.plots import plt
 
 __all__ = ["analyze_run", "format_markdown", "probe_blocks", "stage_breakdown"]
 

@@ -13,7 +13,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .models import METHODS, method_class
+from ..models import METHODS, method_class
 
 # Training groups; a model assigns each parameter to one (baselines add projections and decoders).
 PARAM_GROUPS = ("prompts", "layernorms", "classifier", "stage_adapters", "fusion", "nga", "mixer", "layer_weights",

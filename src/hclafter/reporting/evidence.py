@@ -16,9 +16,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .metrics import ldl_metrics
-from .stats import (Comparison, RunPredictions, compare_runs, expected_calibration_error, fit_temperature,
-                    read_predictions, scaled_probabilities)
+from ..core.metrics import ldl_metrics
+from ..core.stats import (Comparison, RunPredictions, compare_runs, expected_calibration_error, fit_temperature,
+                          read_predictions, scaled_probabilities)
 
 
 @dataclass

@@ -23,15 +23,15 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from .config import Config, load_config
-from .data import DatasetSplits, load_splits
-from .data.images import load_rgb
-from .data.worlds import DEFAULT_WORLD, available_worlds, read_world
-from .evidence import MethodRuns, comparison_rows, markdown_table, random_backbone, table_cells, table_notes
-from .files import atomic_write_text, write_json
-from .plots import plt, save_figure
-from .report import Figure, Section, Table, write_html
-from .runtime import cache_dir_of
+from ..core.config import Config, load_config
+from ..core.files import atomic_write_text, write_json
+from ..core.runtime import cache_dir_of
+from ..data import DatasetSplits, load_splits
+from ..data.images import load_rgb
+from ..data.worlds import DEFAULT_WORLD, available_worlds, read_world
+from ..reporting.evidence import MethodRuns, comparison_rows, markdown_table, random_backbone, table_cells, table_notes
+from ..reporting.plots import plt, save_figure
+from ..reporting.report import Figure, Section, Table, write_html
 from .sweep import SweepRun, execute
 
 # Zero-shot accuracy of the shipped toy CLIP on the demo's test split of the "wild" world (the data

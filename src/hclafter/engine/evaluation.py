@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from .config import DataConfig
-from .data import eval_loader
-from .emotions import Wheel
-from .metrics import classification_metrics, ldl_metrics, polarity_accuracy, stage_accuracies
-from .progress import bar, finished
-from .timing import interleaved, per_image_ms
+from ..core.config import DataConfig
+from ..core.emotions import Wheel
+from ..core.metrics import classification_metrics, ldl_metrics, polarity_accuracy, stage_accuracies
+from ..core.progress import bar, finished
+from ..core.timing import interleaved, per_image_ms
+from ..data import eval_loader
 
 # images → (fused logits [B, C], per-stage logits [S, B, C] or None)
 Classify = Callable[[torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]

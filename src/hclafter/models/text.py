@@ -15,10 +15,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ..core.config import TextConfig
+from ..core.emotions import MIKELS8, Wheel
 from .backbone import Backbone
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import TextConfig
-from .emotions import MIKELS8, Wheel
 
 
 class TextCorpusError(ValueError):
