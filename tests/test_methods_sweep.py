@@ -12,7 +12,8 @@ from hclafter.core.emotions import MIKELS8
 from hclafter.model import build_model
 from hclafter.engine.run import train_run
 from hclafter.apps.sweep import plan
-from hclafter.engine.training import param_groups
+from hclafter.engine.optim import param_groups
+from hclafter.models import check_config
 
 from .conftest import ROOT, TINY_CONFIG
 
@@ -111,11 +112,11 @@ def test_sweep_tables_and_restart_after_a_kill(tmp_path, cache_dir, monkeypatch)
     calls = []
     original = run_module.train_run
 
-    def dies_on_fourth(cfg, out_dir, progress=True, resume=False):
+    def dies_on_fourth(cfg, out_dir, progress=True, resume=False, **kwargs):
         calls.append((out_dir.parent.parent.name, resume))
         if len(calls) == 4:
             raise KeyboardInterrupt  # the sweep is killed during its fourth run
-        return original(cfg, out_dir, progress=progress, resume=resume)
+        return original(cfg, out_dir, progress=progress, resume=resume, **kwargs)
 
     monkeypatch.setattr(run_module, "train_run", dies_on_fourth)
     with pytest.raises(KeyboardInterrupt):
@@ -159,6 +160,13 @@ def test_sweep_tables_and_restart_after_a_kill(tmp_path, cache_dir, monkeypatch)
     assert f"{int(rows['hybrid']['added_over_reference']):+,d}" in page and "added vs LaFTer-sup (last block)" in page
     assert page.count('report.html">report</a>') == 6
     assert (out / "runs" / "default" / "zeroshot" / "default" / "seed0" / "report.html").is_file()
+    # `hclafter report` on the sweep folder writes the same tables again, comparisons included.
+    (out / "results.md").unlink()
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "results.md").read_text() == table
+    again = (out / "report.html").read_text()
+    assert "<h2>Comparisons</h2>" in again and "Δ A − B (95 % CI)" in again and "added vs LaFTer-sup" in again
 
 
 def test_sweep_pairs_must_name_two_of_its_methods(tmp_path):
@@ -185,10 +193,13 @@ def test_a_phase_that_trains_nothing_of_the_method_is_rejected():
     lafter = ROOT / "configs" / "methods" / "lafter.yaml"
     with pytest.raises(ConfigError, match=r"train\.phases\[0\]\.train = \['stage_adapters', 'fusion', 'nga'\]: no "
                                           r"parameter .* train one of \['classifier', 'layernorms', 'prompts'\]"):
-        load_config([TINY_CONFIG, lafter], ["train.phases=[{epochs: 1, train: [stage_adapters, fusion, nga]}]"])
+        check_config(load_config([TINY_CONFIG, lafter],
+                                 ["train.phases=[{epochs: 1, train: [stage_adapters, fusion, nga]}]"]))
     with pytest.raises(ConfigError, match=r"train\.phases\[1\]"):
-        load_config([TINY_CONFIG, lafter], ["train.phases=[{epochs: 1, train: [prompts]}, {epochs: 1, train: [fusion]}]"])
+        check_config(load_config([TINY_CONFIG, lafter],
+                                 ["train.phases=[{epochs: 1, train: [prompts]}, {epochs: 1, train: [fusion]}]"]))
     adapter = load_config([TINY_CONFIG, lafter], ["model.stage_adapters=true",
                                                   "train.phases=[{epochs: 1, train: [stage_adapters]}]"])
+    check_config(adapter)
     assert adapter.train.phases[0].train == ["stage_adapters"]
-    assert load_config([TINY_CONFIG, lafter], ["mode=textonly", "train.phases=[{epochs: 1, train: [fusion]}]"])
+    check_config(load_config([TINY_CONFIG, lafter], ["mode=textonly", "train.phases=[{epochs: 1, train: [fusion]}]"]))

@@ -70,7 +70,7 @@ def test_option_configs_validate_and_build(tiny_backbone):
         assert check(build_model(tiny_backbone, 8, cfg.model))
     with pytest.raises(ConfigError, match="model.fusion"):
         load_config([TINY_CONFIG], ["model.fusion=learned"])
-    assert "mixer" not in HybridCascadeLaFTer.trained_groups(ModelConfig(), 12)
+    assert "mixer" not in HybridCascadeLaFTer.trainable_groups(ModelConfig(), 12)
 
 
 def test_options_run_end_to_end_and_log_their_parts(tmp_path, cache_dir):

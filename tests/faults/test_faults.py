@@ -12,6 +12,7 @@ from hclafter.apps.cli import main
 from hclafter.core.config import ConfigError, load_config
 from hclafter.data import EmotionImages
 from hclafter.engine.run import RunError, train_run
+from hclafter.models import check_config
 
 from ..conftest import TINY_CONFIG
 from .test_kill_resume import FAST
@@ -168,8 +169,8 @@ BAD_CONFIGS = [
 def test_malformed_configs_are_rejected_before_any_work(override, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(run, "backbone_from_config", lambda *a: pytest.fail("model built for a bad config"))
     monkeypatch.setattr(run, "load_splits", lambda *a: pytest.fail("data read for a bad config"))
-    with pytest.raises(ConfigError, match=message):
-        load_config([TINY_CONFIG], [override])
+    with pytest.raises(ConfigError, match=message):  # settings alone, or against the method and the backbone
+        check_config(load_config([TINY_CONFIG], [override]))
     out = tmp_path / "run"
     assert main(["train", "-c", str(TINY_CONFIG), "--out", str(out), override]) == 2
     assert "error:" in capsys.readouterr().err and not out.exists()
@@ -177,7 +178,7 @@ def test_malformed_configs_are_rejected_before_any_work(override, message, tmp_p
 
 def test_an_unknown_architecture_is_rejected_before_any_work():
     with pytest.raises(ConfigError, match="backbone.name: unknown open_clip architecture 'NoSuchNet'"):
-        load_config([], ["backbone.name=NoSuchNet"])
+        check_config(load_config([], ["backbone.name=NoSuchNet"]))
 
 
 def test_a_malformed_yaml_file_names_the_file(tmp_path):

@@ -13,8 +13,6 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..models import METHODS, method_class
-
 # Training groups; a model assigns each parameter to one (baselines add projections and decoders).
 PARAM_GROUPS = ("prompts", "layernorms", "classifier", "stage_adapters", "fusion", "nga", "mixer", "layer_weights",
                 "projections", "decoders", "backbone")
@@ -38,7 +36,7 @@ class BackboneConfig:
 
 @dataclass
 class ModelConfig:
-    method: str = "hybrid"  # a name registered in hclafter.models.METHODS (see configs/methods/)
+    method: str = "hybrid"  # a name registered in hclafter.models.METHODS (see configs/methods/), checked there
     aggregation: str = "nga"  # nga | mean (the "w/o NGA" ablation: uniform weights, no σ)
     prompt_tokens: int = 50
     prompt_dropout: float = 0.0
@@ -151,7 +149,7 @@ class PhaseConfig:
     stages: Optional[list[int]] = None
 
 
-def trained_groups(phase: PhaseConfig, train_backbone: bool) -> set[str]:
+def phase_groups(phase: PhaseConfig, train_backbone: bool) -> set[str]:
     """The groups a phase trains: its list, plus the tower's other weights with ``train_backbone``."""
     groups = set(phase.train)
     if train_backbone and "layernorms" in groups:
@@ -198,7 +196,7 @@ class TrainConfig:
     # phase compiles once), or None for eager execution.
     compile: Optional[str] = None
     # Encode each image once and reuse its layer features when the image tower cannot change
-    # (no prompts, no LayerNorm or backbone tuning, labels supervision): see feature_cache.py.
+    # (no prompts, no LayerNorm or backbone tuning, labels supervision): see engine/inputs.py.
     feature_cache: bool = True
     # Experiment trackers (accelerate's), writing under the run's logs/: tensorboard, wandb (offline),
     # mlflow (a file store); [] for none.
@@ -211,7 +209,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 def tuned_groups(train: TrainConfig) -> set[str]:
     """The groups any phase trains: they get an optimizer entry, are saved with the run, and count
     as trained parameters."""
-    return set().union(*(trained_groups(p, train.train_backbone) for p in train.phases))
+    return set().union(*(phase_groups(p, train.train_backbone) for p in train.phases))
 
 
 @dataclass
@@ -332,7 +330,7 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
 CHOICES = {
     "mode": ("train", "zeroshot", "textonly"), "precision": ("fp32", "bf16", "fp16"), "device": ("auto", "cpu", "cuda"),
     "train.supervision": ("labels", "pseudo"),
-    "model.method": tuple(METHODS), "model.aggregation": ("nga", "mean"),
+    "model.aggregation": ("nga", "mean"),
     "model.fusion": ("static", "adaptive"), "model.stage_mixer": ("none", "attention"),
     "train.loss.name": ("ce", "ls_ce", "dual_task"), "train.on_nonfinite": ("stop", "skip"),
     "data.emotion6_label": ("folder", "argmax"), "data.ties": ("skip", "first"),
@@ -366,27 +364,10 @@ def _get(cfg: Config, key: str) -> Any:
     return value
 
 
-def _tower_depth(cfg: BackboneConfig) -> int:
-    if cfg.model_cfg is not None:
-        vision = cfg.model_cfg.get("vision_cfg")
-        if not isinstance(vision, dict) or not isinstance(vision.get("layers"), int):
-            raise ConfigError("backbone.model_cfg.vision_cfg.layers: an integer number of image blocks is required")
-        return vision["layers"]
-    import open_clip  # heavy; only needed to know a built-in architecture's depth
-
-    model_cfg = open_clip.get_model_config(cfg.name)
-    if model_cfg is None:
-        raise ConfigError(f"backbone.name: unknown open_clip architecture {cfg.name!r} "
-                          "(see open_clip.list_models(), or give backbone.model_cfg)")
-    layers = model_cfg["vision_cfg"].get("layers")
-    if not isinstance(layers, int):
-        raise ConfigError(f"backbone.name: {cfg.name} has no ViT image tower (HybridCascade-LaFTer needs a ViT)")
-    return layers
-
-
 def validate(cfg: Config) -> None:
-    """Checks that need more than types, run before any data is read or model built: choices,
-    value ranges, and stages against the backbone's real depth."""
+    """Checks that need more than types and no model: choices, value ranges, phases and learning
+    rates. What depends on the method (stages against the backbone's depth, phases that train
+    something of it) is checked by the model registry, ``hclafter.models.check_config``."""
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
@@ -400,13 +381,7 @@ def validate(cfg: Config) -> None:
             bounds = f"{'[' if low_inclusive else '('}{low}, {high if high is not None else '∞'}" \
                      f"{']' if high_inclusive and high is not None else ')'}"
             raise ConfigError(f"{key} must be in {bounds}, got {value}")
-    depth = _tower_depth(cfg.backbone)
-    try:
-        method_class(cfg.model.method).check_stages(cfg.model.stages, depth)
-    except ValueError as e:
-        raise ConfigError(f"{e} ({cfg.backbone.name}, model.method={cfg.model.method})") from None
     stages = cfg.model.stages
-    trainable = method_class(cfg.model.method).trained_groups(cfg.model, depth)
     if not cfg.train.phases:
         raise ConfigError("train.phases must list at least one phase")
     for i, phase in enumerate(cfg.train.phases):
@@ -415,10 +390,6 @@ def validate(cfg: Config) -> None:
         unknown = sorted(set(phase.train) - set(PARAM_GROUPS))
         if unknown:
             raise ConfigError(f"train.phases[{i}].train: unknown groups {unknown}; valid: {list(PARAM_GROUPS)}")
-        if cfg.mode == "train" and not set(phase.train) & trainable:
-            raise ConfigError(f"train.phases[{i}].train = {phase.train}: no parameter of these groups receives a "
-                              f"gradient with model.method={cfg.model.method} and these model settings, so the "
-                              f"phase would change nothing; train one of {sorted(trainable)}")
         if phase.stages is not None and any(not 1 <= s <= len(stages) for s in phase.stages):
             raise ConfigError(f"train.phases[{i}].stages {phase.stages}: stage numbers must be in 1..{len(stages)}")
     missing = sorted(set(PARAM_GROUPS) - set(cfg.train.lr))

@@ -5,22 +5,20 @@ Every model implements :class:`~hclafter.models.base.StagedClassifier`; what a m
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
+from ..core.config import Config, ConfigError, ModelConfig
+from .backbone import Backbone, tower_depth
 from .base import ModelOutput, StagedClassifier
 from .cascadeclip import CascadeCLIPClassifier
 from .hybrid import HybridCascadeLaFTer
 from .layers import NGA
 from .segmented import SegmentedLaFTer
 
-if TYPE_CHECKING:
-    from .backbone import Backbone
-    from ..core.config import ModelConfig
-
 __all__ = ["METHODS", "NGA", "CascadeCLIPClassifier", "HybridCascadeLaFTer", "ModelOutput", "SegmentedLaFTer",
-           "StagedClassifier", "build_model", "method_class"]
+           "StagedClassifier", "build_model", "check_config", "method_class"]
 
 METHODS: dict[str, type[StagedClassifier]] = {
     "hybrid": HybridCascadeLaFTer,
@@ -36,7 +34,28 @@ def method_class(name: str) -> type[StagedClassifier]:
     return METHODS[name]
 
 
-def build_model(backbone: "Backbone", num_classes: int, cfg: "ModelConfig",
+def check_config(cfg: Config) -> None:
+    """The checks of a run's settings that depend on its method, made before any data is read or
+    model built: a registered method, stages that fit the backbone's real depth, and phases that
+    each train something of this method (a ConfigError naming the key)."""
+    if cfg.model.method not in METHODS:
+        raise ConfigError(f"model.method: {cfg.model.method!r} is not one of {', '.join(METHODS)}")
+    method, depth = METHODS[cfg.model.method], tower_depth(cfg.backbone)
+    try:
+        method.check_stages(cfg.model.stages, depth)
+    except ValueError as e:
+        raise ConfigError(f"{e} ({cfg.backbone.name}, model.method={cfg.model.method})") from None
+    if cfg.mode != "train":
+        return
+    trainable = method.trainable_groups(cfg.model, depth)
+    for i, phase in enumerate(cfg.train.phases):
+        if not set(phase.train) & trainable:
+            raise ConfigError(f"train.phases[{i}].train = {phase.train}: no parameter of these groups receives a "
+                              f"gradient with model.method={cfg.model.method} and these model settings, so the "
+                              f"phase would change nothing; train one of {sorted(trainable)}")
+
+
+def build_model(backbone: Backbone, num_classes: int, cfg: ModelConfig,
                 class_embeddings: Optional[torch.Tensor] = None) -> StagedClassifier:
     """The model ``cfg.method`` names; ``class_embeddings`` ([C, D] stage-1 text embeddings) are
     needed by methods that declare ``needs_class_embeddings``."""

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..core.config import BackboneConfig, looks_like_path
+from ..core.config import BackboneConfig, ConfigError, looks_like_path
 from .vit import use_sdpa_attention
 
 # Keys OpenAI stores beside the weights; their presence marks an OpenAI checkpoint (QuickGELU).
@@ -114,6 +114,24 @@ def _build(cfg: BackboneConfig, quick_gelu: bool) -> nn.Module:
 def _architecture(cfg: BackboneConfig) -> dict[str, Any]:
     model_cfg = cfg.model_cfg if cfg.model_cfg is not None else open_clip.get_model_config(cfg.name)
     return {"name": cfg.name, "model_cfg": model_cfg}
+
+
+def tower_depth(cfg: BackboneConfig) -> int:
+    """The number of image blocks of the configured architecture, without building it (a
+    ConfigError naming ``backbone.name`` for an unknown or non-ViT one)."""
+    if cfg.model_cfg is not None:
+        vision = cfg.model_cfg.get("vision_cfg")
+        if not isinstance(vision, dict) or not isinstance(vision.get("layers"), int):
+            raise ConfigError("backbone.model_cfg.vision_cfg.layers: an integer number of image blocks is required")
+        return vision["layers"]
+    model_cfg = open_clip.get_model_config(cfg.name)
+    if model_cfg is None:
+        raise ConfigError(f"backbone.name: unknown open_clip architecture {cfg.name!r} "
+                          "(see open_clip.list_models(), or give backbone.model_cfg)")
+    layers = model_cfg["vision_cfg"].get("layers")
+    if not isinstance(layers, int):
+        raise ConfigError(f"backbone.name: {cfg.name} has no ViT image tower (HybridCascade-LaFTer needs a ViT)")
+    return layers
 
 
 def load_backbone(name: str = "ViT-B-32", pretrained: Optional[str] = None, *,

@@ -7,14 +7,13 @@ interface: the class attributes say what a method can do, so no other module nam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .backbone import Backbone
-    from ..core.config import ModelConfig
+from ..core.config import ModelConfig
+from .backbone import Backbone
 
 
 @dataclass
@@ -52,7 +51,7 @@ class StagedClassifier(nn.Module):
     extraction_layers: list[int]
 
     @classmethod
-    def from_config(cls, backbone: "Backbone", num_classes: int, cfg: "ModelConfig",
+    def from_config(cls, backbone: Backbone, num_classes: int, cfg: ModelConfig,
                     class_embeddings: Optional[torch.Tensor] = None) -> "StagedClassifier":
         raise NotImplementedError
 
@@ -76,7 +75,7 @@ class StagedClassifier(nn.Module):
         return stages if cls.needs_consecutive_cover else [sorted(stage) for stage in stages]
 
     @classmethod
-    def trained_groups(cls, cfg: "ModelConfig", depth: int) -> set[str]:
+    def trainable_groups(cls, cfg: ModelConfig, depth: int) -> set[str]:
         """The training groups in which the model built from ``cfg`` on a tower of ``depth`` blocks has a
         parameter that can receive a gradient ("backbone" aside, which follows the tower's LayerNorms):
         every phase must train one of them."""

@@ -11,19 +11,17 @@ tower's ``ln_post``/``proj`` and are trained (it left them frozen at random init
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.config import ModelConfig
+from .backbone import Backbone
 from .base import ModelOutput, StagedClassifier
 from .layers import VisualPrompts, stage_projection
 from .vit import check_vit, embed_patches, project, run_blocks
-
-if TYPE_CHECKING:
-    from .backbone import Backbone
-    from ..core.config import ModelConfig
 
 __all__ = ["CascadeCLIPClassifier", "gaussian_layer_weights"]
 
@@ -102,7 +100,7 @@ class CascadeCLIPClassifier(StagedClassifier):
                     "queries": "decoders", "decoders": "decoders"}
     stage_owned = ("projections", "nga", "queries", "decoders")
 
-    def __init__(self, backbone: "Backbone", num_classes: int, class_embeddings: torch.Tensor,
+    def __init__(self, backbone: Backbone, num_classes: int, class_embeddings: torch.Tensor,
                  stages: Sequence[Sequence[int]] = ((6, 7, 8), (9, 10, 11), (12,)), decoder_layers: int = 3,
                  decoder_heads: int = 8, prompt_tokens: int = 50, prompt_dropout: float = 0.0) -> None:
         super().__init__()
@@ -132,7 +130,7 @@ class CascadeCLIPClassifier(StagedClassifier):
         self.decoders = nn.ModuleList(StageDecoder(dim, decoder_heads, decoder_layers) for _ in self.stages)
 
     @classmethod
-    def from_config(cls, backbone: "Backbone", num_classes: int, cfg: "ModelConfig",
+    def from_config(cls, backbone: Backbone, num_classes: int, cfg: ModelConfig,
                     class_embeddings: Optional[torch.Tensor] = None) -> "CascadeCLIPClassifier":
         if cfg.aggregation != "nga":
             raise ValueError(f"model.aggregation={cfg.aggregation} does not apply to this method: it learns its "
@@ -145,7 +143,7 @@ class CascadeCLIPClassifier(StagedClassifier):
                    prompt_dropout=cfg.prompt_dropout)
 
     @classmethod
-    def trained_groups(cls, cfg: "ModelConfig", depth: int) -> set[str]:
+    def trainable_groups(cls, cfg: ModelConfig, depth: int) -> set[str]:
         groups = {"layernorms", "layer_weights", "decoders"}
         if cfg.prompt_tokens > 0:
             groups.add("prompts")

@@ -6,19 +6,17 @@ learned fusion of the stage logits.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..core.config import ModelConfig
+from .backbone import Backbone
 from .base import ModelOutput, StagedClassifier
 from .layers import (NGA, AdaptiveFusion, MeanAggregation, StageAdapter, StageFusion, StageMixer, TextClassifier,
                      VisualPrompts, adapt_stages)
 from .vit import check_vit, cls_after_blocks, embed_patches, project
-
-if TYPE_CHECKING:
-    from .backbone import Backbone
-    from ..core.config import ModelConfig
 
 
 def aggregation_modules(stages: Sequence[Sequence[int]], aggregation: str, init_sigma: float) -> nn.ModuleList:
@@ -41,7 +39,7 @@ class HybridCascadeLaFTer(StagedClassifier):
                     "fusion": "fusion", "nga": "nga", "mixer": "mixer"}
     stage_owned = ("nga", "adapters")
 
-    def __init__(self, backbone: "Backbone", num_classes: int, prompt_tokens: int = 50,
+    def __init__(self, backbone: Backbone, num_classes: int, prompt_tokens: int = 50,
                  stages: Sequence[Sequence[int]] = ((5, 6, 7), (8, 9), (10, 11, 12)),
                  stage_adapters: bool = True, nga_init_sigma: float = 1.0, prompt_dropout: float = 0.0,
                  normalize_features: bool = True, aggregation: str = "nga", shared_adapter: bool = False,
@@ -72,7 +70,7 @@ class HybridCascadeLaFTer(StagedClassifier):
         self.mixer = StageMixer(dim, mixer_heads) if stage_mixer == "attention" else None
 
     @classmethod
-    def from_config(cls, backbone: "Backbone", num_classes: int, cfg: "ModelConfig",
+    def from_config(cls, backbone: Backbone, num_classes: int, cfg: ModelConfig,
                     class_embeddings: Optional[torch.Tensor] = None) -> "HybridCascadeLaFTer":
         return cls(backbone, num_classes, prompt_tokens=cfg.prompt_tokens, stages=cfg.stages,
                    stage_adapters=cfg.stage_adapters, nga_init_sigma=cfg.nga_init_sigma,
@@ -81,7 +79,7 @@ class HybridCascadeLaFTer(StagedClassifier):
                    stage_mixer=cfg.stage_mixer, mixer_heads=cfg.mixer_heads)
 
     @classmethod
-    def trained_groups(cls, cfg: "ModelConfig", depth: int) -> set[str]:
+    def trainable_groups(cls, cfg: ModelConfig, depth: int) -> set[str]:
         groups = {"layernorms", "classifier"}
         if cfg.prompt_tokens > 0:
             groups.add("prompts")

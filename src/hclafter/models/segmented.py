@@ -10,19 +10,17 @@ evaluation alike.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..core.config import ModelConfig
+from .backbone import Backbone
 from .base import ModelOutput, StagedClassifier
 from .hybrid import aggregation_modules
 from .layers import NGA, StageFusion, TextClassifier, VisualPrompts, stage_projection
 from .vit import check_vit, embed_patches, run_blocks
-
-if TYPE_CHECKING:
-    from .backbone import Backbone
-    from ..core.config import ModelConfig
 
 
 class SegmentedLaFTer(StagedClassifier):
@@ -33,7 +31,7 @@ class SegmentedLaFTer(StagedClassifier):
                     "fusion": "fusion"}
     stage_owned = ("prompts", "nga", "projections")
 
-    def __init__(self, backbone: "Backbone", num_classes: int,
+    def __init__(self, backbone: Backbone, num_classes: int,
                  stages: Sequence[Sequence[int]] = ((1, 2, 3, 4), (5, 6, 7, 8), (9, 10, 11), (12,)),
                  stage_prompt_tokens: int = 16, nga_init_sigma: float = 1.0, prompt_dropout: float = 0.0,
                  normalize_features: bool = True, aggregation: str = "nga") -> None:
@@ -54,14 +52,14 @@ class SegmentedLaFTer(StagedClassifier):
         self.fusion = StageFusion(len(self.stages))
 
     @classmethod
-    def from_config(cls, backbone: "Backbone", num_classes: int, cfg: "ModelConfig",
+    def from_config(cls, backbone: Backbone, num_classes: int, cfg: ModelConfig,
                     class_embeddings: Optional[torch.Tensor] = None) -> "SegmentedLaFTer":
         return cls(backbone, num_classes, stages=cfg.stages, stage_prompt_tokens=cfg.stage_prompt_tokens,
                    nga_init_sigma=cfg.nga_init_sigma, prompt_dropout=cfg.prompt_dropout,
                    normalize_features=cfg.normalize_features, aggregation=cfg.aggregation)
 
     @classmethod
-    def trained_groups(cls, cfg: "ModelConfig", depth: int) -> set[str]:
+    def trainable_groups(cls, cfg: ModelConfig, depth: int) -> set[str]:
         groups = {"layernorms", "classifier", "projections"}
         if cfg.stage_prompt_tokens > 0:
             groups.add("prompts")
