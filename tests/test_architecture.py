@@ -1,6 +1,6 @@
-"""The package's shape: no import cycles, no private APIs of other libraries, the public names of
-the specification where they were, and every registered method through build → forward → one
-training step per phase → save → load → identical logits."""
+"""The package's shape: layers that import only downwards, no import cycles, no private APIs of
+other libraries, the public names of the specification where they were, and every registered
+method through build → forward → one training step per phase → save → load → identical logits."""
 from __future__ import annotations
 
 import ast
@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from hclafter.core.checkpoint import load_weights, save_checkpoint
-from hclafter.core.config import load_config, trained_groups
-from hclafter.models import METHODS, build_model
+from hclafter.core.config import load_config, phase_groups
+from hclafter.core.emotions import MIKELS8
 from hclafter.core.runtime import Runtime
-from hclafter.engine.training import (build_optimizer, param_groups, saved_parameter_names, set_trainable, train_step,
-                                      trained_parameters)
+from hclafter.engine.loop import TrainState, train_step
+from hclafter.engine.optim import build_optimizer, param_groups, saved_parameter_names, set_trainable, trained_parameters
+from hclafter.models import METHODS, build_model
 
 from .conftest import ROOT, TINY_CONFIG
 
@@ -27,16 +28,13 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def runtime_imports(path: Path) -> set[str]:
-    """hclafter modules a module imports when it runs (``if TYPE_CHECKING:`` blocks do not run)."""
+def imports_of(path: Path) -> set[str]:
+    """hclafter modules a module imports, anywhere in it (``if TYPE_CHECKING:`` blocks included: a
+    layer is kept for the type checker too)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-               for child in node.body for n in ast.walk(child)}
     found = set()
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.ImportFrom):
             base = package
             for _ in range(node.level - 1):
@@ -52,7 +50,46 @@ def runtime_imports(path: Path) -> set[str]:
 
 def import_graph() -> dict[str, set[str]]:
     modules = {module_name(p): p for p in SRC.rglob("*.py")}
-    return {name: {t for t in runtime_imports(path) if t in modules and t != name} for name, path in modules.items()}
+    return {name: {t for t in imports_of(path) if t in modules and t != name} for name, path in modules.items()}
+
+
+# The layers, lowest first. A module imports only modules of its own folder and of lower layers;
+# models and data share a layer and do not import each other. The top layer is the package's API:
+# hclafter itself and the specification's import paths.
+LAYERS = [{"version"}, {"core"}, {"models", "data"}, {"engine"}, {"reporting"}, {"apps"},
+          {"hclafter", "__main__", "backbone", "model", "losses", "emotions"}]
+
+
+def layer_of(module: str) -> tuple[int, str]:
+    folder = module.split(".")[1] if "." in module else module
+    for floor, names in enumerate(LAYERS):
+        if folder in names:
+            return floor, folder
+    raise AssertionError(f"{module} belongs to no layer: add its folder to LAYERS in tests/test_architecture.py")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """``module -> target`` for every import that does not point down the layers."""
+    bad = []
+    for module, targets in sorted(graph.items()):
+        floor, folder = layer_of(module)
+        for target in sorted(targets):
+            target_floor, target_folder = layer_of(target)
+            if target_folder != folder and target_floor >= floor:
+                bad.append(f"{module} -> {target}")
+    return bad
+
+
+def test_every_import_points_down_the_layers():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_layer_check_sees_an_import_that_points_up():
+    graph = import_graph()
+    graph["hclafter.core.config"] = graph["hclafter.core.config"] | {"hclafter.models"}
+    graph["hclafter.models.hybrid"] = graph["hclafter.models.hybrid"] | {"hclafter.data.loading"}
+    assert upward_imports(graph) == ["hclafter.core.config -> hclafter.models",
+                                     "hclafter.models.hybrid -> hclafter.data.loading"]
 
 
 def test_the_import_graph_has_no_cycle():
@@ -131,10 +168,14 @@ def test_every_method_config_builds_trains_each_phase_saves_and_loads(name, tiny
     batch = {"image": torch.randn(4, 3, 32, 32, generator=gen), "label": torch.tensor([0, 1, 2, 3]),
              "distribution": torch.full((4, 8), 1 / 8), "index": torch.arange(4)}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = TrainState(cfg=cfg, out_dir=tmp_path, runtime=runtime, model=model, plain=model, groups=groups,
+                       saved_names=saved_parameter_names(model, cfg), optimizer=optimizer, scheduler=scheduler,
+                       loaders={}, train_sampler=None, train_paths=["x"] * 4, wheel=MIKELS8,
+                       identity=tiny_backbone.identity, fingerprint={})
     for phase in cfg.train.phases:
-        set_trainable(model, groups, trained_groups(phase, False), phase.stages)
+        set_trainable(model, groups, phase_groups(phase, False), phase.stages)
         model.train()
-        step = train_step(model, batch, optimizer, scheduler, runtime, cfg, phase.consistency, ["x"] * 4)
+        step = train_step(state, batch, phase)
         assert step["n"] == 4 and torch.isfinite(torch.tensor(step["loss"]))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= set(saved_parameter_names(model, cfg))
@@ -144,8 +185,8 @@ def test_every_method_config_builds_trains_each_phase_saves_and_loads(name, tiny
     model.eval()
     with torch.no_grad():
         expected = model(batch["image"], return_stages=True)
-    state = model.state_dict()
-    save_checkpoint(tmp_path / "w.safetensors", {n: state[n] for n in saved_parameter_names(model, cfg)})
+    weights = model.state_dict()
+    save_checkpoint(tmp_path / "w.safetensors", {n: weights[n] for n in saved_parameter_names(model, cfg)})
 
     def restore_tower() -> None:  # the tower is shared by every model built on the fixture
         for n, p in model.named_parameters():

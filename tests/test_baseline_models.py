@@ -9,7 +9,7 @@ from hclafter.models import CascadeCLIPClassifier
 from hclafter.core.config import ModelConfig
 from hclafter.model import HybridCascadeLaFTer, build_model
 from hclafter.models import SegmentedLaFTer
-from hclafter.engine.training import param_groups
+from hclafter.engine.optim import param_groups
 
 C = 8
 SEGMENTS = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11], [12]]

@@ -12,7 +12,8 @@ from PIL import Image
 from hclafter.apps.cli import main
 from hclafter.core.config import ConfigError, load_config
 from hclafter.data import EmotionImages, Sample, make_loader
-from hclafter.data.store import ImageStore, InputView, crop_flip_transform, resize_steps, stored_datasets
+from hclafter.data.store import ImageStore, InputView, resize_steps, stored_datasets
+from hclafter.data.views import crop_flip_transform
 from hclafter.core.emotions import MIKELS8
 from hclafter.engine.run import train_run
 

@@ -119,36 +119,6 @@ def test_expected_calibration_error_hand_example():
     assert stats.expected_calibration_error(calibrated, np.array([0, 0, 0, 0, 1])) == pytest.approx(0.0)
 
 
-def _write_csv(path, classes, rows):
-    lines = ["path,label,prediction," + ",".join(f"p_{c}" for c in classes)]
-    for p, label, probs in rows:
-        lines.append(f"{p},{label},{classes[int(np.argmax(probs))]}," + ",".join(f"{x:.6f}" for x in probs))
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def test_read_predictions_by_class_name(tmp_path):
-    f = tmp_path / "predictions.csv"
-    _write_csv(f, ["fear", "awe"], [("a.png", "awe", [0.3, 0.7]), ("b.png", "fear", [0.6, 0.4])])
-    run = stats.read_predictions(f)
-    assert run.classes == ("fear", "awe") and run.paths == ("a.png", "b.png")
-    assert run.labels.tolist() == [1, 0] and run.predictions.tolist() == [1, 0]
-    reordered = stats.read_predictions(f, ["awe", "fear"])
-    assert reordered.labels.tolist() == [0, 1] and reordered.predictions.tolist() == [0, 1]
-    np.testing.assert_allclose(reordered.probabilities, [[0.7, 0.3], [0.4, 0.6]])
-    with pytest.raises(stats.PredictionsFileError, match="holds classes"):
-        stats.read_predictions(f, ["awe", "joy"])
-    f.write_text("path,label,prediction,p_fear,p_awe\na.png,joy,awe,0.3,0.7\n", encoding="utf-8")
-    with pytest.raises(stats.PredictionsFileError, match=r"predictions.csv:2: unknown class 'joy'"):
-        stats.read_predictions(f)
-    f.write_text("path,label,p_fear\n", encoding="utf-8")
-    with pytest.raises(stats.PredictionsFileError, match="header"):
-        stats.read_predictions(f)
-    # the columns a run writes after the probabilities (targets, stages, logits) are passed over
-    f.write_text("path,label,prediction,p_fear,p_awe,t_fear,t_awe,s1_fear,s1_awe,z_fear,z_awe\n"
-                 "a.png,awe,awe,0.3,0.7,0.1,0.9,0.5,0.5,-0.42,0.43\n", encoding="utf-8")
-    np.testing.assert_allclose(stats.read_predictions(f).probabilities, [[0.3, 0.7]])
-
-
 def test_compare_runs_pools_seeds():
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
     right = labels.copy()
@@ -169,25 +139,3 @@ def test_compare_runs_pools_seeds():
         stats.compare_runs(head, {"x": other[:1]})
     with pytest.raises(ValueError, match="not aligned"):
         stats.compare_runs(head, {"x": [(labels[::-1], right), other[1]]})
-
-
-def test_compare_prediction_files_aligns_by_path(tmp_path):
-    classes = ["awe", "fear", "joy"]
-    rng = np.random.default_rng(0)
-    paths = [f"img{i}.png" for i in range(30)]
-    labels = rng.integers(0, 3, 30)
-    files: dict[str, list] = {"head": [], "other": []}
-    arrays: dict[str, list] = {"head": [], "other": []}
-    for seed in range(3):
-        for method, skill in (("head", 0.8), ("other", 0.5)):
-            pred = np.where(rng.random(30) < skill, labels, (labels + 1) % 3)
-            probs = np.eye(3)[pred] * 0.8 + 0.2 / 3
-            order = rng.permutation(30) if method == "other" else np.arange(30)  # rows in another order
-            f = tmp_path / f"{method}{seed}.csv"
-            _write_csv(f, classes, [(paths[i], classes[labels[i]], probs[i]) for i in order])
-            files[method].append(f)
-            arrays[method].append((labels, pred, paths))
-    from_files = stats.compare_prediction_files(files["head"], {"other": files["other"]}, n_boot=3000)["other"]
-    from_arrays = stats.compare_runs(arrays["head"], {"other": arrays["other"]}, n_boot=3000)["other"]
-    assert from_files == from_arrays
-    assert from_files.bootstrap_units == 30  # images, each with its three seeds

@@ -14,7 +14,7 @@ from hclafter.models.layers import adapt_stages
 from hclafter.models.vit import cls_after_blocks
 from hclafter.engine.run import train_run
 from hclafter.core.runtime import Runtime
-from hclafter.engine.training import param_groups
+from hclafter.engine.optim import param_groups
 
 from .conftest import ROOT, TINY_CFG, TINY_CONFIG
 

@@ -3,9 +3,9 @@ import torch
 from hclafter.core.config import Config, load_config
 from hclafter.data import load_splits, make_dataset, make_loader
 from hclafter.model import HybridCascadeLaFTer, build_model
-from hclafter.core.config import trained_groups
-from hclafter.engine.training import (build_optimizer, param_groups, phase_of_epoch, saved_parameter_names, set_trainable,
-                                      warmup_cosine)
+from hclafter.core.config import phase_groups
+from hclafter.engine.optim import (build_optimizer, param_groups, phase_of_epoch, saved_parameter_names, set_trainable,
+                                   warmup_cosine)
 
 
 def _requires_grad_by_group(groups):
@@ -25,7 +25,7 @@ def test_each_phase_sets_requires_grad_exactly_as_the_schedule_says(tiny_backbon
     assert [n for n, _ in schedule] == [1, 1, 1, 2, 2, 2, 3, 3]
     assert [p.consistency for _, p in schedule] == [False] * 6 + [True] * 2
     for (_, phase), trained in zip(schedule[::3], expected):
-        set_trainable(model, groups, trained_groups(phase, cfg.train.train_backbone))
+        set_trainable(model, groups, phase_groups(phase, cfg.train.train_backbone))
         states = _requires_grad_by_group(groups)
         assert states == {g: {g in trained} for g in states}
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -65,8 +65,8 @@ def test_train_backbone_adds_the_tower_to_training_and_saving(tiny_backbone):
     cfg = load_config([], ["train.train_backbone=true"])
     model = build_model(tiny_backbone, 8, cfg.model)
     assert "visual.conv1.weight" in param_groups(model)["backbone"]
-    assert "backbone" not in trained_groups(cfg.train.phases[0], True)
-    assert "backbone" in trained_groups(cfg.train.phases[1], True)
+    assert "backbone" not in phase_groups(cfg.train.phases[0], True)
+    assert "backbone" in phase_groups(cfg.train.phases[1], True)
     saved = saved_parameter_names(model, cfg)
     assert "visual.conv1.weight" in saved
     plain = saved_parameter_names(model, Config())
@@ -111,7 +111,7 @@ def test_vitb32_one_training_step_with_50_prompts(vitb32):
     cfg = Config()
     model = HybridCascadeLaFTer(vitb32, 8, prompt_tokens=50)
     groups = param_groups(model)
-    set_trainable(model, groups, trained_groups(cfg.train.phases[-1], False))
+    set_trainable(model, groups, phase_groups(cfg.train.phases[-1], False))
     optimizer = build_optimizer(groups, cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     out = model.forward_stages(torch.randn(2, 3, 224, 224))

@@ -19,11 +19,11 @@ FAST = ["data.synthetic.per_class=10", "data.batch_size=16", "text.steps=50", "t
 
 # Each kill point patches one function in the child process so it dies at a chosen moment.
 KILL_POINTS = {
-    "mid-epoch step": ("hclafter.engine.training", "train_step", 7, "after"),
+    "mid-epoch step": ("hclafter.engine.loop", "train_step", 7, "after"),
     "torn checkpoint write": ("hclafter.core.checkpoint", "atomic_write_bytes", 9, "torn"),
-    "after epoch state, before metrics": ("hclafter.engine.training", "save_state", 4, "after"),
-    "best-model write": ("hclafter.engine.training", "save_checkpoint", 2, "before"),
-    "final evaluation": ("hclafter.engine.training", "compute_metrics", 5, "before"),
+    "after epoch state, before metrics": ("hclafter.engine.loop", "save_state", 4, "after"),
+    "best-model write": ("hclafter.engine.loop", "save_checkpoint", 2, "before"),
+    "final evaluation": ("hclafter.engine.loop", "compute_metrics", 5, "before"),
 }
 
 CHILD = textwrap.dedent("""
@@ -99,7 +99,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_summary(point, reference, t
 
 def test_sigterm_saves_state_exits_cleanly_and_resumes(reference, tmp_path, cache_dir):
     out = tmp_path / "run"
-    stopped = hclafter(*train_args(out, cache_dir), kill=("hclafter.engine.training", "train_step", 6, "after"), sig=15)
+    stopped = hclafter(*train_args(out, cache_dir), kill=("hclafter.engine.loop", "train_step", 6, "after"), sig=15)
     assert stopped.returncode == 128 + 15
     assert f"state saved. Continue with: hclafter train --out {out} --resume" in stopped.stderr
     state = json.loads((out / "checkpoints" / "latest.json").read_text())
@@ -122,7 +122,7 @@ def test_resume_refuses_a_different_config_and_new_runs_refuse_an_existing_one(r
 def test_a_kill_before_the_summary_leaves_a_run_that_resume_finishes(reference, tmp_path, cache_dir):
     """summary.json, the mark of a finished run, is written last: predictions and plots come before it."""
     out = tmp_path / "run"
-    killed = hclafter(*train_args(out, cache_dir), kill=("hclafter.engine.run", "write_run_figures", 1, "after"))
+    killed = hclafter(*train_args(out, cache_dir), kill=("hclafter.reporting.report", "write_run_figures", 1, "after"))
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (out / "predictions.csv").is_file()
     assert all((out / "plots" / name).is_file() for name in ("curves.png", "confusion.png", "stage_weights.png"))
@@ -137,7 +137,7 @@ def test_a_second_process_on_a_run_directory_fails_at_once_and_a_dead_holders_lo
         reference, tmp_path, cache_dir):
     out, paused = tmp_path / "run", tmp_path / "paused"
     with open(tmp_path / "holder.log", "w") as log:  # pauses in its third step (a state is saved at step 2)
-        holder = subprocess.Popen([sys.executable, "-c", CHILD, "hclafter.engine.training", "train_step", "3", "pause", "9",
+        holder = subprocess.Popen([sys.executable, "-c", CHILD, "hclafter.engine.loop", "train_step", "3", "pause", "9",
                                    *train_args(out, cache_dir)], stdout=log, stderr=log,
                                   env={**os.environ, "HCLAFTER_TEST_PAUSED": str(paused)})
     try:

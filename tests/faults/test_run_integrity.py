@@ -20,7 +20,7 @@ from hclafter.core import files
 from hclafter.models.backbone import BackboneError, load_backbone
 from hclafter.apps.cli import main
 from hclafter.core.config import load_config, to_dict
-from hclafter.data.loading import layer_feature_file
+from hclafter.engine.inputs import layer_feature_file
 from hclafter.engine.run import train_run
 
 from ..conftest import ROOT, TINY_CFG, TINY_CONFIG
@@ -203,7 +203,7 @@ NEEDS = {
     "eval": {"config.yaml", "run.json", "summary.json", "model.safetensors", "text_classifier.safetensors",
              "splits/test.csv"},
     "predict": {"config.yaml", "run.json", "model.safetensors", "text_classifier.safetensors", "splits/test.csv"},
-    "report": {"run.json", "summary.json", "metrics.jsonl"},
+    "report": {"run.json", "summary.json", "metrics.jsonl", "splits/test.csv"},
     "export": {"config.yaml", "run.json", "summary.json", "model.safetensors", "text_classifier.safetensors",
                "splits/test.csv"},
     "train --resume": {"config.yaml", "model.safetensors", "text_classifier.safetensors", "splits/test.csv",

@@ -116,14 +116,13 @@ def run_fingerprint(config: dict, splits: Path) -> dict:
             "splits": {p.name: file_sha256(p) for p in sorted(Path(splits).glob("*")) if p.is_file()}}
 
 
-def saved_fingerprint(checkpoints: Path) -> Optional[dict]:
-    """The fingerprint stored with the latest state (None for a state saved before they were)."""
+def saved_fingerprint(checkpoints: Path) -> dict:
+    """The run's config and split hashes stored with its latest state."""
     try:
         pointer = json.loads((checkpoints / "latest.json").read_text(encoding="utf-8"))
-        state = json.loads((checkpoints / pointer["folder"] / "state.json").read_text(encoding="utf-8"))
+        return json.loads((checkpoints / pointer["folder"] / "state.json").read_text(encoding="utf-8"))["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{checkpoints.parent}: cannot resume, the saved state is unreadable ({e})") from None
-    return state.get("fingerprint") if isinstance(state, dict) else None
 
 
 def config_differences(before: dict, after: dict) -> list[str]:

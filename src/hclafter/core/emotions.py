@@ -46,6 +46,18 @@ class Wheel:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def to_dict(self) -> dict:
+        """The wheel as JSON data (``run.json``, an exported model's config.json)."""
+        return {"name": self.name, "classes": list(self.classes), "polarity": list(self.polarity),
+                "distances": None if self.distances is None else [list(row) for row in self.distances]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Wheel":
+        """The wheel :meth:`to_dict` wrote."""
+        distances = data.get("distances")
+        return cls(data["name"], tuple(data["classes"]), tuple(data["polarity"]),
+                   tuple(map(tuple, distances)) if distances else None)
+
     def index(self, name: str) -> int:
         """Class index by name (case-insensitive), with an error that lists the valid names."""
         key = name.strip().lower()

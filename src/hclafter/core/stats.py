@@ -1,4 +1,4 @@
-"""The statistics of the evidence protocol (SPEC §9), recomputable from the runs' ``predictions.csv``.
+"""The statistics of the evidence protocol, recomputable from the runs' ``predictions.csv``.
 
 A table compares the headline method with every other row by the paired accuracy difference
 over the same test images (pooled across seeds), its percentile-bootstrap CI and McNemar's exact
@@ -7,11 +7,9 @@ temperature scaling fitted on validation, with the expected calibration error ne
 """
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
@@ -19,10 +17,6 @@ from numpy.typing import ArrayLike
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 from scipy.stats import binom
-
-
-class PredictionsFileError(ValueError):
-    """A ``predictions.csv`` that cannot be read as a run's test predictions."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +109,13 @@ def verdict(diff_ci: tuple[float, float], p: float, alpha: float = 0.05) -> str:
 # --- calibration -----------------------------------------------------------------------------------
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1) over seeds; the std is nan for a single seed
+    (one run says nothing about the spread)."""
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else math.nan
+
+
 def _logits_and_labels(logits: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     z, y = np.asarray(logits, dtype=np.float64), np.asarray(labels)
     if z.ndim != 2 or y.shape != (z.shape[0],) or z.shape[0] == 0:
@@ -172,7 +173,8 @@ def expected_calibration_error(probs: ArrayLike, labels: ArrayLike, bins: int = 
 
 @dataclass(frozen=True)
 class RunPredictions:
-    """One run's predictions as ``predictions.csv`` holds them; classes by name."""
+    """One run's predictions as its ``predictions.csv`` holds them (read by
+    ``hclafter.engine.runfiles.read_predictions``); classes by name."""
 
     paths: tuple[str, ...]
     labels: np.ndarray  # [N] indices into ``classes``
@@ -181,51 +183,7 @@ class RunPredictions:
     classes: tuple[str, ...]
     logits: Optional[np.ndarray] = None  # [N, C] fused logits (``z_`` columns), when the file has them
     targets: Optional[np.ndarray] = None  # [N, C] target distributions (``t_`` columns), when the file has them
-
-
-def read_predictions(path: Union[str, Path], classes: Optional[Sequence[str]] = None) -> RunPredictions:
-    """Read a run's ``predictions.csv``: ``path, label, prediction``, then per class ``p_<class>``
-    (probabilities) and, when present, ``z_<class>`` (logits) and ``t_<class>`` (targets); other
-    columns are ignored.
-
-    Classes are matched by name: with ``classes`` the columns are put in that order (the file must
-    hold exactly those classes), else in the file's order.
-    """
-    path = Path(path)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
-    header = rows[0] if rows else []
-    file_classes = [c[2:] for c in header if c.startswith("p_")]
-    if header[:3] != ["path", "label", "prediction"] or not file_classes:
-        raise PredictionsFileError(f"{path}: the header must be path,label,prediction,p_<class>...; "
-                                   f"got {header if rows else 'an empty file'}")
-    order = tuple(classes) if classes is not None else tuple(file_classes)
-    if sorted(order) != sorted(file_classes) or len(set(order)) != len(order):
-        raise PredictionsFileError(f"{path}: holds classes {file_classes}, expected {list(order)}")
-    index = {c: i for i, c in enumerate(order)}
-    blocks = {prefix: [header.index(f"{prefix}{c}") for c in order] for prefix in ("p_", "z_", "t_")
-              if all(f"{prefix}{c}" in header for c in order)}
-    paths, labels, preds = [], [], []
-    values: dict[str, list] = {prefix: [] for prefix in blocks}
-    for line, row in enumerate(rows[1:], start=2):
-        if len(row) != len(header):
-            raise PredictionsFileError(f"{path}:{line}: {len(row)} fields, the header has {len(header)}")
-        unknown = [v for v in row[1:3] if v not in index]
-        if unknown:
-            raise PredictionsFileError(f"{path}:{line}: unknown class {unknown[0]!r} (classes: {list(order)})")
-        try:
-            for prefix, columns in blocks.items():
-                values[prefix].append([float(row[c]) for c in columns])
-        except ValueError as e:
-            raise PredictionsFileError(f"{path}:{line}: {e}") from None
-        paths.append(row[0])
-        labels.append(index[row[1]])
-        preds.append(index[row[2]])
-    if not paths:
-        raise PredictionsFileError(f"{path}: no predictions")
-    arrays = {prefix: np.array(v).reshape(len(paths), -1) for prefix, v in values.items()}
-    return RunPredictions(tuple(paths), np.array(labels), np.array(preds), arrays["p_"], order,
-                          arrays.get("z_"), arrays.get("t_"))
+    stages: Optional[np.ndarray] = None  # [S, N, C] each stage's probabilities (``s<k>_`` columns), when there
 
 
 # (labels, predictions) or (labels, predictions, image ids) of one seed, or that seed's file read.
@@ -253,11 +211,6 @@ def _as_triple(seed_preds: SeedPredictions) -> tuple[np.ndarray, np.ndarray, Opt
     if len(seed_preds) == 3:
         return np.asarray(seed_preds[0]), np.asarray(seed_preds[1]), list(seed_preds[2])
     raise ValueError("each seed's predictions must be (labels, predictions[, ids]) or a RunPredictions")
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
-    return float(np.mean(values)), std
 
 
 def compare_runs(headline: Sequence[SeedPredictions], others: Mapping[str, Sequence[SeedPredictions]],
@@ -301,18 +254,7 @@ def compare_runs(headline: Sequence[SeedPredictions], others: Mapping[str, Seque
         groups = [k for seed_ids in ids for k in seed_ids] if all(i is not None for i in ids) else None
         diff = paired_bootstrap_ci(a, b, n_boot=n_boot, seed=seed, level=level, groups=groups)
         p = mcnemar_exact(a, b)
-        results[name] = Comparison(diff, p, verdict(diff.ci, p, alpha), _mean_std(acc_a), _mean_std(acc_b),
+        results[name] = Comparison(diff, p, verdict(diff.ci, p, alpha), mean_std(acc_a), mean_std(acc_b),
                                    tuple(len(c) for c in correct_a),
                                    len(set(groups)) if groups is not None else len(a))
     return results
-
-
-def compare_prediction_files(headline: Sequence[Union[str, Path]], others: Mapping[str, Sequence[Union[str, Path]]],
-                             **kwargs) -> dict[str, Comparison]:
-    """:func:`compare_runs` on the runs' ``predictions.csv`` files (one per seed, same seed order)."""
-    classes = read_predictions(headline[0]).classes
-
-    def read(paths: Sequence[Union[str, Path]]) -> list[RunPredictions]:
-        return [read_predictions(p, classes) for p in paths]
-
-    return compare_runs(read(headline), {name: read(paths) for name, paths in others.items()}, **kwargs)

@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import open_clip
@@ -37,15 +37,12 @@ from .images import ImageError, load_rgb
 from .loading import EmotionImages
 from .readers import DataError
 
-if TYPE_CHECKING:
-    from ..core.config import Config
-
 STORE_VERSION = 1  # part of the key: bump when the stored pixels change
 MARGIN = 7  # training stores are larger by 1/MARGIN of the side (224 → 256) for random crops
 NOT_DECODED = -1
 
 
-def _side(preprocess_cfg: Any) -> tuple[int, int]:
+def side(preprocess_cfg: Any) -> tuple[int, int]:
     size = preprocess_cfg.size
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
@@ -63,13 +60,6 @@ def resize_steps(preprocess_cfg: Any, margin: bool = False) -> T.Compose:
         raise DataError(f"the image store needs a transform ending in ToTensor, Normalize; open_clip gave {names}; "
                         "set data.image_store=off")
     return T.Compose(steps[:-2])
-
-
-def crop_flip_transform(preprocess_cfg: Any) -> Callable:
-    """The JPEG path's counterpart of the store's training view: the margin resize, a random crop
-    of the input size and a random horizontal flip (``data.train_augment=crop_flip``)."""
-    return T.Compose([*resize_steps(preprocess_cfg, margin=True).transforms, T.RandomCrop(_side(preprocess_cfg)),
-                      T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(preprocess_cfg.mean, preprocess_cfg.std)])
 
 
 def _stamp(path: str) -> tuple[int, int]:
@@ -194,7 +184,7 @@ class InputView:
     the same values). Float batches (JPEG path, cached features) pass unchanged."""
 
     def __init__(self, preprocess_cfg: Any, augment: bool) -> None:
-        self.size, self.augment = _side(preprocess_cfg), augment
+        self.size, self.augment = side(preprocess_cfg), augment
         self.mean = torch.tensor(preprocess_cfg.mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(preprocess_cfg.std, dtype=torch.float32).view(-1, 1, 1)
 
@@ -226,7 +216,7 @@ def stored_datasets(image_sets: dict[str, EmotionImages], preprocess_cfg: Any, c
     changed), and the view that turns their batches into model inputs. The stores span all the
     dataset's images; "train" reads the margin store when ``cfg.train_augment`` is crop_flip."""
     everything = sorted({s.path for ds in image_sets.values() for s in ds.samples})
-    h, w = _side(preprocess_cfg)
+    h, w = side(preprocess_cfg)
     augment = cfg.train_augment == "crop_flip"
     out: dict[str, Dataset] = dict(image_sets)
     for margin in (False, True):
@@ -240,31 +230,3 @@ def stored_datasets(image_sets: dict[str, EmotionImages], preprocess_cfg: Any, c
                      cfg.num_workers, progress)
         out.update({split: StoredImages(image_sets[split], store) for split in splits})
     return out, InputView(preprocess_cfg, augment)
-
-
-def prepare_stores(cfg: "Config", progress: bool = True) -> list[str]:
-    """``hclafter data prepare``: decode the stores a training run of ``cfg`` reads, ahead of it;
-    returns a line per store (folder, images, size on disk)."""
-    from ..models.backbone import backbone_from_config  # heavy: only to know the model's transform
-    from ..core.runtime import cache_dir_of
-    from .loading import cache_applies, make_dataset
-    from .splits import load_splits
-
-    if not cfg.data.image_store:
-        raise DataError("data.image_store is off: nothing to prepare (set it to true)")
-    if cache_applies(cfg):
-        return ["the image tower is fixed for this run: it encodes each image once into the feature cache "
-                "and reads no image store"]
-    cache = cache_dir_of(cfg)
-    backbone = backbone_from_config(cfg.backbone)
-    data = load_splits(cfg.data, cfg.seed, cache)
-    image_sets = {split: make_dataset(data[split], data.wheel, backbone.preprocess, cfg.data) for split in data.splits}
-    jpeg = ("train",) if cfg.train.supervision == "pseudo" else ()
-    stored, _ = stored_datasets(image_sets, backbone.preprocess_cfg, cfg.data, cache, jpeg, progress)
-    lines = []
-    for file in sorted({ds.file for ds in stored.values() if isinstance(ds, StoredImages)}):
-        splits = [s for s, ds in stored.items() if isinstance(ds, StoredImages) and ds.file == file]
-        used = os.stat(file).st_blocks * 512
-        lines.append(f"{file.parent}: {', '.join(splits)} ({sum(len(stored[s]) for s in splits)} images, "
-                     f"{used / 1e9:.2f} GB on disk)")
-    return lines

@@ -16,15 +16,16 @@ import torch
 from PIL import Image
 
 from ..core.checkpoint import load_checkpoint, load_weights, verify_run_files
-from ..core.config import Config, load_config, to_dict
+from ..core.config import Config, to_dict
 from ..core.emotions import Wheel
-from ..core.files import RunError, not_a_run, read_json
+from ..core.files import RunError, not_a_run
 from ..core.runtime import make_runtime
 from ..data import DatasetSplits, eval_loader, load_split_files, make_dataset
 from ..data.images import ImageError, load_rgb, to_rgb
 from ..data.readers import IMAGE_SUFFIXES
 from ..models import StagedClassifier, build_model, method_class
 from ..models.backbone import Backbone, backbone_from_config
+from . import runfiles
 from .evaluation import compute_metrics, predict
 
 __all__ = ["ImagePrediction", "Prediction", "TrainedRun", "build_run_model", "image_sources", "load_run"]
@@ -93,19 +94,17 @@ class TrainedRun:
 
     def __init__(self, run_dir: Path, device: Optional[str] = None, precision: Optional[str] = None) -> None:
         self.run_dir = Path(run_dir)
-        for name in ("config.yaml", "run.json", "model.safetensors"):
+        for name in (runfiles.CONFIG, runfiles.INFO, "model.safetensors"):
             if not (self.run_dir / name).is_file():
                 raise not_a_run(self.run_dir, name)
-        self.cfg = load_config([self.run_dir / "config.yaml"])
-        info = read_json(self.run_dir / "run.json")
+        self.cfg = runfiles.read_config(self.run_dir)
+        info = runfiles.read_info(self.run_dir)
         verify_run_files(self.run_dir, info, to_dict(self.cfg))
         if device is not None:
             self.cfg.device = device
         if precision is not None:
             self.cfg.precision = precision
-        w = info["wheel"]
-        self.wheel = Wheel(w["name"], tuple(w["classes"]), tuple(w["polarity"]),
-                           tuple(map(tuple, w["distances"])) if w.get("distances") else None)
+        self.wheel = runfiles.info_wheel(info)
         self.backbone = backbone_from_config(self.cfg.backbone)
         if self.backbone.identity != info["backbone"]:
             raise RunError(f"{self.run_dir}: backbone differs from the one the run was trained with "

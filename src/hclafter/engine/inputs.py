@@ -1,0 +1,172 @@
+"""What the training loop reads: each split's images through its view, and in their place the
+layer-feature cache when the image tower is fixed, or the pre-decoded image store.
+
+Feature cache: when nothing in the image tower trains (no prompts, LayerNorms or backbone
+weights) and the view is deterministic, every epoch would re-encode the same images to the same
+features. They are stored on disk instead, keyed by backbone identity, extraction layers,
+transform and image file identity, and shared by every epoch and every run (of a sweep) with the
+same key. The image store (``data/store.py``) holds decoded pixels for every other run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from ..core.config import Config, tuned_groups
+from ..core.emotions import Wheel
+from ..core.progress import interactive
+from ..core.runtime import Runtime, cache_dir_of
+from ..data import SPLITS, DataError, DatasetSplits, EmotionImages, load_splits, make_dataset, make_loader
+from ..data.store import InputView, StoredImages, stored_datasets
+from ..data.views import crop_flip_transform, strong_view
+from ..models import StagedClassifier, method_class
+from ..models.backbone import Backbone, backbone_from_config
+
+ENCODER_GROUPS = {"prompts", "layernorms", "backbone"}
+
+
+@dataclass
+class TrainingInputs:
+    images: dict[str, EmotionImages]  # each split's images through its view (decoded from the files)
+    datasets: dict[str, Dataset]  # what the loaders read: those images, cached features or image-store rows
+    from_features: bool  # the datasets give cached layer features instead of images
+    view: Optional[InputView]  # turns image-store batches into model inputs
+
+
+def cache_applies(cfg: Config) -> bool:
+    """Whether the image tower's output is fixed for the whole run."""
+    return (cfg.train.feature_cache and method_class(cfg.model.method).supports_feature_cache
+            and cfg.model.prompt_tokens == 0 and cfg.train.supervision == "labels"
+            and cfg.data.train_augment == "none" and not tuned_groups(cfg.train) & ENCODER_GROUPS)
+
+
+def image_datasets(cfg: Config, backbone: Backbone, data: DatasetSplits) -> dict[str, EmotionImages]:
+    """Every split through its view: the evaluation transform, except for training the strong view
+    of pseudo-label training or the random crop and flip of ``data.train_augment=crop_flip``."""
+    views = {}
+    if cfg.train.supervision == "pseudo":
+        views["train"] = strong_view(backbone.preprocess_cfg.size, backbone.preprocess_cfg.mean,
+                                     backbone.preprocess_cfg.std)
+    if cfg.data.train_augment == "crop_flip":
+        views["train"] = crop_flip_transform(backbone.preprocess_cfg)
+    return {split: make_dataset(data[split], data.wheel, views.get(split, backbone.preprocess), cfg.data)
+            for split in SPLITS}
+
+
+def training_inputs(cfg: Config, backbone: Backbone, data: DatasetSplits, model: StagedClassifier, runtime: Runtime,
+                    cache: Path, show: bool) -> TrainingInputs:
+    """The datasets a run's loaders read, building the feature cache or the image store on first use
+    (pseudo-labels' strong view stays on the decoded files)."""
+    images = image_datasets(cfg, backbone, data)
+    if cache_applies(cfg):
+        model.to(runtime.device)
+        with runtime.main_process_first():
+            cached = cached_datasets(model, images, data.wheel, backbone, cache, cfg.data.eval_batch_size,
+                                     runtime.device, show and interactive())
+        return TrainingInputs(images, cached, True, None)
+    if not cfg.data.image_store:
+        return TrainingInputs(images, dict(images), False, None)
+    jpeg = ("train",) if cfg.train.supervision == "pseudo" else ()
+    with runtime.main_process_first():
+        stored, view = stored_datasets(images, backbone.preprocess_cfg, cfg.data, cache, jpeg, show)
+    return TrainingInputs(images, stored, False, view)
+
+
+def prepare_stores(cfg: Config, progress: bool = True) -> list[str]:
+    """``hclafter data prepare``: decode the stores a training run of ``cfg`` reads, ahead of it;
+    returns a line per store (folder, images, size on disk)."""
+    if not cfg.data.image_store:
+        raise DataError("data.image_store is off: nothing to prepare (set it to true)")
+    if cache_applies(cfg):
+        return ["the image tower is fixed for this run: it encodes each image once into the feature cache "
+                "and reads no image store"]
+    cache = cache_dir_of(cfg)
+    backbone = backbone_from_config(cfg.backbone)
+    jpeg = ("train",) if cfg.train.supervision == "pseudo" else ()
+    images = image_datasets(cfg, backbone, load_splits(cfg.data, cfg.seed, cache))
+    stored, _ = stored_datasets(images, backbone.preprocess_cfg, cfg.data, cache, jpeg, progress)
+    lines = []
+    for file in sorted({ds.file for ds in stored.values() if isinstance(ds, StoredImages)}):
+        splits = [s for s, ds in stored.items() if isinstance(ds, StoredImages) and ds.file == file]
+        used = os.stat(file).st_blocks * 512
+        lines.append(f"{file.parent}: {', '.join(splits)} ({sum(len(stored[s]) for s in splits)} images, "
+                     f"{used / 1e9:.2f} GB on disk)")
+    return lines
+
+
+def cache_key(identity: dict, layers: Sequence[int], preprocess_cfg, paths: Sequence[str]) -> str:
+    files = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    transform = dataclasses.asdict(preprocess_cfg) if dataclasses.is_dataclass(preprocess_cfg) else repr(preprocess_cfg)
+    blob = json.dumps([identity, list(layers), transform, files], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def layer_feature_file(model: torch.nn.Module, images: EmotionImages, key: str, cache_dir: Path, batch_size: int,
+                       device: torch.device, progress: bool = True) -> np.ndarray:
+    """[N, layers, D] features of every image, memory-mapped from ``cache_dir/features/<key>.npy``
+    (computed and written atomically on first use; a file that is not such an array is recomputed
+    with a warning)."""
+    path = cache_dir / "features" / f"{key}.npy"
+    if path.is_file():
+        try:
+            features = np.load(path, mmap_mode="r")
+            if features.dtype == np.float32 and features.shape[:2] == (len(images), len(model.extraction_layers)):
+                return features
+            why = f"a {features.dtype} array of shape {features.shape}"
+        except (ValueError, OSError) as e:  # objects (pickles are refused), a truncated or foreign file
+            why = str(e)
+        warnings.warn(f"{path}: feature-cache file unusable ({why}); recomputing it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    model.eval()
+    for batch in tqdm(make_loader(images, batch_size, False, 0), desc="caching features", leave=False,
+                      disable=not progress):
+        chunks.append(model.forward_features(batch["image"].to(device)).transpose(0, 1).float().cpu().numpy())
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, np.concatenate(chunks))
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="r")
+
+
+class CachedFeatures(Dataset):
+    """The items of an EmotionImages dataset with its images replaced by cached layer features
+    ([layers, D] under the same "image" key); labels and distributions are the dataset's own.
+    ``rows[i]`` is the row of the dataset's i-th image in ``features``."""
+
+    def __init__(self, images: EmotionImages, features: np.ndarray, rows: Sequence[int]) -> None:
+        if len(rows) != len(images):
+            raise ValueError(f"{len(rows)} feature rows for {len(images)} images")
+        self.images, self.features, self.rows = images, features, list(rows)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": torch.from_numpy(np.array(self.features[self.rows[index]])),
+                "label": self.images.samples[index].label, "distribution": self.images.distributions[index],
+                "index": index}
+
+
+def cached_datasets(model: torch.nn.Module, datasets: dict[str, EmotionImages], wheel: Wheel, backbone: Backbone,
+                    cache_dir: Path, batch_size: int, device: torch.device,
+                    progress: bool = True) -> dict[str, CachedFeatures]:
+    """Every split backed by one feature file over all the dataset's images (sorted by path), so
+    runs with other splits of the same images (other seeds of a sweep) share it."""
+    everything = sorted({s for ds in datasets.values() for s in ds.samples}, key=lambda s: s.path)
+    row = {s.path: i for i, s in enumerate(everything)}
+    key = cache_key(backbone.identity, model.extraction_layers, backbone.preprocess_cfg, [s.path for s in everything])
+    features = layer_feature_file(model, EmotionImages(everything, wheel, backbone.preprocess), key, cache_dir,
+                                  batch_size, device, progress)
+    return {split: CachedFeatures(ds, features, [row[s.path] for s in ds.samples]) for split, ds in datasets.items()}
