@@ -150,7 +150,7 @@ def train(args) -> tuple[open_clip.CLIP, dict]:
 
 def demo_zeroshot(weights: Path) -> dict:
     """Zero-shot accuracy of ``weights`` on the demo's test split, as ``hclafter demo`` measures it."""
-    from hclafter.engine.run import zeroshot_eval
+    from hclafter.engine.frozen import zeroshot_eval
     from hclafter.apps.demo import demo_config
 
     with tempfile.TemporaryDirectory() as tmp:

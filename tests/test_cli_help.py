@@ -4,7 +4,9 @@ import argparse
 import pytest
 
 from hclafter import __version__
-from hclafter.apps.cli import build_parser, cmd_bench, inapplicable_options, main
+from hclafter.apps.bench import cmd_bench
+from hclafter.apps.cli import build_parser, main
+from hclafter.apps.runs import inapplicable_options
 from hclafter.core.config import load_config
 
 from .conftest import TINY_CONFIG

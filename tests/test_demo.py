@@ -1,5 +1,4 @@
 """The demo: the synthetic emotion world, the shipped toy CLIP, and ``hclafter demo``."""
-import argparse
 import json
 import time
 from pathlib import Path
@@ -10,10 +9,11 @@ import torch
 
 from hclafter.data import world
 from hclafter.models.backbone import backbone_from_config, load_backbone
-from hclafter.engine.run import zeroshot_eval
+from hclafter.engine.frozen import zeroshot_eval
 from hclafter.core.config import load_config
 from hclafter.data import load_splits
-from hclafter.apps.demo import (METHODS, TOY_CLIP_ZEROSHOT_ACCURACY, add_parser, demo_config, demo_descriptions, demo_plan,
+from hclafter.apps.cli import build_parser, command
+from hclafter.apps.demo import (METHODS, TOY_CLIP_ZEROSHOT_ACCURACY, cmd_demo, demo_config, demo_descriptions, demo_plan,
                                 format_table, toy_clip_dir, toy_clip_model_cfg)
 from hclafter.core.emotions import MIKELS8
 from hclafter.models.text import load_descriptions
@@ -149,18 +149,18 @@ def test_pretraining_and_demo_images_come_from_different_seeds():
 
 
 def test_demo_cli_parser_and_table():
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["demo", "--out", "somewhere", "--seeds", "1", "--world", "blur"])
     assert args.out == "somewhere" and args.device == "auto" and args.seeds == 1 and args.world == "blur"
     defaults = parser.parse_args(["demo"])
-    assert defaults.out == "runs/demo" and defaults.seeds == 3 and defaults.world == "mixed" and callable(args.func)
+    assert defaults.out == "runs/demo" and defaults.seeds == 3 and defaults.world is None
+    assert command(args) is cmd_demo
     rows = [{"method": "zero-shot CLIP", "accuracy": (0.5, 0.0), "macro_f1": (0.4, 0.0), "kl_calibrated": (1.0, 0.0),
              "comparison": {"difference": 0.25, "ci": [0.2, 0.3], "p_value": 0.001, "verdict": "better"}},
             {"method": "HybridCascade-LaFTer", "accuracy": (0.75, 0.01), "macro_f1": (0.7, 0.02),
              "kl_calibrated": (0.5, 0.1), "comparison": None}]
     table = format_table(rows, 0.125)
-    assert "75.0 ±  1.0" in table and "+25.0 [+20.0, +30.0]" in table and "(headline)" in table and "12.5 %" in table
+    assert "75.0 ± 1.0" in table and "+25.0 [+20.0, +30.0]" in table and "(headline)" in table and "12.5 %" in table
 
 
 @pytest.mark.slow

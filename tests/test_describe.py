@@ -10,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from hclafter.apps.describe import (QUESTIONS, ChatClient, ChatError, DescribeError, add_parser, build_prompt,
+from hclafter.apps.cli import build_parser, command
+from hclafter.apps.describe import (QUESTIONS, ChatClient, ChatError, DescribeError, build_prompt,
                                     client_from_settings, collect_descriptions, describe_classes, parse_reply,
                                     partial_path_for)
 from hclafter.core.emotions import get_wheel
@@ -260,9 +261,7 @@ def test_missing_settings_name_flag_and_environment(monkeypatch):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hclafter")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
+    return build_parser()
 
 
 def test_cli_end_to_end_with_label_space(stub, tmp_path, monkeypatch, capsys):
@@ -273,7 +272,7 @@ def test_cli_end_to_end_with_label_space(stub, tmp_path, monkeypatch, capsys):
     out = tmp_path / "ekman6.json"
     args = _parser().parse_args(["describe", "--label-space", "ekman6", "--out", str(out), "--per-question", "5",
                                  "--quiet"])
-    assert args.func(args) == 0
+    assert command(args)(args) == 0
     wheel = get_wheel("ekman6")
     assert len(stub.requests) == wheel.num_classes * len(QUESTIONS)
     assert {r["auth"] for r in stub.requests} == {"Bearer sk-env"}
@@ -290,15 +289,15 @@ def test_cli_flags_classes_and_errors(stub, tmp_path, monkeypatch):
     parser = _parser()
     args = parser.parse_args(["describe", "--classes", "joy, awe", "--out", str(out), "--base-url", stub.url,
                               "--model", "flag-model", "--api-key", "sk-flag", "--quiet"])
-    assert args.func(args) == 0
+    assert command(args)(args) == 0
     assert list(json.loads(out.read_text())) == ["joy", "awe"]
     assert {r["auth"] for r in stub.requests} == {"Bearer sk-flag"}
     args = parser.parse_args(["describe", "--classes", "joy", "--out", str(out), "--model", "m"])
     with pytest.raises(DescribeError, match="--base-url"):
-        args.func(args)
+        command(args)(args)
     args = parser.parse_args(["describe", "--classes", "joy,Joy", "--out", str(out), "--base-url", stub.url,
                               "--model", "m"])
     with pytest.raises(DescribeError, match="repeat"):
-        args.func(args)
+        command(args)(args)
     with pytest.raises(SystemExit):  # --classes and --label-space are exclusive, one is required
         parser.parse_args(["describe", "--out", str(out)])

@@ -111,6 +111,8 @@ def test_the_run_report_has_every_section_and_figure(logged_run, capsys):
     assert "hardware: cpu" in page and "run time" in page
     assert re.search(r"<td class=l>amusement</td><td>24</td><td>2</td><td>4</td>", page)  # per-split counts
     assert "model:" in page  # the resolved config
+    trained = json.loads((out / "summary.json").read_text())["parameters"]["trained"]
+    assert trained > 0 and re.search(rf"<th>trained parameters</th>.*?<tbody><tr><td>{trained:,}</td>", page)
     figures = ("curves", "confusion", "stage_weights", "stage_class_accuracy", "wheel", "examples")
     assert page.count("data:image/svg+xml;base64,") == len(figures)
     for name in figures:

@@ -8,6 +8,7 @@ but some stage is right show where the stages differ, which a single accuracy hi
 """
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import warnings
@@ -23,9 +24,9 @@ from sklearn.preprocessing import StandardScaler
 from ..core.files import RunError, atomic_write_bytes, atomic_write_text, write_json
 from ..core.runtime import cache_dir_of
 from ..data import EmotionImages, eval_loader, load_split_files
-from ..data.loading import cached_datasets
 from ..engine.evaluation import predict
 from ..engine.inference import TrainedRun, load_run
+from ..engine.inputs import cached_datasets
 from ..models.backbone import backbone_from_config
 from ..models.hybrid import HybridCascadeLaFTer
 from ..models.vit import check_vit
@@ -53,9 +54,8 @@ def probe_blocks(run: TrainedRun, train: EmotionImages, test: EmotionImages, pro
     tower = HybridCascadeLaFTer(backbone, run.wheel.num_classes, prompt_tokens=0,
                                 stages=[[block] for block in range(1, depth + 1)], stage_adapters=False)
     device = run.runtime.device
-    cached = cached_datasets(tower.to(device), {"train": train, "test": test}, run.wheel, backbone.preprocess,
-                             backbone.identity, backbone.preprocess_cfg, cache_dir_of(run.cfg),
-                             run.cfg.data.eval_batch_size, device, progress)
+    cached = cached_datasets(tower.to(device), {"train": train, "test": test}, run.wheel, backbone,
+                             cache_dir_of(run.cfg), run.cfg.data.eval_batch_size, device, progress)
     x = {split: np.asarray(ds.features)[ds.rows] for split, ds in cached.items()}  # [N, L, D]
     y = {split: np.array([s.label for s in ds.samples]) for split, ds in (("train", train), ("test", test))}
     rows = []
@@ -227,3 +227,14 @@ def analyze_run(run_dir: str | Path, out: Optional[str | Path] = None, device: O
                       + "".join(f"{r['block']},{r['accuracy']:.6f}\n" for r in result["probe"]))
     plot_analysis(result, out / "probe")
     return result
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .runs import check_device_flags
+
+    check_device_flags(args)
+    out = Path(args.out) if args.out else Path(args.run_dir) / "analysis"
+    result = analyze_run(args.run_dir, out, args.device, progress=not args.quiet)
+    print(format_markdown(result))
+    print(f"written to {out}: analysis.md, analysis.json, probe_curve.csv, probe.png, probe.svg")
+    return 0

@@ -8,7 +8,9 @@ reported too (``timing_noise``: median / minimum − 1 of each measurement).
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import os
 import platform
 import statistics
@@ -32,7 +34,7 @@ from ..core.timing import interleaved, timing_noise
 from ..data import EmotionImages, Sample, make_loader
 from ..data.store import stored_datasets
 from ..engine.evaluation import count_gflops
-from ..engine.training import param_groups
+from ..engine.optim import param_groups
 from ..models import CascadeCLIPClassifier, HybridCascadeLaFTer
 from ..models.backbone import load_backbone
 from ..models.vit import project, tap_cls
@@ -458,7 +460,7 @@ def epoch_rates(device: str = "cuda", precision: str = "bf16", batch: int = 256,
 
     from ..core.config import load_config
     from ..data import write_manifest
-    from ..data.store import prepare_stores
+    from ..engine.inputs import prepare_stores
     from ..engine.run import train_run
 
     workers = os.cpu_count() if workers is None else workers
@@ -523,3 +525,22 @@ def onnx_latency(batch: int = 32, prompts: int = 50, repeats: int = 5, name: str
             "repeats": repeats, "pytorch_ms_per_image": 1000 * t_torch / batch,
             "onnxruntime_ms_per_image": 1000 * t_onnx / batch, "onnxruntime_speedup": t_torch / t_onnx,
             "max_abs_diff": diff, "timing_noise": timing_noise(times)}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.onnx:
+        result = onnx_latency(args.batch, args.prompts, args.repeats)
+    elif args.epoch:
+        result = epoch_rates(args.device, args.precision, args.batch, args.epoch, prompts=args.prompts)
+    elif args.compile:
+        result = compile_rates(args.compile, args.device, args.batch, args.prompts, args.repeats,
+                               precision=args.precision)
+    else:
+        result = run_bench(args.device, args.batch, args.prompts, args.repeats, precision=args.precision)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        width = max(map(len, result), default=0) + 2  # a key never runs into its value
+        for key, value in result.items():
+            print(f"{key:<{width}}{value:.4f}" if isinstance(value, float) else f"{key:<{width}}{value}")
+    return 0

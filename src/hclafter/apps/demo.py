@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -29,9 +28,10 @@ from ..core.runtime import cache_dir_of
 from ..data import DatasetSplits, load_splits
 from ..data.images import load_rgb
 from ..data.worlds import DEFAULT_WORLD, available_worlds, read_world
-from ..reporting.evidence import MethodRuns, comparison_rows, markdown_table, random_backbone, table_cells, table_notes
+from ..reporting.evidence import MethodRuns, comparison_rows, random_backbone, table_cells, table_notes
+from ..reporting.format import difference, markdown_table, pm
+from ..reporting.html import Figure, Section, Table, write_html
 from ..reporting.plots import plt, save_figure
-from ..reporting.report import Figure, Section, Table, write_html
 from .sweep import SweepRun, execute
 
 # Zero-shot accuracy of the shipped toy CLIP on the demo's test split of the "wild" world (the data
@@ -95,8 +95,8 @@ def demo_plan(out: Path, seeds: int, world: str, weights: Optional[Path] = None,
     for seed in range(seeds):
         for method in METHODS:
             configs, overrides = _demo_run(out, weights, device, method, seed, world)
-            runs.append(SweepRun(world, method, "", seed, configs, overrides,
-                                 out / "runs" / world / method / f"seed{seed}"))
+            runs.append(SweepRun(world, method, load_config(configs, overrides).name or method, "", seed, configs,
+                                 overrides, out / "runs" / world / method / f"seed{seed}"))
     return runs
 
 
@@ -105,16 +105,13 @@ def demo_plan(out: Path, seeds: int, world: str, weights: Optional[Path] = None,
 
 def format_table(rows: Sequence[dict], chance: float) -> str:
     """The table for a terminal: mean ± std, and the verdict against the headline method."""
-    def pm(value: tuple[float, float]) -> str:
-        mean, std = value
-        return f"{100 * mean:5.1f} ± {100 * std:4.1f}" if not np.isnan(std) else f"{100 * mean:5.1f}"
-
     head = f"{'method':<28}{'accuracy %':>14}{'macro-F1 %':>14}{'KL cal.':>9}  {'Δ acc [95 % CI]':<22}verdict"
     lines = [head, "-" * (len(head) + 20)]
     for r in rows:
         c = r["comparison"]
-        diff = "" if c is None else f"{100 * c['difference']:+.1f} [{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}]"
-        lines.append(f"{r['method']:<28}{pm(r['accuracy']):>14}{pm(r['macro_f1']):>14}{r['kl_calibrated'][0]:>9.3f}  "
+        diff = "" if c is None else difference(c["difference"], c["ci"])
+        lines.append(f"{r['method']:<28}{pm(r['accuracy'], 100):>14}{pm(r['macro_f1'], 100):>14}"
+                     f"{r['kl_calibrated'][0]:>9.3f}  "
                      f"{diff:<22}{'(headline)' if c is None else c['verdict']}")
     lines.append(f"chance accuracy: {100 * chance:.1f} %")
     return "\n".join(lines)
@@ -225,8 +222,8 @@ def run_demo(out: Path, device: str = "auto", progress: bool = True, weights: Op
     _say(" / ".join(f"{len(data[s])} {s}" for s in ("train", "val", "test")) + " images")
     runs = demo_plan(out, seeds, world, weights, device)
     execute(runs, progress)
-    methods = [MethodRuns(m, load_config(*_demo_run(out, weights, device, m, 0, world)).name or m,
-                          [r.out for r in runs if r.method == m]) for m in METHODS]
+    methods = [MethodRuns(m, next(r.name for r in runs if r.method == m), [r.out for r in runs if r.method == m])
+               for m in METHODS]
     rows = comparison_rows(methods, HEADLINE, REFERENCE)
     chance = 1.0 / data.wheel.num_classes
     info = {"world": world, "world_description": description, "worlds": available_worlds(), "seeds": seeds,
@@ -243,33 +240,6 @@ def run_demo(out: Path, device: str = "auto", progress: bool = True, weights: Op
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    run_demo(Path(args.out), device=args.device, progress=not args.quiet, seeds=args.seeds, world=args.world)
+    run_demo(Path(args.out), device=args.device, progress=not args.quiet, seeds=args.seeds,
+             world=args.world or DEFAULT_WORLD)
     return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``hclafter demo`` on the CLI's sub-command parsers."""
-    p = subparsers.add_parser("demo", help="every method, control and ablation on a synthetic emotion world with the "
-                                           "shipped toy CLIP, over seeds (no download; about 6 minutes on 2 CPU "
-                                           "cores with 3 seeds)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to compute")
-    p.add_argument("--seeds", type=int, default=3, help="training seeds per method (default 3; 1 for a quick look)")
-    p.add_argument("--world", default=DEFAULT_WORLD,
-                   help=f"the synthetic world: one of {', '.join(available_worlds())} (default {DEFAULT_WORLD})")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_demo)
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m hclafter.demo [--out DIR]``, the same as ``hclafter demo``."""
-    parser = argparse.ArgumentParser(prog="python -m hclafter.demo")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["demo", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

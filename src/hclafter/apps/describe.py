@@ -43,7 +43,7 @@ from typing import Callable, Mapping, Optional, Protocol, Sequence
 
 from tqdm.auto import tqdm
 
-from ..core.emotions import WHEELS, get_wheel
+from ..core.emotions import WHEELS
 from ..core.files import atomic_write_text
 
 QUESTIONS: tuple[str, ...] = (
@@ -481,7 +481,9 @@ def _split_classes(text: str) -> list[str]:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    names = _split_classes(args.classes) if args.classes else list(get_wheel(args.label_space).classes)
+    if args.label_space is not None and args.label_space not in WHEELS:
+        raise DescribeError(f"--label-space {args.label_space!r} is not one of {', '.join(WHEELS)}")
+    names = _split_classes(args.classes) if args.classes else list(WHEELS[args.label_space].classes)
     client = client_from_settings(args.base_url, args.model, args.api_key, timeout=args.timeout,
                                   retries=args.retries, temperature=args.temperature)
     descriptions = describe_classes(names, args.out, client, per_question=args.per_question,
@@ -489,34 +491,3 @@ def cmd_describe(args: argparse.Namespace) -> int:
     total = sum(len(s) for s in descriptions.values())
     print(f"wrote {total} sentences for {len(descriptions)} classes to {args.out}")
     return 0
-
-
-def add_parser(subparsers) -> None:
-    """Register ``describe`` on an argparse subparsers object."""
-    p = subparsers.add_parser(
-        "describe", help="write class descriptions (JSON) with an OpenAI-compatible LLM endpoint",
-        description="Ask an OpenAI-compatible chat-completions endpoint LaFTer-style questions about each "
-                    "class and write {class: [sentence, ...]} for text.descriptions. Sentences are "
-                    "de-duplicated case-insensitively (one produced for several classes is dropped from all) "
-                    "and ones over CLIP's 77-token context are dropped. Progress is saved to OUT.partial.json "
-                    "after every request; re-running the same command resumes.",
-        epilog="Environment: HCLAFTER_LLM_BASE_URL (else OPENAI_BASE_URL), HCLAFTER_LLM_MODEL, "
-               "HCLAFTER_LLM_API_KEY (else OPENAI_API_KEY). Flags win over the environment.")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--classes", metavar="A,B,C", help="comma-separated class names")
-    which.add_argument("--label-space", choices=sorted(WHEELS), help="use a built-in label space's classes")
-    p.add_argument("--out", required=True, metavar="PATH", help="descriptions JSON to write")
-    p.add_argument("--per-question", type=int, default=10, metavar="N",
-                   help="captions asked for per question (default 10; %d questions per class)" % len(QUESTIONS))
-    p.add_argument("--base-url", default=None, metavar="URL",
-                   help="API root, e.g. http://HOST:PORT/v1 (env HCLAFTER_LLM_BASE_URL, else OPENAI_BASE_URL)")
-    p.add_argument("--model", default=None, help="model name (env HCLAFTER_LLM_MODEL)")
-    p.add_argument("--api-key", default=None,
-                   help="bearer token (env HCLAFTER_LLM_API_KEY, else OPENAI_API_KEY); optional for local servers")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds allowed for each request in total (default 120)")
-    p.add_argument("--retries", type=int, default=3,
-                   help="retries on connection errors, 429 and 5xx, with exponential backoff (default 3)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    p.set_defaults(func=cmd_describe)
-

@@ -10,10 +10,12 @@ without PyTorch; its metadata carries the class order and the preprocessing to a
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -91,8 +93,7 @@ def hf_config(run: TrainedRun, include_backbone: bool) -> dict[str, Any]:
         "classes": list(run.wheel.classes),
         "id2label": {str(i): c for i, c in enumerate(run.wheel.classes)},
         "label2id": {c: i for i, c in enumerate(run.wheel.classes)},
-        "wheel": {"name": run.wheel.name, "classes": list(run.wheel.classes), "polarity": list(run.wheel.polarity),
-                  "distances": [list(r) for r in run.wheel.distances] if run.wheel.distances else None},
+        "wheel": run.wheel.to_dict(),
         "model": to_dict(cfg)["model"],
         "backbone": {"name": cfg.backbone.name, "model_cfg": cfg.backbone.model_cfg,
                      "quick_gelu": identity["quick_gelu"], "init_seed": cfg.backbone.init_seed,
@@ -225,9 +226,7 @@ class EmotionModel(ModelHubMixin, library_name="hclafter", pipeline_tag="image-c
                               "export the run again with `hclafter export RUN --format hf OUT`")
         self.config, self.tensors = config, tensors
         self.device = torch.device(device)
-        w = config["wheel"]
-        self.wheel = Wheel(w["name"], tuple(w["classes"]), tuple(w["polarity"]),
-                           tuple(map(tuple, w["distances"])) if w.get("distances") else None)
+        self.wheel = Wheel.from_dict(config["wheel"])
         self.backbone = self._backbone(backbone_weights)
         model_cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
                                                                       config["model"]))  # type: ignore[assignment]
@@ -435,3 +434,20 @@ def export_onnx(run_dir: str | Path, out_path: str | Path, tolerance: float = 1e
         raise ExportError(f"{path}: ONNX Runtime differs from PyTorch by {diff:.2e} (> {tolerance:g}) on "
                           f"{len(images)} images")
     return {"path": str(path), "opset": ONNX_OPSET, "images_checked": len(images), "max_abs_diff": diff}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "hf":
+        out = export_hf(args.run_dir, args.out, include_backbone=args.include_backbone)
+        print(f"Hugging Face model directory written to {out} (config.json, model.safetensors, README.md); it "
+              f"predicts as the run does. Load it with hclafter.from_pretrained({str(out)!r}), push it with "
+              f".push_to_hub('user/name')")
+        return 0
+    if args.include_backbone:
+        print("error: --include-backbone applies to --format hf; an ONNX graph always contains the backbone",
+              file=sys.stderr)
+        return 2
+    result = export_onnx(args.run_dir, args.out)
+    print(f"ONNX model written to {result['path']} (opset {result['opset']}, dynamic batch); ONNX Runtime matches "
+          f"PyTorch within {result['max_abs_diff']:.1e} on {result['images_checked']} test images")
+    return 0

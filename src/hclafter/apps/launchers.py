@@ -1,5 +1,6 @@
-"""Sweeps on a cluster: every unfinished run of a sweep as one task of a SLURM job array, submitted
-through submitit, and the results tables written once the jobs have finished.
+"""Where a sweep runs: here, one run after another (``hclafter sweep``), or on a cluster, every
+unfinished run as one task of a SLURM job array submitted through submitit, with the results
+tables written once the jobs have finished (``--launcher slurm``, ``--collect``).
 
 The sweep file's ``slurm:`` key sets what each run gets::
 
@@ -23,6 +24,7 @@ resumes where the run last saved (every epoch, or ``train.checkpoint_every_steps
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -35,7 +37,7 @@ import yaml
 
 from ..core.config import ConfigError, load_config
 from ..core.files import RunError, clear_run_dir, run_lock, write_json
-from .sweep import SweepRun, changed_runs, plan, run_status, summarise, sweep_roles, write_results
+from .sweep import SweepRun, changed_runs, plan, run_sweep, run_status, write_results
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                  "REQUEUE_HOLD", "REQUEUE_FED"}
@@ -124,16 +126,17 @@ class RunJob:
         import submitit
         from submitit.helpers import TorchDistributedEnvironment
 
-        from ..engine.run import train_run
+        from ..engine import runfiles
+        from .runs import train
 
         out_dir = Path(out)
-        if (out_dir / "summary.json").is_file():
+        if runfiles.is_finished(out_dir):
             return "done earlier"
         if submitit.JobEnvironment().num_tasks > 1:  # one process per GPU: what accelerate reads
             TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         resume = (out_dir / "checkpoints" / "latest.json").is_file()
         print(f"{'resuming' if resume else 'starting'} {out_dir}", flush=True)  # the job's log
-        train_run(load_config(list(configs), list(overrides)), out_dir, progress=False, resume=resume)
+        train(load_config(list(configs), list(overrides)), out_dir, progress=False, resume=resume)
         return "resumed and finished" if resume else "finished"
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
@@ -192,7 +195,7 @@ def submit(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), clust
     """Submit every unfinished run of the sweep as one job array; return the submitit jobs.
     ``cluster="local"`` runs the same jobs as subprocesses here (submitit's local executor)."""
     settings = slurm_settings(sweep_file)
-    runs = plan(sweep_file, out_dir, overrides)
+    runs = plan(sweep_file, out_dir, overrides).runs
     if cluster == "slurm" and not (shutil.which("sbatch") and shutil.which("srun")):
         raise LaunchError("--launcher slurm: sbatch/srun not found; submit from a SLURM login node")
     folder = out_dir / "slurm"
@@ -230,9 +233,10 @@ def submit(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), clust
 def collect(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = ()) -> list[dict]:
     """Write the results tables once every run has finished; otherwise say which have not, with
     their job state and log file."""
-    runs = plan(sweep_file, out_dir, overrides)
+    sweep = plan(sweep_file, out_dir, overrides)
+    runs = sweep.runs
     changed_runs(runs)  # results made with other settings than planned are not tabulated
-    missing = [run for run in runs if not (run.out / "summary.json").is_file()]
+    missing = [run for run in runs if run_status(run) != "done"]
     if missing:
         ledger, folder = _ledger(out_dir), out_dir / "slurm"
         lines = []
@@ -246,10 +250,7 @@ def collect(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = ()) -> l
         raise LaunchError(f"{len(missing)} of {len(runs)} runs have not finished:\n" + "\n".join(lines) +
                           "\nrun --collect again when they have; a failed run is started again by submitting the "
                           "sweep again (finished runs are skipped, interrupted ones resumed)")
-    roles = sweep_roles(sweep_file)
-    rows = summarise(runs, roles["reference"])
-    write_results(rows, runs, out_dir, **roles)
-    return rows
+    return write_results(sweep, out_dir)
 
 
 def cluster_sweep(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), launcher: Optional[str] = None,
@@ -271,4 +272,14 @@ def cluster_sweep(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = ()
         raise LaunchError("--wait applies to --launcher slurm; to write the tables of a submitted sweep use --collect")
     collect(sweep_file, out_dir, overrides)
     print(f"results: {out_dir / 'results.md'} and results.csv; plots in {out_dir / 'plots'}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.launcher or args.collect or args.wait:
+        return cluster_sweep(Path(args.sweep), Path(args.out), args.overrides, launcher=args.launcher, wait=args.wait,
+                             rerun_changed=args.rerun_changed)
+    run_sweep(Path(args.sweep), Path(args.out), args.overrides, progress=not args.quiet,
+              rerun_changed=args.rerun_changed)
+    print(f"results: {Path(args.out) / 'results.md'} and results.csv; plots in {Path(args.out) / 'plots'}")
     return 0

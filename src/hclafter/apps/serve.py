@@ -6,6 +6,7 @@ message in the page instead of an error trace; the demo listens on 127.0.0.1 unl
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import math
 import os
@@ -170,3 +171,11 @@ def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, device
     allowed = sorted({str(Path(path).parent) for path, _ in example_images(run)})
     app.launch(server_name=host, server_port=port, max_file_size=MAX_FILE_SIZE, allowed_paths=allowed,
                show_error=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .runs import check_device_flags
+
+    check_device_flags(args)
+    serve(args.run_dir, args.host, args.port, args.device)
+    return 0

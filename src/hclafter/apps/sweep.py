@@ -20,8 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -30,10 +29,14 @@ import yaml
 
 from ..core.checkpoint import config_differences
 from ..core.config import ConfigError, load_config, to_dict
-from ..core.files import RunError, atomic_write_text, clear_run_dir, run_lock, write_json
+from ..core.files import RunError, atomic_write_text, clear_run_dir, read_json, run_lock, write_json
 from ..core.metrics import HEADLINE
-from ..reporting.evidence import (MethodRuns, comparison_rows, markdown_table, pair_cells, pair_rows, random_backbone,
+from ..core.stats import mean_std
+from ..engine import runfiles
+from ..models import check_config
+from ..reporting.evidence import (MethodRuns, comparison_rows, pair_cells, pair_rows, random_backbone, results_cells,
                                   table_cells, table_notes)
+from ..reporting.format import markdown_table
 from ..reporting.report import write_sweep_figures, write_sweep_report
 
 LDL = ("kl", "chebyshev", "clark", "canberra", "cosine", "intersection")
@@ -42,12 +45,28 @@ LDL = ("kl", "chebyshev", "clark", "canberra", "cosine", "intersection")
 @dataclass
 class SweepRun:
     dataset: str
-    method: str
+    method: str  # the sweep's key of the method
+    name: str  # the method's name in tables: its config's ``name``, else the key
     variant: str  # the grid combination, "" without a grid
     seed: int
     configs: list[Path]
     overrides: list[str]
     out: Path
+
+
+@dataclass
+class Sweep:
+    """A sweep's runs and the roles of its methods (all optional): ``headline``, compared with every
+    other row; ``reference``, which parameters added are counted against; ``pairs``, each [A, B]
+    compared on its own."""
+
+    runs: list[SweepRun]
+    headline: Optional[str] = None
+    reference: Optional[str] = None
+    pairs: Sequence[Sequence[str]] = ()
+
+    def name_of(self, method: Optional[str]) -> Optional[str]:
+        return next((r.name for r in self.runs if r.method == method), None)
 
 
 SWEEP_KEYS = ("base", "methods", "datasets", "overrides", "grid", "seeds", "headline", "reference", "pairs", "slurm")
@@ -62,9 +81,10 @@ def _paths(base: Path, value: Any, key: str) -> list[Path]:
     return paths
 
 
-def plan(sweep_file: Path, out_dir: Path, extra: Sequence[str] = ()) -> list[SweepRun]:
-    """Every run of the sweep, in order, with its run directory under ``out_dir/runs``; ``extra``
-    overrides (e.g. from the command line) apply to every run, after the sweep's own."""
+def plan(sweep_file: Path, out_dir: Path, extra: Sequence[str] = ()) -> Sweep:
+    """Every run of the sweep, in order, with its run directory under ``out_dir/runs``, and the
+    methods' roles; ``extra`` overrides (e.g. from the command line) apply to every run, after the
+    sweep's own. Every run's settings are checked before the first run starts."""
     sweep_file = Path(sweep_file)
     try:
         spec = yaml.safe_load(sweep_file.read_text(encoding="utf-8")) or {}
@@ -88,33 +108,26 @@ def plan(sweep_file: Path, out_dir: Path, extra: Sequence[str] = ()) -> list[Swe
             raise ConfigError(f"{sweep_file}: pairs: {pair!r} is not a pair [A, B] of the methods {list(methods)}")
     grid = spec.get("grid") or {}
     variants = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
-    seeds = spec.get("seeds") or [0]
     runs = []
     for dataset, dataset_files in datasets.items():
         for method, method_files in methods.items():
             for variant in variants:
                 tag = ",".join(f"{k}={v}" for k, v in variant.items())
-                for seed in seeds:
+                for seed in spec.get("seeds") or [0]:
+                    configs = [*base, *method_files, *dataset_files]
+                    overrides = [*(spec.get("overrides") or []), *extra, *(f"{k}={v}" for k, v in variant.items()),
+                                 f"seed={seed}"]
+                    cfg = load_config(configs, overrides)
+                    check_config(cfg)
                     folder = out_dir / "runs" / dataset / method / (tag or "default") / f"seed{seed}"
-                    runs.append(SweepRun(dataset, method, tag, int(seed), [*base, *method_files, *dataset_files],
-                                         [*(spec.get("overrides") or []), *extra,
-                                          *(f"{k}={v}" for k, v in variant.items()), f"seed={seed}"], folder))
-    for run in runs:  # every config is checked before the first run starts
-        load_config(run.configs, run.overrides)
-    return runs
-
-
-def sweep_roles(sweep_file: Path) -> dict[str, Any]:
-    """The sweep file's ``headline`` method (compared with every other row), ``reference`` method
-    (parameters added are counted against it) and ``pairs`` (each [A, B] compared on its own), all
-    optional."""
-    spec = yaml.safe_load(Path(sweep_file).read_text(encoding="utf-8")) or {}
-    return {"headline": spec.get("headline"), "reference": spec.get("reference"), "pairs": spec.get("pairs") or []}
+                    runs.append(SweepRun(dataset, method, cfg.name or method, tag, int(seed), configs, overrides,
+                                         folder))
+    return Sweep(runs, spec.get("headline"), spec.get("reference"), spec.get("pairs") or [])
 
 
 def run_status(run: SweepRun) -> str:
     """``done`` (summary.json, written last, is there), ``resume`` (a saved state) or ``new``."""
-    if (run.out / "summary.json").is_file():
+    if runfiles.is_finished(run.out):
         return "done"
     return "resume" if (run.out / "checkpoints" / "latest.json").is_file() else "new"
 
@@ -123,7 +136,7 @@ def changed_runs(runs: Sequence[SweepRun], rerun_changed: bool = False) -> set[P
     """The run directories (finished or interrupted) made with other settings than the sweep now
     plans, e.g. after its file changed: a ConfigError naming them and the differing keys, or with
     ``rerun_changed`` their set, to be run again from scratch. Used by the SLURM launcher alike."""
-    from ..engine.run import resolve_paths, saved_run_config
+    from ..engine.run import resolve_paths
 
     changed: dict[Path, list[str]] = {}
     for run in runs:
@@ -132,7 +145,7 @@ def changed_runs(runs: Sequence[SweepRun], rerun_changed: bool = False) -> set[P
         planned = load_config(run.configs, run.overrides)
         resolve_paths(planned)
         try:
-            differs = config_differences(saved_run_config(run.out), to_dict(planned))
+            differs = config_differences(runfiles.saved_run_config(run.out), to_dict(planned))
         except (RunError, ConfigError) as e:  # an unreadable config or checkpoint: what it was made with is unknown
             differs = [str(e)]
         if differs:
@@ -148,7 +161,7 @@ def changed_runs(runs: Sequence[SweepRun], rerun_changed: bool = False) -> set[P
 def execute(runs: Sequence[SweepRun], progress: bool = True, rerun_changed: bool = False) -> None:
     """Run every run not finished yet: finished ones are skipped, interrupted ones resumed, each run's
     directory locked while this process decides about it and runs it."""
-    from ..engine.run import train_run
+    from .runs import train
 
     changed = changed_runs(runs, rerun_changed)
     for i, run in enumerate(runs, start=1):
@@ -162,47 +175,38 @@ def execute(runs: Sequence[SweepRun], progress: bool = True, rerun_changed: bool
                 clear_run_dir(run.out)  # never reached a saved state, or made with other settings: nothing to keep
             again = " again (its settings changed)" if run.out in changed else ""
             print(f"{name}: {'resuming' if status == 'resume' else 'running' + again}", flush=True)
-            train_run(load_config(run.configs, run.overrides), run.out, progress=progress, resume=status == "resume")
+            train(load_config(run.configs, run.overrides), run.out, progress=progress, resume=status == "resume")
 
 
 def run_sweep(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), progress: bool = True,
               rerun_changed: bool = False) -> list[dict]:
     """Run (or finish) every run of the sweep, then write the results tables and plots."""
     out_dir = Path(out_dir)
-    runs = plan(sweep_file, out_dir, overrides)
-    execute(runs, progress, rerun_changed)
-    roles = sweep_roles(sweep_file)
-    rows = summarise(runs, roles["reference"])
-    write_results(rows, runs, out_dir, **roles)
-    return rows
+    sweep = plan(sweep_file, out_dir, overrides)
+    execute(sweep.runs, progress, rerun_changed)
+    return write_results(sweep, out_dir)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
-
-
-def summarise(runs: list[SweepRun], reference: Optional[str] = None) -> list[dict]:
+def summarise(runs: Sequence[SweepRun], reference: Optional[str] = None) -> list[dict]:
     """One row per (dataset, method, variant): mean and std over seeds, efficiency, and the
     parameters added relative to the ``reference`` method (None where that means nothing)."""
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
     for run in runs:
-        summary = json.loads((run.out / "summary.json").read_text(encoding="utf-8"))
-        summary["efficiency"] = json.loads((run.out / "run.json").read_text(encoding="utf-8"))["efficiency"]
-        groups.setdefault((run.dataset, run.method, run.variant), []).append(summary)
+        groups.setdefault((run.dataset, run.method, run.name, run.variant), []).append(
+            (runfiles.read_summary(run.out), runfiles.read_info(run.out)["efficiency"]))
     rows = []
-    for (dataset, method, variant), summaries in groups.items():
-        row: dict[str, Any] = {"dataset": dataset, "method": method, "name": _display_name(runs, method),
-                               "variant": variant, "seeds": len(summaries), "frozen": summaries[0]["epochs"] == 0}
+    for (dataset, method, name, variant), results in groups.items():
+        summaries = [s for s, _ in results]
+        row: dict[str, Any] = {"dataset": dataset, "method": method, "name": name, "variant": variant,
+                               "seeds": len(summaries), "frozen": summaries[0]["epochs"] == 0}
         for key in HEADLINE:
-            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([s["test"][key] for s in summaries])
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([s["test"][key] for s in summaries])
         for key in LDL:
-            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([s["test"]["ldl"][key] for s in summaries])
-        first = summaries[0]
-        row["trained_params"] = first["parameters"]["trained"]
-        row["added_params"] = first["parameters"]["added"]
-        row["gflops_per_image"] = first["efficiency"]["gflops_per_image"]
-        row["latency_ms_per_image"] = float(np.median([s["efficiency"]["latency_ms_per_image"] for s in summaries]))
+            row[f"{key}_mean"], row[f"{key}_std"] = mean_std([s["test"]["ldl"][key] for s in summaries])
+        row["trained_params"] = summaries[0]["parameters"]["trained"]
+        row["added_params"] = summaries[0]["parameters"]["added"]
+        row["gflops_per_image"] = results[0][1]["gflops_per_image"]
+        row["latency_ms_per_image"] = float(np.median([e["latency_ms_per_image"] for _, e in results]))
         rows.append(row)
     base = {(r["dataset"], r["variant"]): r["added_params"] for r in rows if r["method"] == reference}
     for row in rows:
@@ -212,54 +216,28 @@ def summarise(runs: list[SweepRun], reference: Optional[str] = None) -> list[dic
     return rows
 
 
-def _display_name(runs: Sequence[SweepRun], method: str) -> str:
-    """A method's name as its config gives it (``name:``), else its sweep key."""
-    run = next(r for r in runs if r.method == method)
-    return load_config(run.configs, run.overrides).name or method
-
-
-def _markdown(rows: list[dict], reference: Optional[str]) -> str:
-    header = ["dataset", "method", "seeds", "accuracy %", "macro-F1 %", "polarity %", "KL ↓", "cosine ↑",
-              "trained", f"added vs {reference or 'reference'}", "GFLOPs/img", "latency ms/img"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-    def pct(row, key):
-        return f"{100 * row[key + '_mean']:.2f} ± {100 * row[key + '_std']:.2f}"
-
-    for r in rows:
-        method = r["name"] + (f" ({r['variant']})" if r["variant"] else "")
-        added = "–" if r["added_over_reference"] is None else f"+{r['added_over_reference']:,d}"
-        lines.append("| " + " | ".join([
-            r["dataset"], method, str(r["seeds"]), pct(r, "accuracy"), pct(r, "macro_f1"), pct(r, "polarity_accuracy"),
-            f"{r['kl_mean']:.4f} ± {r['kl_std']:.4f}", f"{r['cosine_mean']:.4f} ± {r['cosine_std']:.4f}",
-            f"{r['trained_params']:,d}", added, f"{r['gflops_per_image']:.3f}", f"{r['latency_ms_per_image']:.2f}",
-        ]) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def _method_groups(runs: Sequence[SweepRun]) -> Iterator[tuple[str, list[SweepRun], list[MethodRuns]]]:
     """Per dataset and variant: its title, its runs and its methods' runs (seeds in sweep order)."""
     for dataset, variant in dict.fromkeys((r.dataset, r.variant) for r in runs):
         group = [r for r in runs if (r.dataset, r.variant) == (dataset, variant)]
         yield (f"{dataset}{' / ' + variant if variant else ''}", group,
-               [MethodRuns(m, _display_name(group, m), [r.out for r in group if r.method == m])
+               [MethodRuns(m, next(r.name for r in group if r.method == m), [r.out for r in group if r.method == m])
                 for m in dict.fromkeys(r.method for r in group)])
 
 
-def evidence_tables(runs: Sequence[SweepRun], headline: Optional[str], reference: Optional[str],
-                    pairs: Sequence[Sequence[str]] = ()) -> list[tuple[str, list[str], list[list[str]], str]]:
-    """The comparison tables of the evidence protocol (SPEC §9) as (title, header, cells, notes):
-    one per dataset and variant against the headline method (if any), then one of the sweep's ``pairs``."""
+def evidence_tables(sweep: Sweep) -> list[tuple[str, list[str], list[list[str]], str]]:
+    """The comparison tables of the evidence protocol as (title, header, cells, notes): one per
+    dataset and variant against the headline method (if any), then one of the sweep's ``pairs``."""
     tables, pair_rows_by_title = [], {}
-    for title, group, methods in _method_groups(runs):
-        if headline:
-            rows = comparison_rows(methods, headline, reference)
+    for title, group, methods in _method_groups(sweep.runs):
+        if sweep.headline:
+            rows = comparison_rows(methods, sweep.headline, sweep.reference)
             names = {m.key: m.name for m in methods}
-            tables.append((title, *table_cells(rows, names[headline], names.get(reference)),
+            tables.append((title, *table_cells(rows, names[sweep.headline], names.get(sweep.reference)),
                            table_notes(rows, random_backbone(group[0].out))))
-        if pairs:
-            pair_rows_by_title[title] = pair_rows(methods, pairs)
-    if pairs:
+        if sweep.pairs:
+            pair_rows_by_title[title] = pair_rows(methods, sweep.pairs)
+    if sweep.pairs:
         tables.append(("Pairwise comparisons", *pair_cells(pair_rows_by_title),
                        "Each pair as in the tables above, with A in the headline's place: Δ is A minus B, pooled "
                        "over seeds, 95 % paired-bootstrap CI over test images; McNemar's exact p; the last column "
@@ -267,24 +245,56 @@ def evidence_tables(runs: Sequence[SweepRun], headline: Optional[str], reference
     return tables
 
 
-def write_results(rows: list[dict], runs: list[SweepRun], out_dir: Path, headline: Optional[str] = None,
-                  reference: Optional[str] = None, pairs: Sequence[Sequence[str]] = ()) -> None:
-    """results.csv and results.md (with the comparison tables when the sweep names a headline
-    method, and the pairwise ones when it names pairs), sweep.json, and the plots."""
+def write_results(sweep: Sweep, out_dir: Path) -> list[dict]:
+    """From the sweep's finished runs: results.csv and results.md (with the comparison tables when
+    the sweep names a headline method, and the pairwise ones when it names pairs), sweep.json, the
+    plots and report.html; returns the results rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_sweep_file(out_dir, sweep)
+    done = Sweep([r for r in sweep.runs if runfiles.is_finished(r.out)], sweep.headline, sweep.reference, sweep.pairs)
+    rows = summarise(done.runs, done.reference)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else [])
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out_dir / "results.csv", table.getvalue())
-    tables = evidence_tables(runs, headline, reference, pairs) if headline or pairs else []
+    tables = evidence_tables(done) if done.headline or done.pairs else []
     comparisons = "\n".join(f"## {title}\n\n" + markdown_table(header, cells) + "\n" + notes
                              for title, header, cells, notes in tables)
+    reference = done.name_of(done.reference)
     atomic_write_text(out_dir / "results.md", "# Sweep results (test split, mean ± std over seeds)\n\n" +
-                      _markdown(rows, reference) + "\nPlots: `plots/accuracy.png`, `plots/train_loss.png`, "
-                                                   "`plots/learned_weights.png`; all of it with every run in "
-                                                   "`report.html`.\n\n" + comparisons)
-    write_json(out_dir / "sweep.json", [{"dataset": r.dataset, "method": r.method, "variant": r.variant,
-                                         "seed": r.seed, "out": str(r.out)} for r in runs])
-    write_sweep_figures(out_dir, rows, runs)
-    write_sweep_report(out_dir, rows, runs, _display_name(runs, reference) if reference else None, tables)
+                      markdown_table(*results_cells(rows, reference)) +
+                      "\nPlots: `plots/accuracy.png`, `plots/train_loss.png`, `plots/learned_weights.png`; all of it "
+                      "with every run in `report.html`.\n\n" + comparisons)
+    write_sweep_figures(out_dir, rows, done.runs)
+    write_sweep_report(out_dir, rows, done.runs, reference, tables)
+    return rows
+
+
+# --- sweep.json: the plan a report of the sweep reads back ----------------------------------------
+
+SWEEP_FILE = "sweep.json"
+
+
+def write_sweep_file(out_dir: Path, sweep: Sweep) -> None:
+    write_json(out_dir / SWEEP_FILE, {"headline": sweep.headline, "reference": sweep.reference,
+                                      "pairs": [list(p) for p in sweep.pairs],
+                                      "runs": [{**asdict(r), "configs": [str(c) for c in r.configs],
+                                                "out": str(r.out)} for r in sweep.runs]})
+
+
+def read_sweep_file(out_dir: Path) -> Sweep:
+    """The sweep whose results are in ``out_dir`` (``hclafter report DIR``)."""
+    path = Path(out_dir) / SWEEP_FILE
+    data = read_json(path)
+    try:
+        runs = [SweepRun(**{**r, "configs": [Path(c) for c in r["configs"]], "out": Path(r["out"])})
+                for r in data["runs"]]
+        return Sweep(runs, data["headline"], data["reference"], data["pairs"])
+    except (KeyError, TypeError) as e:
+        raise RunError(f"{path}: not a sweep file of this version of hclafter ({e}); run the sweep command again "
+                       "(finished runs are kept) to rewrite it") from None
+
+
+def is_sweep(folder: Path) -> bool:
+    return (Path(folder) / SWEEP_FILE).is_file()

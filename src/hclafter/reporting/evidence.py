@@ -1,4 +1,5 @@
-"""Comparison tables that follow the evidence protocol (SPEC §9), computed from run directories.
+"""The tables we print from run directories: a sweep's results (mean ± std per method) and the
+comparison tables of the evidence protocol.
 
 Every number comes from the runs' files: ``summary.json`` (parameter counts), ``run.json``
 (backbone identity), ``predictions.csv`` and ``predictions_val.csv`` (labels, probabilities,
@@ -8,17 +9,15 @@ headline method, the paired accuracy difference with its bootstrap CI, McNemar's
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
-
 from ..core.metrics import ldl_metrics
 from ..core.stats import (Comparison, RunPredictions, compare_runs, expected_calibration_error, fit_temperature,
-                          read_predictions, scaled_probabilities)
+                          mean_std, scaled_probabilities)
+from ..engine import runfiles
+from .format import difference, pm
 
 
 @dataclass
@@ -30,15 +29,10 @@ class MethodRuns:
     runs: list[Path]
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else math.nan
-
-
 def _calibration(run: Path, test: RunPredictions) -> dict:
     """Temperature fitted on the run's validation logits (NLL), and the test KL and ECE before and
     after applying it."""
-    val = read_predictions(run / "predictions_val.csv", test.classes)
+    val = runfiles.read_predictions(run, "val", test.classes)
     temperature = fit_temperature(val.logits, val.labels)
     calibrated = scaled_probabilities(test.logits, temperature)
     # From the logits, not the file's 6-decimal probabilities: a probability rounded to 0 would
@@ -53,23 +47,23 @@ def _calibration(run: Path, test: RunPredictions) -> dict:
 
 def method_row(method: MethodRuns, classes: Optional[Sequence[str]] = None) -> tuple[dict, list[RunPredictions]]:
     """Mean ± std over seeds of one method's test metrics, and its test predictions per seed."""
-    preds = [read_predictions(run / "predictions.csv", classes) for run in method.runs]
+    preds = [runfiles.read_predictions(run, "test", classes) for run in method.runs]
     calib = [_calibration(run, p) for run, p in zip(method.runs, preds)]
-    summaries = [json.loads((run / "summary.json").read_text(encoding="utf-8")) for run in method.runs]
+    summaries = [runfiles.read_summary(run) for run in method.runs]
     row: dict = {"key": method.key, "method": method.name, "seeds": len(method.runs),
                  "test_images": sorted({len(p.labels) for p in preds}),
                  "trained": summaries[0]["parameters"]["trained"], "added": summaries[0]["parameters"]["added"],
                  "frozen": summaries[0].get("epochs", 0) == 0}
-    row["accuracy"] = _mean_std([s["test"]["accuracy"] for s in summaries])
-    row["macro_f1"] = _mean_std([s["test"]["macro_f1"] for s in summaries])
+    row["accuracy"] = mean_std([s["test"]["accuracy"] for s in summaries])
+    row["macro_f1"] = mean_std([s["test"]["macro_f1"] for s in summaries])
     for key in ("kl", "kl_calibrated", "ece", "ece_calibrated", "temperature"):
-        row[key] = _mean_std([c[key] for c in calib])
+        row[key] = mean_std([c[key] for c in calib])
     return row, preds
 
 
 def random_backbone(run: Path) -> bool:
     """Whether a run's backbone was random-initialised (its numbers then carry no meaning)."""
-    weights = json.loads((run / "run.json").read_text(encoding="utf-8"))["backbone"].get("weights")
+    weights = runfiles.read_info(run)["backbone"].get("weights")
     return isinstance(weights, str) and weights.startswith("random-init")
 
 
@@ -80,7 +74,7 @@ def comparison_rows(methods: Sequence[MethodRuns], headline: str, reference: Opt
     keys = [m.key for m in methods]
     if headline not in keys:
         raise ValueError(f"headline method {headline!r} is not among {keys}")
-    classes = read_predictions(methods[0].runs[0] / "predictions.csv").classes
+    classes = runfiles.read_predictions(methods[0].runs[0]).classes
     rows, preds = zip(*(method_row(m, classes) for m in methods))
     by_key = dict(zip(keys, preds))
     comparisons: dict[str, Comparison] = compare_runs(by_key[headline], {k: p for k, p in by_key.items()
@@ -100,13 +94,13 @@ def pair_rows(methods: Sequence[MethodRuns], pairs: Sequence[Sequence[str]], n_b
     """For each pair (a, b) of method keys: both test accuracies over seeds and the paired
     comparison a − b, as the main table makes it (for options compared with more than one row)."""
     by_key = {m.key: m for m in methods}
-    classes = read_predictions(methods[0].runs[0] / "predictions.csv").classes
+    classes = runfiles.read_predictions(methods[0].runs[0]).classes
     preds: dict[str, list[RunPredictions]] = {}
     rows = []
     for a, b in pairs:
         for key in (a, b):
             if key not in preds:
-                preds[key] = [read_predictions(run / "predictions.csv", classes) for run in by_key[key].runs]
+                preds[key] = [runfiles.read_predictions(run, "test", classes) for run in by_key[key].runs]
         c = compare_runs(preds[a], {b: preds[b]}, n_boot=n_boot, seed=seed)[b]
         rows.append({"a": by_key[a].name, "b": by_key[b].name, "accuracy_a": c.headline_accuracy,
                      "accuracy_b": c.other_accuracy, "difference": c.difference.mean, "ci": list(c.difference.ci),
@@ -118,18 +112,10 @@ def pair_cells(rows_by_dataset: dict[str, list[dict]]) -> tuple[list[str], list[
     """The pairwise comparisons of every dataset as text cells (header, rows), for Markdown and HTML."""
     header = ["dataset", "method A", "method B", "A accuracy %", "B accuracy %", "Δ A − B (95 % CI)", "McNemar p",
               "A is"]
-    cells = [[dataset, r["a"], r["b"], _pm(r["accuracy_a"], 100), _pm(r["accuracy_b"], 100),
-              f"{100 * r['difference']:+.1f} [{100 * r['ci'][0]:+.1f}, {100 * r['ci'][1]:+.1f}]",
-              f"{r['p_value']:.3g}", r["verdict"]]
+    cells = [[dataset, r["a"], r["b"], pm(r["accuracy_a"], 100), pm(r["accuracy_b"], 100),
+              difference(r["difference"], r["ci"]), f"{r['p_value']:.3g}", r["verdict"]]
              for dataset, rows in rows_by_dataset.items() for r in rows]
     return header, cells
-
-
-def _pm(value: tuple[float, float], scale: float = 1.0, digits: int = 1) -> str:
-    mean, std = value
-    if math.isnan(std):
-        return f"{scale * mean:.{digits}f}"
-    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
 def table_cells(rows: Sequence[dict], headline_name: str,
@@ -142,21 +128,13 @@ def table_cells(rows: Sequence[dict], headline_name: str,
     cells = []
     for r in rows:
         c = r["comparison"]
-        diff = "—" if c is None else (f"{100 * c['difference']:+.1f} [{100 * c['ci'][0]:+.1f}, "
-                                      f"{100 * c['ci'][1]:+.1f}]")
+        diff = "—" if c is None else difference(c["difference"], c["ci"])
         added = "–" if r["added_vs_reference"] is None else f"+{r['added_vs_reference']:,d}"
-        cells.append([r["method"], str(r["seeds"]), _pm(r["accuracy"], 100), _pm(r["macro_f1"], 100), diff,
+        cells.append([r["method"], str(r["seeds"]), pm(r["accuracy"], 100), pm(r["macro_f1"], 100), diff,
                       "—" if c is None else f"{c['p_value']:.3g}", "(headline)" if c is None else c["verdict"],
-                      _pm(r["kl"], 1, 3), _pm(r["kl_calibrated"], 1, 3), _pm(r["ece"], 1, 3),
-                      _pm(r["ece_calibrated"], 1, 3), f"{r['trained']:,d}", added])
+                      pm(r["kl"], 1, 3), pm(r["kl_calibrated"], 1, 3), pm(r["ece"], 1, 3),
+                      pm(r["ece_calibrated"], 1, 3), f"{r['trained']:,d}", added])
     return header, cells
-
-
-def markdown_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
-    """Text cells (e.g. from :func:`table_cells`) as a Markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join(lines) + "\n"
 
 
 def table_notes(rows: Sequence[dict], random_init: bool) -> str:
@@ -172,3 +150,20 @@ def table_notes(rows: Sequence[dict], random_init: bool) -> str:
     if random_init:
         notes.append("**The backbone is random-initialised: these numbers carry no meaning about the methods.**")
     return "\n\n".join(notes) + "\n"
+
+
+def results_cells(rows: Sequence[dict], reference_name: Optional[str] = None) -> tuple[list[str], list[list[str]]]:
+    """A sweep's results table (``hclafter.apps.sweep.summarise`` rows: mean ± std over seeds per
+    dataset, method and variant, with cost) as text cells, for Markdown and HTML alike."""
+    header = ["dataset", "method", "seeds", "accuracy %", "macro-F1 %", "polarity %", "KL ↓", "cosine ↑",
+              "trained params", f"added vs {reference_name or 'reference'}", "GFLOPs / image", "ms / image"]
+    cells = []
+    for r in rows:
+        added = "–" if r["added_over_reference"] is None else f"+{r['added_over_reference']:,d}"
+        cells.append([r["dataset"], r["name"] + (f" ({r['variant']})" if r["variant"] else ""), str(r["seeds"]),
+                      *(pm((r[f"{k}_mean"], r[f"{k}_std"]), 100, 2) for k in ("accuracy", "macro_f1",
+                                                                              "polarity_accuracy")),
+                      *(pm((r[f"{k}_mean"], r[f"{k}_std"]), 1, 3) for k in ("kl", "cosine")),
+                      f"{r['trained_params']:,d}", added, f"{r['gflops_per_image']:.3f}",
+                      f"{r['latency_ms_per_image']:.2f}"])
+    return header, cells
