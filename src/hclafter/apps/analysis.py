@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from ..core.files import RunError, atomic_write_bytes, atomic_write_text, write_json
 from ..core.runtime import cache_dir_of
 from ..data import EmotionImages, eval_loader, load_split_files
+from ..engine import runfiles
 from ..engine.evaluation import predict
 from ..engine.inference import TrainedRun, load_run
 from ..engine.inputs import cached_datasets
@@ -201,10 +201,9 @@ def analyze_run(run_dir: str | Path, out: Optional[str | Path] = None, device: O
     missing = [s for s in ("train", "test") if not data.splits.get(s)]
     if missing:
         raise RunError(f"{run.run_dir}/splits: no {' or '.join(missing)} split to analyse ({missing[0]}.csv)")
-    summary_path = run.run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise RunError(f"{run.run_dir} is not a finished run: summary.json is missing")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))["test"]
+    if not runfiles.is_finished(run.run_dir):
+        raise RunError(f"{run.run_dir} is not a finished run: {runfiles.SUMMARY} is missing")
+    summary = runfiles.read_summary(run.run_dir)["test"]
     # Labels only: the images' own distributions play no part here.
     train, test = (EmotionImages(data[s], run.wheel, run.backbone.preprocess) for s in ("train", "test"))
     stage_acc = summary.get("stage_accuracy") or []

@@ -33,6 +33,7 @@ from ..core.runtime import DTYPES, lower_frozen
 from ..core.timing import interleaved, timing_noise
 from ..data import EmotionImages, Sample, make_loader
 from ..data.store import stored_datasets
+from ..engine import runfiles
 from ..engine.evaluation import count_gflops
 from ..engine.optim import param_groups
 from ..models import CascadeCLIPClassifier, HybridCascadeLaFTer
@@ -488,7 +489,7 @@ def epoch_rates(device: str = "cuda", precision: str = "bf16", batch: int = 256,
                 prepare_stores(cfg, progress=False)
                 out["store_build_s"] = time.perf_counter() - start
             train_run(cfg, root / key, progress=False)
-            records = [json.loads(line) for line in (root / key / "metrics.jsonl").read_text().splitlines()]
+            records = runfiles.read_records(root / key)
             train_images = sum(1 for _ in (root / key / "splits" / "train.csv").open()) - 1
             out[f"{key}_images_per_s"] = [train_images / r["time_s"] for r in records]
     out["store_over_jpeg"] = out["store_images_per_s"][-1] / out["jpeg_images_per_s"][-1]

@@ -22,6 +22,7 @@ from ..core.files import RunError
 from ..core.runtime import cache_dir_of
 from ..data import READERS, DataError, eval_loader, load_splits, make_dataset
 from ..data.splits import resolve_wheel
+from ..engine import runfiles
 from ..engine.evaluation import Classify, Predictions, compute_metrics, predict
 from ..engine.inference import TrainedRun
 from ..reporting.evidence import random_backbone
@@ -107,8 +108,8 @@ def cross_dataset_config(run_dir: str | Path, data: Optional[str] = None, overri
     """The run's config with another dataset: ``data`` is FORMAT:ROOT (an empty ROOT: none, e.g.
     ``synthetic:``), which also drops the run's dataset-specific keys (DATASET_KEYS); ``overrides``
     are ``data.*`` (or ``cache_dir``) key=value settings on top. The model's settings stay the run's."""
-    if not (Path(run_dir) / "config.yaml").is_file():
-        raise RunError(f"{run_dir} is not a finished run: config.yaml is missing")
+    if not (Path(run_dir) / runfiles.CONFIG).is_file():
+        raise RunError(f"{run_dir} is not a finished run: {runfiles.CONFIG} is missing")
     for item in overrides:
         if not item.startswith(("data.", "cache_dir=")):
             raise ConfigError(f"eval: override {item!r} does not apply; evaluating a finished run takes only data.* "
@@ -120,7 +121,7 @@ def cross_dataset_config(run_dir: str | Path, data: Optional[str] = None, overri
             raise ConfigError(f"--data {data!r}: expected FORMAT:ROOT, e.g. fi:/data/FI or synthetic: "
                               "(synthetic data needs no root)")
         given = [f"data.format={fmt}", f"data.root={root or 'null'}", *(f"data.{k}=null" for k in DATASET_KEYS)]
-    return load_config([Path(run_dir) / "config.yaml"], [*given, *overrides])
+    return load_config([Path(run_dir) / runfiles.CONFIG], [*given, *overrides])
 
 
 def _dataset_info(cfg: DataConfig, wheel: Wheel) -> dict:

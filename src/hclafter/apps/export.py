@@ -31,8 +31,9 @@ from torch import nn
 
 from ..core.config import BackboneConfig, ModelConfig, to_dict
 from ..core.emotions import Wheel
-from ..core.files import RunError, read_json
+from ..core.files import RunError
 from ..data.images import ImageError, load_rgb, to_rgb
+from ..engine import runfiles
 from ..engine.inference import Prediction, TrainedRun, load_run
 from ..models import build_model
 from ..models.backbone import Backbone, backbone_from_config, file_sha256
@@ -69,12 +70,12 @@ def _seed_results(run_dir: Path) -> list[dict]:
     """Test metrics of this run and, inside a sweep (``.../seedN``), of its sibling seeds."""
     siblings = [run_dir]
     if re.fullmatch(r"seed\d+", run_dir.name):
-        siblings = sorted((p for p in run_dir.parent.glob("seed*") if (p / "summary.json").is_file()),
+        siblings = sorted((p for p in run_dir.parent.glob("seed*") if runfiles.is_finished(p)),
                           key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
     results = []
     for folder in siblings:
-        summary = read_json(folder / "summary.json")
-        seed = OmegaConf.load(folder / "config.yaml").get("seed")
+        summary = runfiles.read_summary(folder)
+        seed = runfiles.read_info(folder)["config"]["seed"]
         test = summary["test"]
         results.append({"seed": seed, "exported": folder.resolve() == run_dir.resolve(),
                         **{k: test[k] for k in SUMMARY_KEYS}, "kl": test["ldl"]["kl"],
@@ -86,7 +87,7 @@ def hf_config(run: TrainedRun, include_backbone: bool) -> dict[str, Any]:
     """``config.json``: what rebuilds the model (no local paths: the directory may be published)."""
     cfg, identity = run.cfg, run.backbone.identity
     weights = identity["weights"]
-    summary = read_json(run.run_dir / "summary.json")
+    summary = runfiles.read_summary(run.run_dir)
     size = run.backbone.preprocess_cfg.size
     return {
         "format": HF_FORMAT, "hclafter_version": __version__,
