@@ -42,10 +42,11 @@ from ..models.vit import project, tap_cls
 
 
 def _reference(dtype: torch.dtype, device: torch.device, flops: float) -> tuple[Callable[[], None], float]:
-    """About ``flops`` FLOPs (at least one product) of square matrix products, 2048² on CPU and 8192²
-    on GPU, and their exact FLOPs: the rate the device reaches on plain matrix arithmetic, which
+    """About ``flops`` FLOPs of square matrix products, at most 2048² on CPU and 8192² on GPU (a
+    small model gets small ones: a 2048² bf16 product takes seconds on a CPU without bf16 units),
+    and their exact FLOPs: the rate the device reaches on plain matrix arithmetic, which
     utilisation divides by."""
-    size = 8192 if device.type == "cuda" else 2048
+    size = min(8192 if device.type == "cuda" else 2048, max(64, round((flops / 2) ** (1 / 3))))
     count = max(1, round(flops / (2 * size**3)))
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
