@@ -23,17 +23,15 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..core.config import Config, tuned_groups
+from ..core.config import Config, ConfigError
 from ..core.emotions import Wheel
 from ..core.progress import interactive
 from ..core.runtime import Runtime, cache_dir_of
 from ..data import SPLITS, DataError, DatasetSplits, EmotionImages, load_splits, make_dataset, make_loader
 from ..data.store import InputView, StoredImages, stored_datasets
 from ..data.views import crop_flip_transform, strong_view
-from ..models import StagedClassifier, method_class
+from ..models import LabelledFeatures, StagedClassifier, method_class, run_groups
 from ..models.backbone import Backbone, backbone_from_config
-
-ENCODER_GROUPS = {"prompts", "layernorms", "backbone"}
 
 
 @dataclass
@@ -43,12 +41,17 @@ class TrainingInputs:
     from_features: bool  # the datasets give cached layer features instead of images
     view: Optional[InputView]  # turns image-store batches into model inputs
 
+    def features(self, split: str) -> LabelledFeatures:
+        """A split's cached features and labels, whole (what a model's ``fit`` and ``select`` read)."""
+        dataset = self.datasets[split]
+        rows = torch.from_numpy(np.asarray(dataset.features)[dataset.rows])
+        return LabelledFeatures(rows.transpose(0, 1), torch.tensor([s.label for s in dataset.images.samples]))
+
 
 def cache_applies(cfg: Config) -> bool:
     """Whether the image tower's output is fixed for the whole run."""
-    return (cfg.train.feature_cache and method_class(cfg.model.method).supports_feature_cache
-            and cfg.model.prompt_tokens == 0 and cfg.train.supervision == "labels"
-            and cfg.data.train_augment == "none" and not tuned_groups(cfg.train) & ENCODER_GROUPS)
+    return (cfg.train.feature_cache and method_class(cfg.model.method).fixed_features(cfg.model, run_groups(cfg))
+            and cfg.train.supervision == "labels" and cfg.data.train_augment == "none")
 
 
 def image_datasets(cfg: Config, backbone: Backbone, data: DatasetSplits) -> dict[str, EmotionImages]:
@@ -68,6 +71,10 @@ def training_inputs(cfg: Config, backbone: Backbone, data: DatasetSplits, model:
                     cache: Path, show: bool) -> TrainingInputs:
     """The datasets a run's loaders read, building the feature cache or the image store on first use
     (pseudo-labels' strong view stays on the decoded files)."""
+    if model.uses_split_features and not cache_applies(cfg):
+        raise ConfigError(f"model.method={cfg.model.method} fits on the frozen tower's cached features: it needs "
+                          "train.feature_cache=true, train.supervision=labels, data.train_augment=none and no phase "
+                          "training layernorms or backbone")
     images = image_datasets(cfg, backbone, data)
     if cache_applies(cfg):
         model.to(runtime.device)
