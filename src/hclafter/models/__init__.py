@@ -11,20 +11,31 @@ from typing import Optional, Sequence
 import torch
 
 from ..core.config import Config, ConfigError, ModelConfig, tuned_groups
+from .adapters import CLIPAdapter, TipAdapter, TipAdapterF
 from .backbone import Backbone, tower_depth
 from .base import LabelledFeatures, ModelOutput, StagedClassifier
 from .cascadeclip import CascadeCLIPClassifier
+from .coop import CoOp
 from .hybrid import HybridCascadeLaFTer
 from .layers import NGA
+from .probes import LinearProbe, TextAnchoredProbe
 from .segmented import SegmentedLaFTer
 
-__all__ = ["METHODS", "NGA", "CascadeCLIPClassifier", "HybridCascadeLaFTer", "LabelledFeatures", "ModelOutput",
-           "SegmentedLaFTer", "StagedClassifier", "build_model", "check_config", "method_class", "run_groups"]
+__all__ = ["METHODS", "NGA", "CLIPAdapter", "CascadeCLIPClassifier", "CoOp", "HybridCascadeLaFTer", "LabelledFeatures",
+           "LinearProbe", "ModelOutput", "SegmentedLaFTer", "StagedClassifier", "TextAnchoredProbe", "TipAdapter",
+           "TipAdapterF", "build_model", "check_config", "method_class", "run_groups"]
 
 METHODS: dict[str, type[StagedClassifier]] = {
     "hybrid": HybridCascadeLaFTer,
     "segmented": SegmentedLaFTer,
     "cascadeclip": CascadeCLIPClassifier,
+    # The field's simple baselines, on the frozen tower's final feature (SPEC §11).
+    "linear_probe": LinearProbe,
+    "clap_probe": TextAnchoredProbe,
+    "tip_adapter": TipAdapter,
+    "tip_adapter_f": TipAdapterF,
+    "clip_adapter": CLIPAdapter,
+    "coop": CoOp,
 }
 
 
