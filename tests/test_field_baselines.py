@@ -14,12 +14,13 @@ import torch.nn.functional as F
 
 import hclafter
 from hclafter.core.checkpoint import load_checkpoint
-from hclafter.core.config import ModelConfig, load_config
+from hclafter.core.config import ConfigError, ModelConfig, load_config
 from hclafter.core.emotions import MIKELS8
 from hclafter.data import load_splits
 from hclafter.data.splits import save_run_splits
 from hclafter.engine.run import train_run
-from hclafter.models import CLIPAdapter, CoOp, LabelledFeatures, LinearProbe, TipAdapter, build_model
+from hclafter.models import (CLIPAdapter, CoOp, LabelledFeatures, LinearProbe, TipAdapter, build_model, cache_applies,
+                             check_config)
 from hclafter.models.probes import logistic_regression
 from hclafter.models.selection import LOG_GRID, log_search, validation_score
 
@@ -185,3 +186,10 @@ def test_permuted_test_labels_change_no_choice(tmp_path, cache_dir):
 def test_coop_needs_the_class_names(tiny_backbone):
     with pytest.raises(ValueError, match="coop writes a prompt per class: it needs the 8 class names"):
         build_model(tiny_backbone, 8, ModelConfig(method="coop"))
+
+
+def test_a_baseline_that_fits_on_cached_features_needs_the_cache():
+    cfg = load_config([TINY_CONFIG, ROOT / "configs" / "methods" / "tip_adapter_f.yaml"], ["train.feature_cache=false"])
+    with pytest.raises(ConfigError, match="model.method=tip_adapter_f fits on the frozen tower's cached features"):
+        check_config(cfg)
+    assert cache_applies(load_config([TINY_CONFIG, ROOT / "configs" / "methods" / "coop.yaml"]))  # its prompts: text

@@ -5,7 +5,8 @@ Feature cache: when nothing in the image tower trains (no prompts, LayerNorms or
 weights) and the view is deterministic, every epoch would re-encode the same images to the same
 features. They are stored on disk instead, keyed by backbone identity, extraction layers,
 transform and image file identity, and shared by every epoch and every run (of a sweep) with the
-same key. The image store (``data/store.py``) holds decoded pixels for every other run.
+same key (whether that holds is the method's answer: ``models.cache_applies``). The image store
+(``data/store.py``) holds decoded pixels for every other run.
 """
 from __future__ import annotations
 
@@ -23,14 +24,14 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..core.config import Config, ConfigError
+from ..core.config import Config
 from ..core.emotions import Wheel
 from ..core.progress import interactive
 from ..core.runtime import Runtime, cache_dir_of
 from ..data import SPLITS, DataError, DatasetSplits, EmotionImages, load_splits, make_dataset, make_loader
 from ..data.store import InputView, StoredImages, stored_datasets
 from ..data.views import crop_flip_transform, strong_view
-from ..models import LabelledFeatures, StagedClassifier, method_class, run_groups
+from ..models import LabelledFeatures, StagedClassifier, cache_applies
 from ..models.backbone import Backbone, backbone_from_config
 
 
@@ -46,12 +47,6 @@ class TrainingInputs:
         dataset = self.datasets[split]
         rows = torch.from_numpy(np.asarray(dataset.features)[dataset.rows])
         return LabelledFeatures(rows.transpose(0, 1), torch.tensor([s.label for s in dataset.images.samples]))
-
-
-def cache_applies(cfg: Config) -> bool:
-    """Whether the image tower's output is fixed for the whole run."""
-    return (cfg.train.feature_cache and method_class(cfg.model.method).fixed_features(cfg.model, run_groups(cfg))
-            and cfg.train.supervision == "labels" and cfg.data.train_augment == "none")
 
 
 def image_datasets(cfg: Config, backbone: Backbone, data: DatasetSplits) -> dict[str, EmotionImages]:
@@ -71,10 +66,6 @@ def training_inputs(cfg: Config, backbone: Backbone, data: DatasetSplits, model:
                     cache: Path, show: bool) -> TrainingInputs:
     """The datasets a run's loaders read, building the feature cache or the image store on first use
     (pseudo-labels' strong view stays on the decoded files)."""
-    if model.uses_split_features and not cache_applies(cfg):
-        raise ConfigError(f"model.method={cfg.model.method} fits on the frozen tower's cached features: it needs "
-                          "train.feature_cache=true, train.supervision=labels, data.train_augment=none and no phase "
-                          "training layernorms or backbone")
     images = image_datasets(cfg, backbone, data)
     if cache_applies(cfg):
         model.to(runtime.device)

@@ -23,7 +23,7 @@ from .segmented import SegmentedLaFTer
 
 __all__ = ["METHODS", "NGA", "CLIPAdapter", "CascadeCLIPClassifier", "CoOp", "HybridCascadeLaFTer", "LabelledFeatures",
            "LinearProbe", "ModelOutput", "SegmentedLaFTer", "StagedClassifier", "TextAnchoredProbe", "TipAdapter",
-           "TipAdapterF", "build_model", "check_config", "method_class", "run_groups"]
+           "TipAdapterF", "build_model", "cache_applies", "check_config", "method_class", "run_groups"]
 
 METHODS: dict[str, type[StagedClassifier]] = {
     "hybrid": HybridCascadeLaFTer,
@@ -48,8 +48,9 @@ def method_class(name: str) -> type[StagedClassifier]:
 
 def check_config(cfg: Config) -> None:
     """The checks of a run's settings that depend on its method, made before any data is read or
-    model built: a registered method, stages that fit the backbone's real depth, and, for a method
-    trained by gradient steps, phases that each train something of it (a ConfigError naming the key)."""
+    model built: a registered method, stages that fit the backbone's real depth, the feature cache
+    for a method that fits on it, and, for a method trained by gradient steps, phases that each train
+    something of it (a ConfigError naming the key)."""
     if cfg.model.method not in METHODS:
         raise ConfigError(f"model.method: {cfg.model.method!r} is not one of {', '.join(METHODS)}")
     method, depth = METHODS[cfg.model.method], tower_depth(cfg.backbone)
@@ -57,6 +58,10 @@ def check_config(cfg: Config) -> None:
         method.check_stages(cfg.model.stages, depth)
     except ValueError as e:
         raise ConfigError(f"{e} ({cfg.backbone.name}, model.method={cfg.model.method})") from None
+    if cfg.mode == "train" and method.uses_split_features and not cache_applies(cfg):
+        raise ConfigError(f"model.method={cfg.model.method} fits on the frozen tower's cached features: it needs "
+                          "train.feature_cache=true, train.supervision=labels, data.train_augment=none and no phase "
+                          "training layernorms or backbone")
     if cfg.mode != "train" or not method.trained_by_gradient:
         return
     trainable = method.trainable_groups(cfg.model, depth)
@@ -65,6 +70,13 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"train.phases[{i}].train = {phase.train}: no parameter of these groups receives a "
                               f"gradient with model.method={cfg.model.method} and these model settings, so the "
                               f"phase would change nothing; train one of {sorted(trainable)}")
+
+
+def cache_applies(cfg: Config) -> bool:
+    """Whether the image tower's output is fixed for the whole run, so that every image is encoded once
+    into the feature cache (``engine/inputs.py``)."""
+    return (cfg.train.feature_cache and method_class(cfg.model.method).fixed_features(cfg.model, run_groups(cfg))
+            and cfg.train.supervision == "labels" and cfg.data.train_augment == "none")
 
 
 def run_groups(cfg: Config) -> set[str]:
