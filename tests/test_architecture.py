@@ -1,6 +1,7 @@
 """The package's shape: layers that import only downwards, no import cycles, no private APIs of
 other libraries, the public names of the specification where they were, and every registered
-method through build → forward → one training step per phase → save → load → identical logits."""
+method through build → forward → its fit and one training step per phase → save → load →
+identical logits."""
 from __future__ import annotations
 
 import ast
@@ -16,7 +17,7 @@ from hclafter.core.emotions import MIKELS8
 from hclafter.core.runtime import Runtime
 from hclafter.engine.loop import TrainState, train_step
 from hclafter.engine.optim import build_optimizer, param_groups, saved_parameter_names, set_trainable, trained_parameters
-from hclafter.models import METHODS, build_model
+from hclafter.models import METHODS, LabelledFeatures, build_model
 
 from .conftest import ROOT, TINY_CONFIG
 
@@ -159,7 +160,7 @@ def test_every_method_config_builds_trains_each_phase_saves_and_loads(name, tiny
     path = METHOD_CONFIGS[name]
     cfg = load_config([TINY_CONFIG, path])
     embeddings = torch.randn(8, tiny_backbone.model.visual.output_dim, generator=torch.Generator().manual_seed(0))
-    model = build_model(tiny_backbone, 8, cfg.model, class_embeddings=embeddings)
+    model = build_model(tiny_backbone, 8, cfg.model, class_embeddings=embeddings, class_names=MIKELS8.classes)
     groups = param_groups(model)
     optimizer = build_optimizer(groups, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -172,7 +173,11 @@ def test_every_method_config_builds_trains_each_phase_saves_and_loads(name, tiny
                        saved_names=saved_parameter_names(model, cfg), optimizer=optimizer, scheduler=scheduler,
                        loaders={}, train_sampler=None, train_paths=["x"] * 4, wheel=MIKELS8,
                        identity=tiny_backbone.identity, fingerprint={})
-    for phase in cfg.train.phases:
+    if model.uses_split_features:  # a fit on features of 8 images, one per class, as train and val alike
+        with torch.no_grad():
+            split = LabelledFeatures(model.forward_features(torch.randn(8, 3, 32, 32, generator=gen)), torch.arange(8))
+        model.fit(split, split)
+    for phase in cfg.train.phases if model.trained_by_gradient else ():
         set_trainable(model, groups, phase_groups(phase, False), phase.stages)
         model.train()
         step = train_step(state, batch, phase)
@@ -194,7 +199,8 @@ def test_every_method_config_builds_trains_each_phase_saves_and_loads(name, tiny
                 p.data.copy_(before[n])
 
     restore_tower()
-    fresh = build_model(tiny_backbone, 8, cfg.model, class_embeddings=embeddings)
+    fresh = build_model(tiny_backbone, 8, cfg.model, class_embeddings=embeddings, class_names=MIKELS8.classes)
+    fresh.size_like({n: weights[n].shape for n in saved_parameter_names(model, cfg)})
     load_weights(fresh, tmp_path / "w.safetensors")
     with torch.no_grad():
         got = fresh.eval()(batch["image"], return_stages=True)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from hclafter.core.config import load_config
-from hclafter.engine.inputs import cache_applies
+from hclafter.models import cache_applies
 from hclafter.engine.run import train_run
 
 from .conftest import TINY_CONFIG

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from hclafter.models.backbone import backbone_from_config
 from hclafter.core.config import load_config
+from hclafter.core.emotions import MIKELS8
 from hclafter.model import build_model
 from hclafter.engine.run import train_run
 
@@ -45,7 +46,7 @@ def method_logits() -> dict[str, torch.Tensor]:
         backbone = backbone_from_config(cfg.backbone)
         torch.manual_seed(0)
         embeddings = torch.randn(8, backbone.model.visual.output_dim)
-        model = build_model(backbone, 8, cfg.model, class_embeddings=embeddings).eval()
+        model = build_model(backbone, 8, cfg.model, class_embeddings=embeddings, class_names=MIKELS8.classes).eval()
         images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             result = model(images, return_stages=True)

@@ -35,7 +35,7 @@ from ..core.files import RunError
 from ..data.images import ImageError, load_rgb, to_rgb
 from ..engine import runfiles
 from ..engine.inference import Prediction, TrainedRun, load_run
-from ..models import build_model
+from ..models import build_model, method_class
 from ..models.backbone import Backbone, backbone_from_config, file_sha256
 from ..version import __version__
 
@@ -59,9 +59,11 @@ def _exported_tensors(run: TrainedRun, include_backbone: bool) -> dict[str, torc
     text-derived tensors the run would otherwise rebuild), and with ``include_backbone`` the tower."""
     with safe_open(str(run.run_dir / "model.safetensors"), framework="pt") as f:
         saved = set(f.keys())
+    groups = run.model.param_groups()
+    tower = {name for g in ("layernorms", "backbone") for name in groups.get(g, {})}  # CoOp's: the text tower too
     tensors = {}
     for name, tensor in [*run.model.named_parameters(), *run.model.named_buffers()]:
-        if include_backbone or name in saved or not name.startswith("visual."):
+        if include_backbone or name in saved or not (name in tower or name.startswith("visual.")):
             tensors[name] = tensor.detach().float().cpu().contiguous()
     return tensors
 
@@ -231,10 +233,12 @@ class EmotionModel(ModelHubMixin, library_name="hclafter", pipeline_tag="image-c
         self.backbone = self._backbone(backbone_weights)
         model_cfg: ModelConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
                                                                       config["model"]))  # type: ignore[assignment]
-        placeholder = None  # Cascade-CLIP's class embeddings come with the tensors
-        if model_cfg.method == "cascadeclip":
+        placeholder = None  # class embeddings (Cascade-CLIP's queries, Tip-Adapter's text term) come with the tensors
+        if method_class(model_cfg.method).needs_class_embeddings:
             placeholder = torch.zeros(self.wheel.num_classes, self.backbone.model.visual.output_dim)
-        self.model = build_model(self.backbone, self.wheel.num_classes, model_cfg, class_embeddings=placeholder)
+        self.model = build_model(self.backbone, self.wheel.num_classes, model_cfg, class_embeddings=placeholder,
+                                 class_names=self.wheel.classes)
+        self.model.size_like({name: tensor.shape for name, tensor in tensors.items()})
         self._load(tensors)
         self.model.to(self.device).eval()
 

@@ -55,6 +55,11 @@ class ModelConfig:
     stage_prompt_tokens: int = 16  # segmented: new prompt tokens inserted at each stage's first block
     decoder_layers: int = 3  # cascadeclip: cross-attention layers per stage decoder
     decoder_heads: int = 8
+    context_tokens: int = 16  # coop: learned context vectors before the class name
+    class_specific_context: bool = False  # coop: one context per class (CoOp's CSC) instead of one shared
+    # clip_adapter: the residual ratio it trains with (the paper's 0.2); its predictions use the ratio chosen on
+    # the validation split after each epoch.
+    adapter_ratio: float = 0.2
 
 
 @dataclass
@@ -341,7 +346,8 @@ RANGES = {
     "model.prompt_tokens": (0, True, None, True), "model.prompt_dropout": (0, True, 1, False),
     "model.nga_init_sigma": (0, False, None, True), "model.stage_prompt_tokens": (1, True, None, True),
     "model.decoder_layers": (1, True, None, True), "model.decoder_heads": (1, True, None, True),
-    "model.mixer_heads": (1, True, None, True), "train.distill.weight": (0, True, None, True),
+    "model.mixer_heads": (1, True, None, True), "model.context_tokens": (1, True, None, True),
+    "model.adapter_ratio": (0, True, 1, True), "train.distill.weight": (0, True, None, True),
     "train.distill.temperature": (0, False, None, True),
     "data.batch_size": (1, True, None, True), "data.eval_batch_size": (1, True, None, True),
     "data.num_workers": (0, True, None, True), "data.few_shot": (1, True, None, True),

@@ -1,6 +1,8 @@
-"""The baselines without image training, on plain CLIP image features: zero-shot CLIP
-(``mode=zeroshot``: template embeddings at CLIP's own temperature) and the stage-1 text-only
-classifier (``mode=textonly``). A run of one writes the same files as a trained run."""
+"""The baselines without a stage-2 loop, on plain CLIP image features: zero-shot CLIP
+(``mode=zeroshot``: template embeddings at CLIP's own temperature), the stage-1 text-only
+classifier (``mode=textonly``), and the methods fitted on the frozen tower's cached features
+without gradient steps (the linear probes, Tip-Adapter: their models' ``fit``). A run of one
+writes the same files as a trained run."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +10,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.utils.data import DataLoader
 
+from ..core.checkpoint import save_checkpoint
 from ..core.config import Config
 from ..core.emotions import Wheel
 from ..core.files import writing
@@ -18,6 +22,9 @@ from ..models.backbone import Backbone, backbone_from_config
 from ..models.text import load_templates, train_stage1, zeroshot_weights
 from . import runfiles, tracking
 from .evaluation import Classify, clip_classifier, compute_metrics, efficiency, evaluate_classifier, predict
+from .inference import build_run_model
+from .inputs import training_inputs
+from .optim import param_groups, saved_parameter_names, trained_parameters
 
 
 def frozen_classifier(cfg: Config, backbone: Backbone, wheel: Wheel, runtime: Runtime,
@@ -38,26 +45,64 @@ def frozen_classifier(cfg: Config, backbone: Backbone, wheel: Wheel, runtime: Ru
 def evaluate_frozen(cfg: Config, out_dir: Path, backbone: Backbone, data: DatasetSplits, runtime: Runtime,
                     cache: Path, show: bool, started: float) -> dict:
     """A zero-shot or text-only run: val and test metrics and predictions, no training."""
+    classify, stage1 = frozen_classifier(cfg, backbone, data.wheel, runtime, cache)
+    loaders = {split: eval_loader(make_dataset(data[split], data.wheel, backbone.preprocess, cfg.data), cfg.data,
+                                  runtime) for split in ("val", "test")}
+    return _write_run(cfg, out_dir, backbone, data, runtime, show, started, classify, loaders, classify,
+                      {"stage1": stage1, "parameters": {"trained": 0, "added": 0, "by_group": {}}})
+
+
+def fit_frozen(cfg: Config, out_dir: Path, backbone: Backbone, data: DatasetSplits, runtime: Runtime, cache: Path,
+               show: bool, started: float) -> dict:
+    """A run of a method without gradient steps (``trained_by_gradient`` False): stage 1, the model's
+    ``fit`` on the cached features of the training split with its choices made on validation (recorded
+    in summary.json as ``selection``), then val and test as any run."""
+    text_weight, stage1 = train_stage1(backbone, data.wheel, cfg.text, cfg.seed, cache, runtime.device)
+    model = build_run_model(backbone, data.wheel, cfg, text_weight)
+    inputs = training_inputs(cfg, backbone, data, model, runtime, cache, show)
+    selection = model.fit(inputs.features("train"), inputs.features("val"))
+    model.eval()
+    runtime.lower_frozen(model)
+    if runtime.is_main_process:
+        state = model.state_dict()
+        weights = {n: state[n].float() for n in saved_parameter_names(model, cfg)}
+        with writing(out_dir):
+            save_checkpoint(out_dir / "text_classifier.safetensors", {"weight": text_weight}, backbone.identity)
+            save_checkpoint(out_dir / "model.safetensors", weights, backbone.identity)
+
+    def classify(batch: torch.Tensor, from_features: bool = True):
+        with runtime.autocast():
+            out = model(batch, return_stages=True, from_features=from_features)
+        return out.logits, out.stage_logits
+
+    loaders = {split: eval_loader(inputs.datasets[split], cfg.data, runtime) for split in ("val", "test")}
+    return _write_run(cfg, out_dir, backbone, data, runtime, show, started, classify, loaders,
+                      lambda images: classify(images, from_features=False),
+                      {"stage1": stage1, "parameters": trained_parameters(model, param_groups(model), cfg),
+                       "selection": selection},
+                      extraction_layers=model.extraction_layers, stages=model.stages)
+
+
+def _write_run(cfg: Config, out_dir: Path, backbone: Backbone, data: DatasetSplits, runtime: Runtime, show: bool,
+               started: float, classify: Classify, loaders: dict[str, DataLoader], on_images: Classify, results: dict,
+               **info) -> dict:
+    """Val and test predictions of ``classify`` over ``loaders``, then the run's files: predictions, run.json
+    (the efficiency of ``on_images`` on test images, and ``info``) and, last, summary.json (the metrics,
+    ``results``, and what every run's summary says of its data)."""
     wheel = data.wheel
-    classify, stage1 = frozen_classifier(cfg, backbone, wheel, runtime, cache)
-    results, preds = {}, {}
-    for split in ("val", "test"):
-        dataset = make_dataset(data[split], wheel, backbone.preprocess, cfg.data)
-        preds[split] = predict(classify, eval_loader(dataset, cfg.data, runtime), runtime, desc=f"eval {split}",
-                               progress=show)
-        results[split] = compute_metrics(preds[split], wheel)
+    preds = {split: predict(classify, loaders[split], runtime, desc=f"eval {split}", progress=show)
+             for split in ("val", "test")}
     images = torch.stack([make_dataset(data["test"][:8], wheel, backbone.preprocess, cfg.data)[i]["image"]
                           for i in range(min(8, len(data["test"])))]).to(runtime.device)
-    summary = {"val": results["val"], "test": results["test"], "stage1": stage1, "epochs": 0,
-               "parameters": {"trained": 0, "added": 0, "by_group": {}},
-               "num_samples": {s: len(data[s]) for s in SPLITS}, "absent_classes": data.absent_classes(),
-               "skipped": data.skipped_summary()}
+    summary = {"val": compute_metrics(preds["val"], wheel), "test": compute_metrics(preds["test"], wheel),
+               **results, "epochs": 0, "num_samples": {s: len(data[s]) for s in SPLITS},
+               "absent_classes": data.absent_classes(), "skipped": data.skipped_summary()}
     if runtime.is_main_process:
         with writing(out_dir):
             runfiles.write_predictions(out_dir, "test", preds["test"], data["test"], wheel)
             runfiles.write_predictions(out_dir, "val", preds["val"], data["val"], wheel)
         runfiles.write_info(out_dir, cfg, wheel, backbone.identity, started, hardware=tracking.hardware(runtime),
-                            efficiency=efficiency(classify, images))
+                            efficiency=efficiency(on_images, images), **info)
         runfiles.write_summary(out_dir, summary)
     return summary
 

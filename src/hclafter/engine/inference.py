@@ -33,9 +33,10 @@ __all__ = ["ImagePrediction", "Prediction", "TrainedRun", "build_run_model", "im
 
 def build_run_model(backbone: Backbone, wheel: Wheel, cfg: Config, text_weight: torch.Tensor) -> StagedClassifier:
     """The configured method's model built on the stage-1 text classifier U [C, D]: a shared
-    classifier starts from it, and class queries (Cascade-CLIP-style) are its rows."""
+    classifier starts from it, and class queries (Cascade-CLIP-style) or a fixed text term
+    (Tip-Adapter) are its rows."""
     embeddings = text_weight if method_class(cfg.model.method).needs_class_embeddings else None
-    model = build_model(backbone, wheel.num_classes, cfg.model, class_embeddings=embeddings)
+    model = build_model(backbone, wheel.num_classes, cfg.model, class_embeddings=embeddings, class_names=wheel.classes)
     if model.shared_classifier:
         with torch.no_grad():
             model.classifier.linear.weight.copy_(text_weight)
@@ -115,7 +116,10 @@ class TrainedRun:
         text_weight = load_checkpoint(self.run_dir / "text_classifier.safetensors", self.backbone.identity)["weight"]
         self.model = build_run_model(self.backbone, self.wheel, self.cfg, text_weight)
         self.stage_blocks = [list(stage) for stage in self.model.stages]
-        load_weights(self.model, self.run_dir / "model.safetensors", self.backbone.identity)
+        weights = self.run_dir / "model.safetensors"
+        if self.model.data_sized:  # a cache as large as the run's training split
+            self.model.size_like({n: t.shape for n, t in load_checkpoint(weights, self.backbone.identity).items()})
+        load_weights(self.model, weights, self.backbone.identity)
         self.model = self.runtime.prepare_model(self.model, evaluation_mode=True).eval()
         self.runtime.lower_frozen(self.runtime.unwrap_model(self.model))
 

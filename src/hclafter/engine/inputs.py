@@ -5,7 +5,8 @@ Feature cache: when nothing in the image tower trains (no prompts, LayerNorms or
 weights) and the view is deterministic, every epoch would re-encode the same images to the same
 features. They are stored on disk instead, keyed by backbone identity, extraction layers,
 transform and image file identity, and shared by every epoch and every run (of a sweep) with the
-same key. The image store (``data/store.py``) holds decoded pixels for every other run.
+same key (whether that holds is the method's answer: ``models.cache_applies``). The image store
+(``data/store.py``) holds decoded pixels for every other run.
 """
 from __future__ import annotations
 
@@ -23,17 +24,15 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..core.config import Config, tuned_groups
+from ..core.config import Config
 from ..core.emotions import Wheel
 from ..core.progress import interactive
 from ..core.runtime import Runtime, cache_dir_of
 from ..data import SPLITS, DataError, DatasetSplits, EmotionImages, load_splits, make_dataset, make_loader
 from ..data.store import InputView, StoredImages, stored_datasets
 from ..data.views import crop_flip_transform, strong_view
-from ..models import StagedClassifier, method_class
+from ..models import LabelledFeatures, StagedClassifier, cache_applies
 from ..models.backbone import Backbone, backbone_from_config
-
-ENCODER_GROUPS = {"prompts", "layernorms", "backbone"}
 
 
 @dataclass
@@ -43,12 +42,11 @@ class TrainingInputs:
     from_features: bool  # the datasets give cached layer features instead of images
     view: Optional[InputView]  # turns image-store batches into model inputs
 
-
-def cache_applies(cfg: Config) -> bool:
-    """Whether the image tower's output is fixed for the whole run."""
-    return (cfg.train.feature_cache and method_class(cfg.model.method).supports_feature_cache
-            and cfg.model.prompt_tokens == 0 and cfg.train.supervision == "labels"
-            and cfg.data.train_augment == "none" and not tuned_groups(cfg.train) & ENCODER_GROUPS)
+    def features(self, split: str) -> LabelledFeatures:
+        """A split's cached features and labels, whole (what a model's ``fit`` and ``select`` read)."""
+        dataset = self.datasets[split]
+        rows = torch.from_numpy(np.asarray(dataset.features)[dataset.rows])
+        return LabelledFeatures(rows.transpose(0, 1), torch.tensor([s.label for s in dataset.images.samples]))
 
 
 def image_datasets(cfg: Config, backbone: Backbone, data: DatasetSplits) -> dict[str, EmotionImages]:

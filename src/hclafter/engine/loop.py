@@ -28,7 +28,7 @@ from ..core.metrics import HEADLINE
 from ..core.progress import bar, interactive, say
 from ..core.runtime import Runtime
 from ..data.store import InputView
-from ..models import StagedClassifier
+from ..models import LabelledFeatures, StagedClassifier
 from ..models.losses import stage_consistency_loss, stage_distillation_loss, task_loss
 from .evaluation import Predictions, compute_metrics, predict
 from .optim import Groups, learning_rates, phase_of_epoch, set_trainable
@@ -173,15 +173,19 @@ def end_epoch(state: TrainState, phase_no: int, train_stats: dict[str, float], s
     """Validate, log the epoch, keep the weights if they are the best on val so far, save the state."""
     p = state.progress
     epoch = p.epoch + 1
+    # What the model's predictions mix (Tip-Adapter-F's α, β; CLIP-Adapter's ratio), chosen on val first.
+    chosen = state.plain.select(state.val_features) if state.val_features is not None else {}
     # The epoch's line reports validation, so no separate line for it when stderr is not a terminal.
     val, val_preds = state.evaluate("val", progress=state.show and interactive())
     p.records.append({"epoch": epoch, "phase": phase_no, **train_stats, "val_loss": state.loss_of(val_preds),
                       **summary_scalars(val, "val"), "val_stage_accuracy": val.get("stage_accuracy"),
                       "lr": learning_rates(state.optimizer), "nga_weights": state.plain.nga_weights(),
-                      "fusion_weights": state.plain.fusion_weights(), "time_s": seconds})
+                      "fusion_weights": state.plain.fusion_weights(), "time_s": seconds,
+                      **({"selection": chosen} if chosen else {})})
     best = val["accuracy"] > p.best_accuracy
     if best:
         p.best_accuracy, p.best_epoch, p.best_val = val["accuracy"], epoch, val
+        p.best_selection = {**state.selection, **chosen}
         state.save_weights("model.safetensors")
     p.epoch, p.step_in_epoch, p.sums = epoch, 0, dict.fromkeys(SUM_KEYS, 0.0)
     state.save()
@@ -209,6 +213,7 @@ class Progress:
     best_accuracy: float = -1.0
     best_epoch: int = 0
     best_val: Optional[dict] = None
+    best_selection: dict = field(default_factory=dict)  # the model's choices on val behind the best weights
     records: list = field(default_factory=list)
 
 
@@ -233,6 +238,8 @@ class TrainState:
     fingerprint: dict  # the run's config and splits, stored with every saved state
     from_features: bool = False  # the loaders give cached layer features instead of images
     view: Optional[InputView] = None  # turns image-store batches into model inputs
+    selection: dict = field(default_factory=dict)  # the choices of the model's fit before training
+    val_features: Optional[LabelledFeatures] = None  # what the model's ``select`` reads after each epoch
     pseudo: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (teacher label, kept) per training image
     teacher: Optional[torch.Tensor] = None  # a finished run's logits per training image (train.distill)
     show: bool = True  # progress bars and evaluation lines

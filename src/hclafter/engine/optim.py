@@ -15,7 +15,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..core.config import PARAM_GROUPS, Config, PhaseConfig, tuned_groups
-from ..models import StagedClassifier
+from ..models import StagedClassifier, run_groups
 
 Groups = dict[str, dict[str, nn.Parameter]]  # group → parameter name → parameter
 
@@ -83,19 +83,21 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 
 
 def saved_parameter_names(model: StagedClassifier, cfg: Config) -> list[str]:
-    """What a run stores: everything outside the frozen tower, plus the tower parts any phase tunes."""
+    """What a run stores: every parameter outside the frozen tower, the tower parts the run tunes, and
+    the persistent buffers outside the tower (values a fit or a selection on validation set)."""
     groups = param_groups(model)
-    tuned = tuned_groups(cfg.train)
+    tuned = run_groups(cfg)
     keep = [g for g in PARAM_GROUPS if g not in ("layernorms", "backbone") or g in tuned]
-    return sorted(name for g in keep for name in groups[g])
+    buffers = set(model.state_dict()) - {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return sorted({name for g in keep for name in groups[g]} | {b for b in buffers if not b.startswith("visual.")})
 
 
 def trained_parameters(model: StagedClassifier, groups: Groups, cfg: Config) -> dict:
-    """Parameter counts: ``trained``, those that receive a gradient in some phase (a tuned group's
-    parameters less the model's inert ones); ``added``, the trained ones outside the CLIP tower;
-    ``by_group``, every group's size."""
+    """Parameter counts: ``trained``, those that receive a gradient in some phase or that a fit sets
+    (the run's groups' parameters less the model's inert ones); ``added``, the trained ones outside the
+    CLIP tower; ``by_group``, every group's size."""
     inert = model.inert_parameters()
-    tuned = tuned_groups(cfg.train)
+    tuned = run_groups(cfg)
     trained = {g: sum(p.numel() for n, p in groups[g].items() if n not in inert) for g in tuned}
     return {"trained": sum(trained.values()),
             "added": sum(n for g, n in trained.items() if g not in ("layernorms", "backbone")),

@@ -4,8 +4,8 @@ A run's resumable state (weights, optimizer, scheduler, epoch and step, every ra
 saved atomically after every epoch and every ``train.checkpoint_every_steps`` steps, in
 ``checkpoints/step-N/`` with ``checkpoints/latest.json`` pointing at the newest complete one;
 ``train_run(..., resume=True)`` continues from it and ends with the same summary as an
-uninterrupted run. The frozen baselines (zero-shot CLIP, the text-only classifier) are in
-``frozen.py``; the loop is ``loop.py``.
+uninterrupted run. The baselines without a loop (zero-shot CLIP, the text-only classifier, the
+methods fitted without gradient steps) are in ``frozen.py``; the loop is ``loop.py``.
 """
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ from ..core.metrics import HEADLINE
 from ..core.runtime import Runtime, cache_dir_of, make_runtime
 from ..data import SPLITS, DatasetSplits, eval_loader, load_splits, make_dataset, make_loader
 from ..data.splits import load_run_splits, save_run_splits
-from ..models import check_config
+from ..models import check_config, method_class
 from ..models.backbone import Backbone, backbone_from_config
 from ..models.text import train_stage1
 from . import runfiles, tracking
 from .evaluation import Classify, clip_classifier, efficiency, evaluate_classifier, predict
-from .frozen import evaluate_frozen
+from .frozen import evaluate_frozen, fit_frozen
 from .inference import build_run_model, load_run
 from .inputs import training_inputs
 from .loop import TrainingInterrupted, TrainState, fit
@@ -80,6 +80,8 @@ def _train_run(cfg: Config, out_dir: Path, progress: bool, resume: bool, figures
         data = load_run_splits(out_dir / "splits", cfg.data, cache)
     if cfg.mode != "train":
         return evaluate_frozen(cfg, out_dir, backbone, data, runtime, cache, show, started)
+    if not method_class(cfg.model.method).trained_by_gradient:
+        return fit_frozen(cfg, out_dir, backbone, data, runtime, cache, show, started)
 
     text_weight, stage1 = _stage1(cfg, out_dir, backbone, data.wheel, runtime, cache, resume)
     state, images = _prepare_training(cfg, out_dir, backbone, data, runtime, cache, text_weight, show)
@@ -187,6 +189,8 @@ def _prepare_training(cfg: Config, out_dir: Path, backbone: Backbone, data: Data
     # Everything any phase tunes requires grad while the model is wrapped (DDP registers those).
     set_trainable(model, groups, tuned_groups(cfg.train))
     inputs = training_inputs(cfg, backbone, data, model, runtime, cache, show)
+    val_features = inputs.features("val") if model.uses_split_features else None
+    selection = model.fit(inputs.features("train"), val_features) if val_features is not None else {}
     runtime.lower_frozen(model, [p for g in tuned_groups(cfg.train) for p in groups[g].values()])
     loaders = {split: make_loader(inputs.datasets[split],
                                   cfg.data.batch_size if split == "train" else cfg.data.eval_batch_size,
@@ -206,7 +210,8 @@ def _prepare_training(cfg: Config, out_dir: Path, backbone: Backbone, data: Data
                        optimizer=optimizer, scheduler=scheduler, loaders=dict(zip(SPLITS, split_loaders)),
                        train_sampler=train_sampler, train_paths=[s.path for s in data["train"]], wheel=data.wheel,
                        identity=backbone.identity, fingerprint=run_fingerprint(to_dict(cfg), out_dir / "splits"),
-                       from_features=inputs.from_features, view=inputs.view, show=show)
+                       from_features=inputs.from_features, view=inputs.view, selection=selection,
+                       val_features=val_features, show=show)
     return state, inputs.images
 
 
@@ -285,6 +290,8 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
         "skipped": data.skipped_summary(),
         "nonfinite_batches_skipped": p.skipped_batches,
     }
+    if p.best_selection:
+        summary["selection"] = p.best_selection
     weights = _image_fusion_weights(state, data.wheel)
     if weights is not None:
         summary["image_fusion_weights"] = weights

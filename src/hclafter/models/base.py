@@ -7,7 +7,7 @@ interface: the class attributes say what a method can do, so no other module nam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +23,15 @@ class ModelOutput:
     fusion_weights: Optional[torch.Tensor] = None  # [B, S], where the weights depend on the image
 
 
+@dataclass
+class LabelledFeatures:
+    """A split's cached ``forward_features`` output, batch second as ``forward_head`` takes it
+    ([layers, N, D]), with the split's labels [N]: what ``fit`` and ``select`` read."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+
 class StagedClassifier(nn.Module):
     """Base of the stage-wise models.
 
@@ -36,6 +45,16 @@ class StagedClassifier(nn.Module):
     shared_classifier: ClassVar[bool] = True
     # Whether ``forward_features`` is a fixed function of the image when no tower part trains.
     supports_feature_cache: ClassVar[bool] = False
+    # False: no gradient step trains the model; ``fit`` sets its weights and the run has no stage-2 loop
+    # (its phases do not apply), and ``fitted_groups`` are the groups the fit sets.
+    trained_by_gradient: ClassVar[bool] = True
+    fitted_groups: ClassVar[frozenset[str]] = frozenset()
+    # Whether ``fit`` and ``select`` read the cached features of the training and validation splits
+    # (the run then needs the feature cache).
+    uses_split_features: ClassVar[bool] = False
+    # Tensors whose first dimension is the number of training images (a cache of training features):
+    # built empty, sized by ``fit`` or, before a run's saved weights are loaded, by ``size_like``.
+    data_sized: ClassVar[tuple[str, ...]] = ()
     # Whether the model needs the stage-1 class text embeddings to be built.
     needs_class_embeddings: ClassVar[bool] = False
     # Stage rules: may stages share a layer; must they be consecutive runs covering 1..L in order.
@@ -52,8 +71,16 @@ class StagedClassifier(nn.Module):
 
     @classmethod
     def from_config(cls, backbone: Backbone, num_classes: int, cfg: ModelConfig,
-                    class_embeddings: Optional[torch.Tensor] = None) -> "StagedClassifier":
+                    class_embeddings: Optional[torch.Tensor] = None,
+                    class_names: Optional[Sequence[str]] = None) -> "StagedClassifier":
         raise NotImplementedError
+
+    @classmethod
+    def fixed_features(cls, cfg: ModelConfig, tuned: set[str]) -> bool:
+        """Whether ``forward_features`` is a fixed function of the image while the groups ``tuned``
+        train, so that it can be cached: no visual prompts, no tuned part of the image tower."""
+        tower = {"prompts", "layernorms", "backbone"}
+        return cls.supports_feature_cache and cfg.prompt_tokens == 0 and not tuned & tower
 
     @classmethod
     def check_stages(cls, stages: Sequence[Sequence[int]], depth: int) -> list[list[int]]:
@@ -84,6 +111,26 @@ class StagedClassifier(nn.Module):
     def inert_parameters(self) -> set[str]:
         """Parameters that no loss can move, whatever trains: they are not counted as trained."""
         return set()
+
+    def fit(self, train: LabelledFeatures, val: LabelledFeatures) -> dict:
+        """Set, from the frozen tower's features, what no gradient step trains (the whole model where
+        ``trained_by_gradient`` is False), choosing on the validation split what must be chosen; it
+        runs before training and never sees the test split. Returns the choices made, for summary.json.
+        Nothing to fit by default."""
+        return {}
+
+    def select(self, val: LabelledFeatures) -> dict:
+        """After each epoch, choose on the validation split the settings of the model's predictions that
+        no gradient sets (the epoch's validation and its checkpoint then use them); returns them.
+        Nothing to choose by default."""
+        return {}
+
+    def size_like(self, shapes: Mapping[str, Sequence[int]]) -> None:
+        """Give the ``data_sized`` tensors the shapes a saved run has for them, so its weights load."""
+        tensors = self.state_dict(keep_vars=True)
+        for name in self.data_sized:
+            if name in shapes:
+                tensors[name].data = tensors[name].new_zeros(tuple(shapes[name]))
 
     def forward_features(self, images: torch.Tensor) -> Any:
         raise NotImplementedError

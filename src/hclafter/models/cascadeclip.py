@@ -131,7 +131,8 @@ class CascadeCLIPClassifier(StagedClassifier):
 
     @classmethod
     def from_config(cls, backbone: Backbone, num_classes: int, cfg: ModelConfig,
-                    class_embeddings: Optional[torch.Tensor] = None) -> "CascadeCLIPClassifier":
+                    class_embeddings: Optional[torch.Tensor] = None,
+                    class_names: Optional[Sequence[str]] = None) -> "CascadeCLIPClassifier":
         if cfg.aggregation != "nga":
             raise ValueError(f"model.aggregation={cfg.aggregation} does not apply to this method: it learns its "
                              "own unnormalised layer weights")

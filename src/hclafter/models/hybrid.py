@@ -71,7 +71,8 @@ class HybridCascadeLaFTer(StagedClassifier):
 
     @classmethod
     def from_config(cls, backbone: Backbone, num_classes: int, cfg: ModelConfig,
-                    class_embeddings: Optional[torch.Tensor] = None) -> "HybridCascadeLaFTer":
+                    class_embeddings: Optional[torch.Tensor] = None,
+                    class_names: Optional[Sequence[str]] = None) -> "HybridCascadeLaFTer":
         return cls(backbone, num_classes, prompt_tokens=cfg.prompt_tokens, stages=cfg.stages,
                    stage_adapters=cfg.stage_adapters, nga_init_sigma=cfg.nga_init_sigma,
                    prompt_dropout=cfg.prompt_dropout, normalize_features=cfg.normalize_features,

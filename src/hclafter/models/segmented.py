@@ -53,7 +53,8 @@ class SegmentedLaFTer(StagedClassifier):
 
     @classmethod
     def from_config(cls, backbone: Backbone, num_classes: int, cfg: ModelConfig,
-                    class_embeddings: Optional[torch.Tensor] = None) -> "SegmentedLaFTer":
+                    class_embeddings: Optional[torch.Tensor] = None,
+                    class_names: Optional[Sequence[str]] = None) -> "SegmentedLaFTer":
         return cls(backbone, num_classes, stages=cfg.stages, stage_prompt_tokens=cfg.stage_prompt_tokens,
                    nga_init_sigma=cfg.nga_init_sigma, prompt_dropout=cfg.prompt_dropout,
                    normalize_features=cfg.normalize_features, aggregation=cfg.aggregation)

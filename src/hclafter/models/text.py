@@ -98,7 +98,7 @@ def class_texts(wheel: Wheel, descriptions: dict[str, list[str]], templates: Seq
             texts.append(text)
             labels.append(label)
     if tokenizer is not None:
-        too_long = _too_long(tokenizer, texts)
+        too_long = overlong_texts(tokenizer, texts)
         if too_long:
             i = too_long[0]
             raise TextCorpusError(f"{source}: {len(too_long)} text(s) exceed the {tokenizer.context_length}-token "
@@ -106,7 +106,8 @@ def class_texts(wheel: Wheel, descriptions: dict[str, list[str]], templates: Seq
     return texts, labels
 
 
-def _too_long(tokenizer, texts: Sequence[str]) -> list[int]:
+def overlong_texts(tokenizer, texts: Sequence[str]) -> list[int]:
+    """Indices of the texts longer than the tokenizer's context (open_clip would cut them silently)."""
     encode = getattr(tokenizer, "encode", None)
     limit = getattr(tokenizer, "context_length", None)
     if encode is None or limit is None:
@@ -128,7 +129,7 @@ def encode_texts(backbone: Backbone, texts: Sequence[str], cache_dir: Optional[P
             return load_checkpoint(cache, backbone.identity)["features"]
         except CheckpointError as e:
             warnings.warn(f"text-embedding cache entry failed verification, recomputing it: {e}", stacklevel=2)
-    too_long = _too_long(backbone.tokenizer, texts)
+    too_long = overlong_texts(backbone.tokenizer, texts)
     if too_long:
         raise TextCorpusError(f"{len(too_long)} text(s) exceed the {backbone.tokenizer.context_length}-token context, "
                               f"e.g. {texts[too_long[0]]!r}; shorten them")

@@ -145,8 +145,8 @@ def table_notes(rows: Sequence[dict], random_init: bool) -> str:
              "images (10,000 resamples); McNemar's exact p on the pooled paired predictions; the verdict says "
              "better/worse only when both the CI and p < 0.05 agree. KL: mean KL(target ‖ prediction); calibrated: "
              "after one temperature per run fitted on the validation split (NLL); ECE: 15 equal-width bins. "
-             "Trained params: parameters that receive a gradient in some phase (text-only trains its classifier "
-             "on text, not on images)."]
+             "Trained params: parameters that receive a gradient in some phase or that a fit without gradients "
+             "sets (the probes, Tip-Adapter's cache; text-only trains its classifier on text, not on images)."]
     if random_init:
         notes.append("**The backbone is random-initialised: these numbers carry no meaning about the methods.**")
     return "\n\n".join(notes) + "\n"

@@ -163,15 +163,15 @@ def _plot_weight_series(ax: Axes, records: list[dict], key: str, index: Sequence
 def plot_stage_weights(records: list[dict], path: Path, stages: Sequence[Sequence[int]] | None = None,
                        best_epoch: Optional[int] = None) -> None:
     """One panel per stage with its NGA weight on each block, and one with the stage fusion
-    weights, all on 0–1 against epoch; panels wrap at three per row. Writes nothing when the
-    records carry neither kind of weight (e.g. a model without NGA or fusion)."""
+    weights, all on 0–1 against epoch; panels wrap at three per row. Writes nothing when no stage
+    weighs several blocks and nothing is fused (e.g. a model on the final block alone)."""
     nga = [r["nga_weights"] for r in records if r.get("nga_weights")]
     fusion = [r["fusion_weights"] for r in records if r.get("fusion_weights")]
-    if not nga and not fusion:
-        return
-    num_stages = max([len(w) for w in nga] + [len(w) for w in fusion])
+    num_stages = max([len(w) for w in nga] + [len(w) for w in fusion], default=0)
     layers_per_stage = [max((len(w[s]) for w in nga if s < len(w)), default=0) for s in range(num_stages)]
     panels = [s for s in range(num_stages) if layers_per_stage[s] > 1] + (["fusion"] if fusion else [])
+    if not panels:
+        return
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(WIDTH, 3.2 * rows), squeeze=False)

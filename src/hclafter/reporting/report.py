@@ -179,9 +179,13 @@ def run_sections(run_dir: Path) -> list[Section]:
     test, plots = s["test"], run.run_dir / "plots"
     best = s.get("best_epoch")
     skipped = (s.get("skipped") or {}).get("count", 0)
+    untrained = ("fitted without gradient steps on the frozen tower's features of the training split"
+                 if s.get("selection") else "no image training: the frozen classifier is evaluated")
     facts = [
         f"checkpoint of epoch {best} of {s.get('epochs')}, selected on the validation split; the test split is "
-        "evaluated once with it" if best else "no image training: the frozen classifier is evaluated",
+        "evaluated once with it" if best else untrained,
+        *([f"chosen on the validation split: {', '.join(f'{k} = {v:.4g}' for k, v in s['selection'].items())}"]
+          if s.get("selection") else []),
         f"{s['num_samples']['test']} test images; {skipped} input(s) skipped"
         + (f"; {len(s['nonfinite_batches_skipped'])} non-finite batch(es) skipped"
            if s.get("nonfinite_batches_skipped") else ""),
@@ -255,7 +259,8 @@ def run_sections(run_dir: Path) -> list[Section]:
               f"Latency: median over batches of {eff['latency_batch']} on {hardware_text(info)}",
               label_columns=0),
         *([Table(["parameter group", "parameters"], by_group,
-                 "Size of each parameter group; trained: the parameters that receive a gradient in some phase")]
+                 "Size of each parameter group; trained: the parameters that receive a gradient in some phase "
+                 "or that a fit without gradients sets")]
           if by_group else [])]))
     sections.append(Section("Configuration", [
         "The resolved configuration (`config.yaml`): `hclafter train -c config.yaml --out DIR` re-creates the run.",
