@@ -18,6 +18,17 @@ TINY_CFG = {
 }
 
 
+def tiny_tower_flops(prompts: int = 0) -> int:
+    """FLOPs of TINY_CFG's image tower on one image, counted by hand: the patch convolution; per block
+    the QKV product, QKᵀ and AV, the out-projection and the MLP over the class, patch and ``prompts``
+    tokens; then the final projection."""
+    vision = TINY_CFG["vision_cfg"]
+    W, L, p, D = vision["width"], vision["layers"], vision["patch_size"], TINY_CFG["embed_dim"]
+    M, patches = int(W * vision["mlp_ratio"]), (vision["image_size"] // p) ** 2
+    T = 1 + patches + prompts
+    return 2 * patches * 3 * p * p * W + L * (2 * T * W * 3 * W + 4 * T * T * W + 2 * T * W * W + 4 * T * W * M) + 2 * W * D
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone():
     return load_backbone("tiny", model_cfg=TINY_CFG)

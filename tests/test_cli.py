@@ -1,21 +1,43 @@
 """End to end through the CLI: train the tiny config, evaluate, predict."""
+import contextlib
+import io
 import json
 
+import numpy as np
 import pytest
 
 from hclafter.apps.cli import main
+from hclafter.core.config import load_config
+from hclafter.engine.frozen import zeroshot_eval
 
 from .conftest import TINY_CONFIG
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, cache_dir):
+def trained(tmp_path_factory, cache_dir):
+    """The tiny config trained through the CLI: its run directory and what the command printed."""
     out = tmp_path_factory.mktemp("run")
-    assert main(["train", "-c", str(TINY_CONFIG), "--out", str(out), "--quiet", f"cache_dir={cache_dir}"]) == 0
-    return out
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(["train", "-c", str(TINY_CONFIG), "--out", str(out), "--quiet", f"cache_dir={cache_dir}"]) == 0
+    return out, printed.getvalue()
 
 
-def test_train_writes_the_run_directory(tiny_run):
+@pytest.fixture(scope="module")
+def tiny_run(trained):
+    return trained[0]
+
+
+def printed_table(metrics: dict) -> list[str]:
+    """The lines a command prints for a split's metrics: name and value to 4 decimals."""
+    rows = {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+            "polarity_accuracy": metrics["polarity_accuracy"],
+            **{f"stage{s}_accuracy": a for s, a in enumerate(metrics.get("stage_accuracy") or [], 1)},
+            **{f"ldl_{k}": v for k, v in metrics["ldl"].items()}}
+    return [f"{name} {value:.4f}" for name, value in rows.items()]
+
+
+def test_train_writes_the_run_directory(trained):
+    tiny_run, printed = trained
     for name in ("config.yaml", "run.json", "metrics.jsonl", "summary.json", "model.safetensors",
                  "last.safetensors", "predictions.csv", "splits/train.csv", "splits/val.csv", "splits/test.csv",
                  "plots/curves.png", "plots/confusion.png", "plots/stage_weights.png"):
@@ -39,6 +61,14 @@ def test_train_writes_the_run_directory(tiny_run):
     assert summary["parameters"]["added"] > 0
     n_test = len((tiny_run / "predictions.csv").read_text().splitlines()) - 1
     assert n_test == test["num_samples"] == summary["num_samples"]["test"]
+    # it prints a line per epoch (with --quiet too), where the run went with the epoch selected on val,
+    # and the test metrics of that checkpoint
+    lines = [" ".join(line.split()) for line in printed.splitlines()]
+    epochs, rest = lines[:len(records)], lines[len(records):]
+    assert [line.split(" acc ")[0] for line in epochs] == [
+        f"epoch {r['epoch']}/{len(records)} (phase {r['phase']}): train loss {r['train_loss']:.4f}" for r in records]
+    assert [n for n, line in enumerate(epochs, 1) if line.endswith("(best so far)")][-1] == summary["best_epoch"]
+    assert rest == [f"run written to {tiny_run} (best epoch {summary['best_epoch']} on val)", *printed_table(test)]
 
 
 def test_eval_reproduces_the_summary(tiny_run, capsys):
@@ -49,14 +79,18 @@ def test_eval_reproduces_the_summary(tiny_run, capsys):
 
 
 def test_predict_prints_label_and_distribution(tiny_run, capsys):
+    import hclafter
+
     image = (tiny_run / "splits" / "test.csv").read_text().splitlines()[1].split(",")[0]
     capsys.readouterr()
     assert main(["predict", str(tiny_run), image, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["image"] == image
-    assert set(result["distribution"]) == {"amusement", "contentment", "awe", "excitement", "fear", "sadness",
-                                           "disgust", "anger"}
-    assert sum(result["distribution"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert list(result["distribution"]) == ["amusement", "contentment", "awe", "excitement", "fear", "sadness",
+                                            "disgust", "anger"]
+    # the run's prediction for that image, printed to 6 decimals
+    expected = hclafter.load_run(tiny_run).predict([image]).distributions[0]
+    assert list(result["distribution"].values()) == pytest.approx(expected, abs=1e-6)
     assert result["label"] == max(result["distribution"], key=result["distribution"].get)
 
 
@@ -87,7 +121,14 @@ def test_errors_are_reported_without_traceback(tmp_path, capsys):
     assert "config file not found" in capsys.readouterr().err
 
 
-def test_zeroshot_runs(capsys, cache_dir):
-    assert main(["zeroshot", "-c", str(TINY_CONFIG), "--json", f"cache_dir={cache_dir}"]) == 0
+def test_zeroshot_prints_the_zero_shot_metrics(capsys, cache_dir):
+    overrides = [f"cache_dir={cache_dir}"]
+    assert main(["zeroshot", "-c", str(TINY_CONFIG), "--json", *overrides]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics["num_samples"] > 0 and 0.0 <= metrics["accuracy"] <= 1.0
+    # zero-shot CLIP's metrics on the test split (computed again in this process: exactly the same)
+    assert metrics == zeroshot_eval(load_config([TINY_CONFIG], overrides), "test", progress=False)
+    matrix = np.array(metrics["confusion_matrix"])
+    assert metrics["num_samples"] == matrix.sum() > 0 and metrics["accuracy"] == np.trace(matrix) / matrix.sum()
+    assert main(["zeroshot", "-c", str(TINY_CONFIG), *overrides]) == 0  # without --json: the table, last
+    lines, table = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines()], printed_table(metrics)
+    assert lines[-len(table):] == table

@@ -98,7 +98,9 @@ def test_shipped_toy_clip_gives_the_documented_zeroshot_accuracy(tmp_path):
     cfg.data.synthetic.per_class = 150
     assert backbone_from_config(cfg.backbone).identity["weights"]["sha256"]
     accuracy = zeroshot_eval(cfg, "test", progress=False)["accuracy"]
-    assert accuracy == pytest.approx(TOY_CLIP_ZEROSHOT_ACCURACY, abs=0.02)
+    # 233 of 360 test images, on the machine that stored it and here: the constant is rounded (3e-4)
+    # and another CPU's kernels may flip a near-tie or two (1/360 each); more is a change.
+    assert accuracy == pytest.approx(TOY_CLIP_ZEROSHOT_ACCURACY, abs=0.006)
     assert accuracy > 2 / 8
 
 
@@ -189,4 +191,5 @@ def test_toy_clip_training_script_reproduces_the_shipped_zeroshot_accuracy(tmp_p
     info = json.loads((tmp_path / "training.json").read_text())
     shipped = json.loads((toy_clip_dir() / "training.json").read_text())
     assert info["seed"] == shipped["seed"]
+    # retrained for 500 steps: another CPU's rounding moves the weights, hence the README's 2 points
     assert info["demo_test_zeroshot"]["accuracy"] == pytest.approx(TOY_CLIP_ZEROSHOT_ACCURACY, abs=0.02)

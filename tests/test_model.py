@@ -6,6 +6,8 @@ import torch
 from hclafter.engine.evaluation import count_gflops
 from hclafter.model import NGA, HybridCascadeLaFTer
 
+from .conftest import tiny_tower_flops
+
 
 def test_nga_weights_match_the_spec():
     # w_k = exp(-(n-k)^2 / 2): exp(-4.5), exp(-2), exp(-0.5) = 0.011109, 0.135335, 0.606531; sum 0.752975
@@ -108,7 +110,6 @@ def test_flop_count_includes_attention_in_eval_mode(tiny_backbone):
     """Counted GFLOPs of the image tower equal the hand count: patch conv, per block QKV, QKᵀ and AV,
     out-projection, MLP; then the final projection. The eval-mode fused attention must be counted."""
     model = tiny_backbone.model.eval()
-    W, L, T, M, D, p = 32, 12, 1 + 16, 64, 32, 8
-    hand = 2 * 16 * 3 * p * p * W + L * (2 * T * W * 3 * W + 4 * T * T * W + 2 * T * W * W + 4 * T * W * M) + 2 * W * D
+    hand = tiny_tower_flops()
     assert count_gflops(model.encode_image, torch.randn(1, 3, 32, 32)) * 1e9 == pytest.approx(hand, rel=1e-12)
     assert torch.backends.mha.get_fastpath_enabled()  # restored after counting

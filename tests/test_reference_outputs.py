@@ -1,6 +1,8 @@
 """Reference outputs stored before the code was reorganised: every training method config's
-logits on fixed inputs, and the summary.json of tiny training runs. A refactoring must keep them
-bit-identical on the same machine.
+logits on fixed inputs, and the summary.json of tiny training runs. They were stored on another
+machine (Intel, AMX kernels), so they are compared with a tolerance per quantity (SPEC §12), each
+below what a one-line change of a formula moves them by (NGA's 2σ² → σ², the consistency weight
+0.1 → 0.2); passing here against that machine's values is what shows the tests are portable.
 
 Regenerate (only when a change of numbers is intended, and say so in the commit):
 ``python -m tests.test_reference_outputs``.
@@ -12,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -70,7 +73,45 @@ def test_method_logits_equal_the_stored_reference():
     now = method_logits()
     assert set(stored) <= set(now)  # method configs added later have no reference
     for key, value in stored.items():
-        assert torch.equal(now[key], value), key
+        # float32 logits of |z| ≤ 0.2 after 12 blocks: other CPUs' kernels (AVX2, default, oneDNN AVX2
+        # here, against the AMX reference) move them by ≤ 1.2e-7; NGA's 2σ² → σ² by ≥ 1.7e-3.
+        torch.testing.assert_close(now[key], value, rtol=0, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+# Tolerance of each float quantity of a run summary, found by the nearest key on its path (leaf
+# first); integers and strings (counts, epochs, parameter counts, confusion matrices) compare
+# exactly, and so does a float with no entry here, so that a new one needs a stated tolerance.
+SUMMARY_TOLERANCES = {
+    # float64 over float32 probabilities: other kernels move them by ≤ 1.1e-7 relative; the
+    # consistency weight 0.1 → 0.2 moves the hybrid's test_last ones by 2e-6 to 7e-6.
+    "ldl": {"rel": 1e-6, "abs": 0},
+    # one float32 loss: other kernels move it by one ulp (6e-8 relative).
+    "final_loss": {"rel": 1e-6, "abs": 0},
+    # ratios of argmax counts over 8 or 16 images: one flipped prediction moves them by ≥ 1/16,
+    # more than any tolerance may hide, and none flips (smallest top-2 probability margin in these
+    # runs' prediction files 1.4e-4, kernel noise ≤ 1e-7); only float64 rounding of averages may differ.
+    **dict.fromkeys(("accuracy", "macro_f1", "polarity_accuracy", "stage_accuracy", "precision", "recall", "f1"),
+                    {"rel": 0, "abs": 1e-12}),
+}
+
+
+def assert_matches(got, want, tolerances: dict, path: tuple = ()) -> None:
+    """``got`` equals the JSON value ``want`` key by key; a float within the tolerance of the nearest
+    key on its path that has one (``pytest.approx`` keywords), exactly otherwise."""
+    where = "/".join(map(str, path))
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for key in want:
+            assert_matches(got[key], want[key], tolerances, (*path, key))
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_matches(g, w, tolerances, (*path, i))
+    elif isinstance(want, float):
+        tolerance = next((tolerances[k] for k in reversed(path) if k in tolerances), {"rel": 0, "abs": 0})
+        assert got == pytest.approx(want, **tolerance), where
+    else:
+        assert type(got) is type(want) and got == want, where
 
 
 def summaries_in_fresh_process(out_dir: Path) -> dict:
@@ -83,7 +124,8 @@ def summaries_in_fresh_process(out_dir: Path) -> dict:
 
 
 def test_tiny_training_run_summaries_equal_the_stored_reference(tmp_path):
-    assert summaries_in_fresh_process(tmp_path) == json.loads(SUMMARY.read_text(encoding="utf-8"))
+    assert_matches(summaries_in_fresh_process(tmp_path), json.loads(SUMMARY.read_text(encoding="utf-8")),
+                   SUMMARY_TOLERANCES)
 
 
 if __name__ == "__main__":

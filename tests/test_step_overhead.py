@@ -1,4 +1,7 @@
-"""The step-overhead removals and the bf16 tower keep the numbers: bit for bit on the tiny tower."""
+"""The step-overhead removals and the bf16 tower keep the numbers: bit for bit where the same
+kernels run on the same operands (CLS taps, bf16 weights against autocast, compiled with the eager
+backend); to float rounding where the arithmetic is reordered (differently shaped products), whose
+last bits depend on the CPU's kernels (SPEC §12)."""
 import copy
 
 import pytest
@@ -46,7 +49,12 @@ def test_sdpa_attention_equals_the_multihead_slow_path(backbone, cast):
     ours = lambda x: x + block.ls_1(block.attention(block.ln_1(x)))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
         expected, got = outputs_and_grads(original, tokens, params), outputs_and_grads(ours, tokens, params)
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    # The projections run on [B·T, W] instead of [T·B, W] tokens: equal here, but another CPU's GEMM may
+    # round the last bit differently (vit.py sees it on large towers); under autocast that bit can
+    # flip a bf16 rounding (2⁻⁸ relative). A wrong head split or scale moves them by O(1).
+    tolerance = {"rtol": 1.6e-2, "atol": 1e-2} if cast else {"rtol": 1e-5, "atol": 1e-5}
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a, **tolerance)
     with profile() as prof, torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
         ours(tokens)
     names = {e.name for e in prof.events()}
@@ -99,7 +107,10 @@ def test_batched_stage_adapters_equal_the_stage_by_stage_ones(backbone):
     stage_by_stage = lambda x: torch.stack([a(x[s]) for s, a in enumerate(model.adapters)])
     expected = outputs_and_grads(stage_by_stage, z, params)
     got = outputs_and_grads(lambda x: adapt_stages(model.adapters, x), z, params)
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    # baddbmm over the stacked weights sums in another order than each adapter's addmm: values and
+    # gradients up to 11 differ by ≤ 1.9e-6 here (2 ulps); a wrong stage or a transposed weight: O(0.1).
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
 # The methods that read the tower differently (the hybrid's variants read it as the hybrid does).
