@@ -11,7 +11,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from filelock import FileLock, Timeout
 
@@ -62,18 +62,26 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(data: Any) -> str:
+    """How hclafter writes JSON files."""
+    return json.dumps(data, indent=2) + "\n"
+
+
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, json_text(data))
 
 
 @contextmanager
-def writing(what: Path) -> Iterator[None]:
-    """Turn a failed write (disk full, quota, permissions) into a message that says what is safe."""
+def writing(what: Path, run: Optional[Path] = None) -> Iterator[None]:
+    """Turn a failed write (disk full, quota, permissions) into a message that says what is safe and
+    what to run next: ``--resume`` only where the run being written (``run``) has a saved state."""
     try:
         yield
     except OSError as e:
+        then = ("continue with --resume" if run is not None and (Path(run) / "checkpoints" / "latest.json").is_file()
+                else "run the command again")
         raise RunError(f"cannot write {what}: {e}. Files written earlier are intact (every write is atomic); "
-                       "free space or fix permissions, then continue with --resume") from None
+                       f"free space or fix permissions, then {then}") from None
 
 
 def read_json(path: Path) -> Any:
@@ -109,6 +117,7 @@ def read_jsonl(path: Path) -> list:
 
 # The lock file and the note saying who holds it; both stay out of a cleared run directory.
 LOCK_FILE, HOLDER_FILE = ".hclafter.lock", ".hclafter.lock.json"
+LOCK_FILES = (LOCK_FILE, HOLDER_FILE)
 _held: dict[str, int] = {}  # folders this process holds → nesting depth
 
 
@@ -178,7 +187,7 @@ def run_lock(folder: Path) -> Iterator[None]:
 def clear_run_dir(folder: Path) -> None:
     """Remove everything in a run directory except its lock (whose holder is the caller)."""
     for entry in Path(folder).iterdir():
-        if entry.name in (LOCK_FILE, HOLDER_FILE):
+        if entry.name in LOCK_FILES:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

@@ -241,7 +241,7 @@ def _teacher_run_logits(teacher_dir: Path, data: DatasetSplits, out_dir: Path, s
                      desc="teacher", progress=show).logits
     order = [teacher.wheel.classes.index(c) for c in data.wheel.classes]
     logits = torch.from_numpy(logits[:, order]).float()
-    with writing(path):
+    with writing(path, out_dir):
         save_checkpoint(path, {"logits": logits})
     return logits
 
@@ -295,7 +295,7 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
                             hardware=tracking.hardware(state.runtime),
                             efficiency=efficiency(lambda x: state.classify(x, images=True),
                                                   sample.to(state.runtime.device)))
-        with writing(out_dir):
+        with writing(out_dir, out_dir):
             runfiles.write_predictions(out_dir, "test", preds, data["test"], data.wheel)
             runfiles.write_predictions(out_dir, "val", val_preds, data["val"], data.wheel)
             if figures is not None:

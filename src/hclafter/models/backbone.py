@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..core.config import BackboneConfig, ConfigError, looks_like_path
+from ..core.integrity import sha256_file
 from .vit import use_sdpa_attention
 
 # Keys OpenAI stores beside the weights; their presence marks an OpenAI checkpoint (QuickGELU).
@@ -50,11 +51,7 @@ class Backbone:
 
 @lru_cache(maxsize=16)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(Path(path))
 
 
 def file_sha256(path: Path) -> str:
