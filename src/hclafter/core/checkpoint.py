@@ -38,18 +38,22 @@ def content_hash(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], identity: Optional[dict] = None) -> str:
-    """Atomically write ``tensors`` with their content hash and the backbone identity; return the hash."""
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], identity: Optional[dict] = None,
+                    extra: Optional[dict[str, str]] = None) -> str:
+    """Atomically write ``tensors`` with their content hash, the backbone identity and ``extra``
+    metadata (checked by :func:`load_checkpoint`'s ``expect``); return the hash."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     digest = content_hash(tensors)
-    metadata = {"format": FORMAT, "content_sha256": digest,
+    metadata = {**(extra or {}), "format": FORMAT, "content_sha256": digest,
                 "backbone": json.dumps(identity, sort_keys=True) if identity is not None else ""}
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
     return digest
 
 
-def load_checkpoint(path: Path, identity: Optional[dict] = None) -> dict[str, torch.Tensor]:
-    """Read a checkpoint, verifying its content hash and (when given) the backbone identity."""
+def load_checkpoint(path: Path, identity: Optional[dict] = None,
+                    expect: Optional[dict[str, str]] = None) -> dict[str, torch.Tensor]:
+    """Read a checkpoint, verifying its content hash, the metadata in ``expect`` and (when given)
+    the backbone identity."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint missing")
@@ -63,6 +67,10 @@ def load_checkpoint(path: Path, identity: Optional[dict] = None) -> dict[str, to
         raise CheckpointError(f"{path}: not an hclafter checkpoint (format {metadata.get('format')!r})")
     if content_hash(tensors) != metadata.get("content_sha256"):
         raise CheckpointError(f"{path}: content hash mismatch: the file is corrupt (a byte changed on disk)")
+    for key, value in (expect or {}).items():
+        if metadata.get(key) != value:
+            raise CheckpointError(f"{path}: its {key} does not match the files beside it: one of them is damaged "
+                                  "or from another export")
     if identity is not None and metadata.get("backbone"):
         saved = json.loads(metadata["backbone"])
         if saved != identity:

@@ -2,6 +2,7 @@
 Run-directory locks: one process at a time writes a run."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -56,6 +57,38 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if isinstance(e, OSError) and e.errno is not None:  # name the file meant, not the temporary one
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
+
+
+@contextmanager
+def staging_dir(target: Path) -> Iterator[Path]:
+    """A new folder beside ``target`` (on its file system, so that :func:`replace_dir` can rename it
+    there), with the permissions ``mkdir`` would give it; removed at the end unless renamed. Folders
+    staged for ``target`` by processes that have died are removed first."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        pid = stale.name[len(target.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
+    try:
+        os.chmod(staged, 0o777 & ~_umask())
+        yield staged
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def replace_dir(staged: Path, target: Path) -> None:
+    """Rename ``staged`` to ``target``: a kill leaves at ``target`` the old folder, the new one, or
+    for an instant neither (the old one then lies beside it, hidden, until the next staging)."""
+    staged, target = Path(staged), Path(target)
+    if target.exists():
+        old = target.with_name(f".{target.name}.{os.getpid()}.old.tmp")
+        os.replace(target, old)
+        os.replace(staged, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, target)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
