@@ -400,7 +400,7 @@ def check_images(run: TrainedRun, count: int = 8) -> torch.Tensor:
     lines = test.read_text(encoding="utf-8").splitlines()[1:] if test.is_file() else []
     for line in lines:
         try:
-            tensors.append(run.backbone.preprocess(load_rgb(line.split(",")[0])))
+            tensors.append(run.backbone.preprocess(load_rgb(line.split(",")[0], max_pixels=run.cfg.data.max_image_pixels)))
         except ImageError:
             continue
         if len(tensors) == count:

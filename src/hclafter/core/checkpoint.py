@@ -168,8 +168,11 @@ def config_differences(before: dict, after: dict) -> list[str]:
 
 
 def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys as overrides name them: lists of mappings or lists by entry (``train.phases.0.epochs``)."""
     flat: dict[str, Any] = {}
     for key, value in node.items():
+        if isinstance(value, list) and value and all(isinstance(v, (dict, list)) for v in value):
+            value = {str(i): v for i, v in enumerate(value)}
         if isinstance(value, dict) and value:
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:

@@ -33,7 +33,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..core.config import DataConfig
+from ..core.config import MAX_IMAGE_PIXELS, DataConfig
 from ..core.integrity import RowFile, rebuild_warning
 from .images import ImageError, load_rgb
 from .loading import EmotionImages
@@ -71,15 +71,16 @@ def _stamp(path: str) -> tuple[int, int]:
 class _Decode(Dataset):
     """(row, CHW uint8 pixels) of the images to (re)decode."""
 
-    def __init__(self, paths: Sequence[str], rows: Sequence[int], steps: Callable, shape: tuple[int, int, int]) -> None:
-        self.paths, self.rows, self.steps, self.shape = list(paths), list(rows), steps, shape
+    def __init__(self, paths: Sequence[str], rows: Sequence[int], steps: Callable, shape: tuple[int, int, int],
+                 max_pixels: int) -> None:
+        self.paths, self.rows, self.steps, self.shape, self.max_pixels = list(paths), list(rows), steps, shape, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, np.ndarray]:
         try:
-            pixels = np.asarray(self.steps(load_rgb(self.paths[index]))).transpose(2, 0, 1)
+            pixels = np.asarray(self.steps(load_rgb(self.paths[index], max_pixels=self.max_pixels))).transpose(2, 0, 1)
         except ImageError as e:
             raise DataError(str(e)) from None
         if pixels.shape != self.shape:
@@ -115,7 +116,8 @@ class ImageStore:
                             len(paths), "image-store")
         return cls(file, paths)
 
-    def update(self, paths: Sequence[str], steps: T.Compose, workers: int = 0, progress: bool = True) -> int:
+    def update(self, paths: Sequence[str], steps: T.Compose, workers: int = 0, progress: bool = True,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> int:
         """Decode the rows of ``paths`` never decoded, whose file changed since, or that fail their
         digest (with a warning); returns how many."""
         rows = [self.row_of[path] for path in paths]
@@ -132,7 +134,7 @@ class ImageStore:
         if need > free:
             raise DataError(f"image store: {len(rows)} images need {need / 1e9:.1f} GB in {self.pixels_file.parent}, "
                             f"{free / 1e9:.1f} GB are free; set cache_dir to a larger disk or data.image_store=off")
-        decode = _Decode([self.paths[r] for r in rows], rows, steps, self.shape)
+        decode = _Decode([self.paths[r] for r in rows], rows, steps, self.shape, max_pixels)
         loader = DataLoader(decode, batch_size=64, num_workers=workers, collate_fn=_stack)
         for batch_rows, batch in tqdm(loader, desc=f"image store ({len(rows)} images)", leave=False,
                                       disable=not progress):
@@ -213,6 +215,6 @@ def stored_datasets(image_sets: dict[str, EmotionImages], preprocess_cfg: Any, c
         shape = (3, h + h // MARGIN, w + w // MARGIN) if margin else (3, h, w)
         store = ImageStore.open(everything, steps, shape, cache_dir)
         store.update(sorted({s.path for split in splits for s in image_sets[split].samples}), steps,
-                     cfg.num_workers, progress)
+                     cfg.num_workers, progress, cfg.max_image_pixels)
         out.update({split: StoredImages(image_sets[split], store) for split in splits})
     return out, InputView(preprocess_cfg, augment)

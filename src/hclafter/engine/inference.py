@@ -176,7 +176,8 @@ class TrainedRun:
             tensor = None
             if error is None:
                 try:
-                    rgb = to_rgb(source) if isinstance(source, Image.Image) else load_rgb(source)
+                    rgb = to_rgb(source) if isinstance(source, Image.Image) else \
+                        load_rgb(source, max_pixels=self.cfg.data.max_image_pixels)
                     tensor = self.backbone.preprocess(rgb)
                 except ImageError as e:
                     error = str(e)
