@@ -359,7 +359,8 @@ class EmotionModel(ModelHubMixin, library_name="hclafter", pipeline_tag="image-c
                                            cache_dir=cache_dir, force_download=force_download,
                                            local_files_only=local_files_only, token=token))
         try:
-            tensors = load_checkpoint(weights, expect={"config_sha256": config_sha256(config)})
+            tensors = load_checkpoint(weights, expect={"config_sha256": (config_sha256(config),
+                                                                          Path(model_id) / "config.json")})
         except CheckpointError as e:
             raise ExportError(f"{e}; export the run again") from None
         return cls(config, tensors, backbone_weights, device)

@@ -51,9 +51,9 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], identity: Opti
 
 
 def load_checkpoint(path: Path, identity: Optional[dict] = None,
-                    expect: Optional[dict[str, str]] = None) -> dict[str, torch.Tensor]:
-    """Read a checkpoint, verifying its content hash, the metadata in ``expect`` and (when given)
-    the backbone identity."""
+                    expect: Optional[dict[str, tuple[str, Path]]] = None) -> dict[str, torch.Tensor]:
+    """Read a checkpoint, verifying its content hash, (when given) the backbone identity, and each
+    ``expect`` key: its metadata value must be the digest of the file that comes with it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint missing")
@@ -67,10 +67,10 @@ def load_checkpoint(path: Path, identity: Optional[dict] = None,
         raise CheckpointError(f"{path}: not an hclafter checkpoint (format {metadata.get('format')!r})")
     if content_hash(tensors) != metadata.get("content_sha256"):
         raise CheckpointError(f"{path}: content hash mismatch: the file is corrupt (a byte changed on disk)")
-    for key, value in (expect or {}).items():
+    for key, (value, other) in (expect or {}).items():
         if metadata.get(key) != value:
-            raise CheckpointError(f"{path}: its {key} does not match the files beside it: one of them is damaged "
-                                  "or from another export")
+            raise CheckpointError(f"{other} is not the file {path} was written with ({key} differs): one of them "
+                                  "is damaged, or they come from different exports")
     if identity is not None and metadata.get("backbone"):
         saved = json.loads(metadata["backbone"])
         if saved != identity:

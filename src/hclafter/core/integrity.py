@@ -82,10 +82,10 @@ class RowFile:
         missing or unusable."""
         path, dtype = Path(path), cls.layout(fields)
         if path.is_file():
-            try:
-                records = np.load(path, mmap_mode="r+", allow_pickle=False)
+            try:  # read-only first: opened for writing, NumPy would silently extend a truncated file
+                records = np.load(path, mmap_mode="r", allow_pickle=False)
                 if records.dtype == dtype and records.shape == (count,):
-                    return cls(path, records)
+                    return cls(path, np.load(path, mmap_mode="r+", allow_pickle=False))
                 why = f"a {records.dtype} array of shape {records.shape}, not {count} records of {what}"
             except (ValueError, OSError, EOFError) as e:  # a pickle or object array, truncated, empty, foreign
                 why = " ".join(str(e).split()) or type(e).__name__

@@ -98,6 +98,7 @@ class TrainedRun:
         for name in (runfiles.CONFIG, runfiles.INFO, "model.safetensors"):
             if not (self.run_dir / name).is_file():
                 raise not_a_run(self.run_dir, name)
+        runfiles.verify(self.run_dir, [runfiles.INFO, "text_classifier.safetensors", "model.safetensors"])
         self.cfg = runfiles.read_config(self.run_dir)
         info = runfiles.read_info(self.run_dir)
         verify_run_files(self.run_dir, info, to_dict(self.cfg))

@@ -7,9 +7,10 @@ backbone identity, hardware, timings, and the config and split hashes it was mad
 ``summary.json`` (what it computed; written last, it marks the run as finished), and the
 weights and resumable state (``core/checkpoint.py``).
 
-``checksums.json``, written just before the summary, records the sha256 of every file of the
-finished run (the summary's included); each reader here checks its file against it, so a damaged
-file is named instead of read. Runs finished before it was written are read unchecked.
+``checksums.json``, written just before the summary, records the sha256 of every other file of the
+finished run (the summary's included; config.yaml and the split lists are checked against what
+run.json records); each reader here checks its file against it, so a damaged file is named instead
+of read. Runs finished before it was written are read unchecked.
 """
 from __future__ import annotations
 
@@ -53,25 +54,32 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def _sealed_names(run_dir: Path) -> list[str]:
-    """The run's own files: those of its folder and of ``splits/`` (the state has ``latest.json``)."""
-    top = [p.name for p in run_dir.iterdir() if p.is_file() and p.suffix in SEALED_SUFFIXES
-           and p.name not in (CHECKSUMS, *LOCK_FILES)]
-    splits = [f"splits/{p.name}" for p in (run_dir / "splits").glob("*") if p.is_file()]
-    return sorted(top + splits)
+    """The run's own files in its folder. Not config.yaml and ``splits/``: run.json records them, and
+    a change is named key by key (core/checkpoint.py: verify_run_files); nor the state, which
+    ``latest.json`` records."""
+    return sorted(p.name for p in run_dir.iterdir() if p.is_file() and p.suffix in SEALED_SUFFIXES
+                  and p.name not in (CHECKSUMS, CONFIG, *LOCK_FILES))
+
+
+def verify(run_dir: Path, names: Sequence[str]) -> None:
+    """Check these files of a run against its checksums.json (when the run has one): an
+    IntegrityError names the first that differs, before anything reads them."""
+    run_dir = Path(run_dir)
+    record = run_dir / CHECKSUMS
+    if not record.is_file():
+        return
+    digests = read_json(record)
+    digests = digests.get("sha256") if isinstance(digests, dict) else None
+    unlisted = [n for n in names if not isinstance(digests, dict) or n not in digests]
+    if unlisted:
+        raise IntegrityError(f"{record} is damaged: it does not list {unlisted[0]}; restore it from a backup")
+    verify_files(run_dir, digests, record, names)
 
 
 def checked(run_dir: Path, name: str) -> Path:
-    """``run_dir/name``, after checking it against the run's checksums.json (when the run has one);
-    IntegrityError naming the file otherwise."""
-    run_dir = Path(run_dir)
-    record = run_dir / CHECKSUMS
-    if record.is_file():
-        digests = read_json(record)
-        digests = digests.get("sha256") if isinstance(digests, dict) else None
-        if not isinstance(digests, dict) or name not in digests:
-            raise IntegrityError(f"{record} is damaged: it does not list {name}; restore it from a backup")
-        verify_files(run_dir, digests, record, [name])
-    return run_dir / name
+    """``run_dir/name``, after :func:`verify`."""
+    verify(run_dir, [name])
+    return Path(run_dir) / name
 
 
 def _unseal(run_dir: Path) -> None:
@@ -89,7 +97,7 @@ def write_config(run_dir: Path, cfg: Config) -> None:
 
 
 def read_config(run_dir: Path) -> Config:
-    return load_config([checked(run_dir, CONFIG)])
+    return load_config([Path(run_dir) / CONFIG])
 
 
 def saved_run_config(run_dir: Path) -> dict:

@@ -52,12 +52,12 @@ class RunFiles:
         if not (run_dir / runfiles.INFO).is_file():
             raise not_a_run(run_dir, runfiles.INFO)
         info = runfiles.read_info(run_dir)
+        summary = summary if summary is not None else runfiles.read_summary(run_dir)
+        records, test = runfiles.read_records(run_dir), runfiles.read_predictions(run_dir, "test", info["classes"])
         # eval and predict refuse an edited config.yaml or split list: so does the report of its figures
         verify_run_files(run_dir, info, to_dict(runfiles.read_config(run_dir)))
-        config = run_dir / runfiles.CONFIG
-        return cls(run_dir, summary if summary is not None else runfiles.read_summary(run_dir), info,
-                   runfiles.read_records(run_dir), config.read_text(encoding="utf-8", errors="replace"),
-                   runfiles.read_predictions(run_dir, "test", info["classes"]))
+        config = (run_dir / runfiles.CONFIG).read_text(encoding="utf-8", errors="replace")
+        return cls(run_dir, summary, info, records, config, test)
 
     @property
     def classes(self) -> list[str]:
