@@ -27,7 +27,7 @@ def test_cached_runs_match_uncached_ones_and_share_the_cache(tmp_path, cache_dir
     cached = train_run(cfg(), tmp_path / "cached", progress=False)
     files = sorted((tmp_path / "cache" / "features").glob("*.npy"))
     assert len(files) == 1  # all images of the dataset, whatever the split
-    assert np.load(files[0], mmap_mode="r").shape[1:] == (8, 64)  # layers 5..12, joint dim 64
+    assert np.load(files[0], mmap_mode="r")["features"].shape[1:] == (8, 64)  # layers 5..12, joint dim 64
     for split in ("val", "test"):
         # the cache encodes the images in other batches than training does, so the features may differ
         # in the last bits: argmax counts stay exact (no near-tie), LDL metrics to float32 rounding

@@ -98,10 +98,9 @@ def test_a_changed_image_file_invalidates_its_entry(photos, tmp_path):
     changed = photos[2].path
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(changed)
     os.utime(changed, ns=(1, 1))  # a new stamp even where the clock is coarse
-    (folder,) = (cache / "images").iterdir()
-    store = ImageStore(folder)
     paths = [s.path for s in photos]
     steps = resize_steps(CFG)
+    store = ImageStore.open(paths, steps, (3, 64, 64), cache)
     assert store.update(paths, steps, progress=False) == 1  # only the changed file is decoded again
     assert store.update(paths, steps, progress=False) == 0
     after = batch(stored["test"])  # the datasets read the updated row
@@ -112,13 +111,12 @@ def test_a_changed_image_file_invalidates_its_entry(photos, tmp_path):
 def test_runs_read_the_store_and_prepare_fills_it(tmp_path):
     cache = tmp_path / "cache"
     assert main(["data", "prepare", "-c", str(TINY_CONFIG), f"cache_dir={cache}", *SHORT]) == 0
-    (folder,) = (cache / "images").iterdir()
-    stamps = np.load(folder / "stamps.npy")
-    assert (stamps >= 0).all()  # every image of every split decoded
-    written = (folder / "pixels.npy").stat().st_mtime_ns
+    (store,) = (cache / "images").iterdir()
+    assert np.load(store)["stamp"].all()  # every image of every split decoded
+    written = store.stat().st_mtime_ns
     cfg = lambda *more: load_config([TINY_CONFIG], [*SHORT, f"cache_dir={cache}", *more])
     stored = train_run(cfg(), tmp_path / "stored", progress=False)
-    assert (folder / "pixels.npy").stat().st_mtime_ns == written  # nothing decoded again
+    assert store.stat().st_mtime_ns == written  # nothing decoded again
     plain = train_run(cfg("data.image_store=off"), tmp_path / "plain", progress=False)
     assert stored == plain  # the same tensors, so the same run to the bit
     augmented = train_run(cfg("data.train_augment=crop_flip"), tmp_path / "augmented", progress=False)

@@ -98,10 +98,19 @@ def test_clutter_adds_shapes_of_another_emotion():
 def test_conditions_reject_out_of_range_values():
     with pytest.raises(ValueError, match="Conditions.noise"):
         world.Conditions(noise=-0.1)
-    with pytest.raises(ValueError, match="Conditions.clutter is a probability"):
+    with pytest.raises(ValueError, match=r"Conditions.clutter must be in \[0, 1\], got 1.5"):
         world.Conditions(clutter=1.5)
-    with pytest.raises(ValueError, match="Conditions.light"):
+    with pytest.raises(ValueError, match=r"Conditions.light must be in \(0, 4\]"):
         world.Conditions(light=0.0)
+    # every nuisance has an upper bound: a blur of sd 1e6 pixels asked for 786 TiB, one of 1000 took minutes
+    with pytest.raises(ValueError, match=r"Conditions.blur must be in \[0, 16\], got 1000000.0"):
+        world.Conditions(blur=1.0e6)
+    for name, (low, low_in, high) in world.BOUNDS.items():
+        world.Conditions(**{name: high})
+        with pytest.raises(ValueError, match=f"Conditions.{name} must be in"):
+            world.Conditions(**{name: high * 1.001})
+        with pytest.raises(ValueError, match=f"Conditions.{name} must be in"):
+            world.Conditions(**{name: float("nan")})
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -133,7 +142,9 @@ def test_loader_lists_worlds_on_an_unknown_name():
     (GOOD.replace("hurts: fine", "hurts: colour"), r"mine.yaml: hurts must be one of none, global, fine, both"),
     (GOOD.replace("why: Because.\n", ""), r"mine.yaml: missing key 'why'"),
     (GOOD.replace("blur: 0.5", "blur: a lot"), r"mine.yaml: conditions.blur must be a finite number"),
-    (GOOD.replace("blur: 0.5", "clutter: 2"), r"mine.yaml: Conditions.clutter is a probability"),
+    (GOOD.replace("blur: 0.5", "clutter: 2"), r"mine.yaml: Conditions.clutter must be in \[0, 1\], got 2"),
+    (GOOD.replace("blur: 0.5", "blur: 1.0e6"), r"mine.yaml: conditions.blur: '1.0e6' is text to YAML, which reads an "
+                                                r"exponent only with its sign; write 1.0e\+6"),
     ("- blur\n", r"mine.yaml: a world is a mapping"),
 ])
 def test_loader_errors_name_the_file_and_key(tmp_path, text, message):

@@ -65,7 +65,7 @@ def test_a_corrupt_saved_state_stops_resume_without_touching_the_run(finished, t
     latest = json.loads((copy / "checkpoints" / "latest.json").read_text())
     flip_byte(copy / "checkpoints" / latest["folder"] / "optimizer.safetensors")
     before = (copy / "summary.json").read_bytes()
-    with pytest.raises(RunError, match="cannot resume, the saved state is unreadable.*content hash mismatch"):
+    with pytest.raises(RunError, match=r"cannot resume, the saved state is unreadable.*optimizer\.safetensors: content differs from the sha256 that .*latest\.json recorded"):
         train_run(config(cache_dir), copy, progress=False, resume=True)
     assert (copy / "summary.json").read_bytes() == before
 
@@ -148,10 +148,10 @@ BAD_CONFIGS = [
     ("train.loss.lam=1.5", r"train.loss.lam must be in \[0, 1\], got 1.5"),
     ("train.loss.temperature=0", r"train.loss.temperature must be in \(0, ∞\)"),
     ("train.phases=[]", "at least one phase"),
-    ("train.phases=[{epochs: 0, train: [fusion]}]", r"train.phases\[0\].epochs must be >= 1"),
+    ("train.phases=[{epochs: 0, train: [fusion]}]", r"train\.phases\.0\.epochs must be in \[1, 100000\], got 0"),
     ("train.phases=[{epochs: 1, train: [adapters]}]", r"unknown groups \['adapters'\]"),
     ("train.phases=[{epochs: 1, train: [fusion], stages: [4]}]", r"stage numbers must be in 1\.\.3"),
-    ("train.lr.nga=-1", r"learning rates must be > 0"),
+    ("train.lr.nga=-1", r"train\.lr\.nga must be in \(0, ∞\), got -1"),
     ("train.lr.adapterz=0.1", r"train.lr: unknown groups \['adapterz'\]"),
     ("data.batch_size=0", r"data.batch_size must be in \[1, ∞\)"),
     ("data.split_ratios=[0.9, 0.0, 0.1]", "val > 0"),
@@ -161,7 +161,7 @@ BAD_CONFIGS = [
     ("precision=fp8", "precision: 'fp8' is not one of fp32, bf16, fp16"),
     ("train.on_nonfinite=ignore", "train.on_nonfinite"),
     ("text.label_smoothing=1.0", r"text.label_smoothing must be in \[0, 1\)"),
-    ("model.decoder_heads=0", r"model.decoder_heads must be in \[1, ∞\)"),
+    ("model.decoder_heads=0", r"model.decoder_heads must be in \[1, 256\], got 0"),
 ]
 
 

@@ -8,11 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from omegaconf import OmegaConf
 
@@ -20,7 +18,6 @@ from hclafter.core import files
 from hclafter.models.backbone import BackboneError, load_backbone
 from hclafter.apps.cli import main
 from hclafter.core.config import load_config, to_dict
-from hclafter.engine.inputs import layer_feature_file
 from hclafter.engine.run import train_run
 
 from ..conftest import ROOT, TINY_CFG, TINY_CONFIG
@@ -179,59 +176,8 @@ def test_sweep_refuses_finished_runs_of_a_changed_sweep_file_or_reruns_them(data
         holder.wait()
 
 
-# 5. a damaged run directory: one line naming the file (exit 2), never a traceback
-
-
-def _truncate(path):
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-def _garbage(path):
-    path.write_bytes(b"\xff\xfe\x00\x01garbage\x80" * 20)
-
-
-COMMANDS = {  # (run directory, an image, a scratch folder) → command line
-    "eval": lambda run, image, tmp: ["eval", str(run)],
-    "predict": lambda run, image, tmp: ["predict", str(run), str(image)],
-    "report": lambda run, image, tmp: ["report", str(run)],
-    "export": lambda run, image, tmp: ["export", str(run), "--format", "hf", str(tmp / "hf")],
-    "train --resume": lambda run, image, tmp: ["train", "--out", str(run), "--resume", "--quiet"],
-}
-# What each command needs; any other damaged file it does not read (or, resuming, rewrites).
-NEEDS = {
-    "eval": {"config.yaml", "run.json", "summary.json", "model.safetensors", "text_classifier.safetensors",
-             "splits/test.csv"},
-    "predict": {"config.yaml", "run.json", "model.safetensors", "text_classifier.safetensors", "splits/test.csv"},
-    "report": {"run.json", "summary.json", "metrics.jsonl", "splits/test.csv"},
-    "export": {"config.yaml", "run.json", "summary.json", "model.safetensors", "text_classifier.safetensors",
-               "splits/test.csv"},
-    "train --resume": {"config.yaml", "model.safetensors", "text_classifier.safetensors", "splits/test.csv",
-                       "checkpoints/latest.json"},
-}
-RUN_FILES = ["config.yaml", "run.json", "summary.json", "metrics.jsonl", "model.safetensors",
-             "text_classifier.safetensors", "splits/test.csv", "checkpoints/latest.json"]
-# Resuming rewrites these from the saved state: one kind of damage is enough (each case trains a little).
-REWRITTEN = {"run.json", "summary.json", "metrics.jsonl"}
-
-
-CASES = [pytest.param(command, name, damage, id=f"{command}-{name}-{damage.__name__[1:]}")
-         for command in COMMANDS for name in RUN_FILES for damage in (_truncate, _garbage)
-         if not (command == "train --resume" and name in REWRITTEN and damage is _truncate)]
-
-
-@pytest.mark.parametrize("command, name, damage", CASES)
-def test_a_damaged_run_file_gives_one_line_and_exit_2(command, name, damage, finished, dataset, tmp_path, capsys):
-    copy = copy_of(finished, tmp_path)
-    damage(copy / name)
-    code = main(COMMANDS[command](copy, next((dataset / "awe").iterdir()), tmp_path))
-    err = error_line(capsys)
-    if name in NEEDS[command]:
-        assert code == 2, err
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and str(copy) in lines[0], err
-    else:
-        assert code == 0, err
+# 5. a damaged run directory: one line naming the file (exit 2), never a traceback; every damage of
+# every file under every command that reads it: test_corruption_matrix.py
 
 
 def test_a_config_yaml_cut_anywhere_gives_one_line(finished, tmp_path, capsys):
@@ -285,26 +231,6 @@ def test_weights_of_another_architecture_are_a_backbone_error(tmp_path):
     save_file({k: v.half().contiguous() for k, v in state.items()}, tmp_path / "other.safetensors")
     with pytest.raises(BackboneError, match=r"other\.safetensors: weights do not fit backbone\.name='tiny'"):
         load_backbone("tiny", str(tmp_path / "other.safetensors"), model_cfg=TINY_CFG)
-
-
-def test_a_feature_cache_file_holding_objects_is_recomputed_with_a_warning(tmp_path):
-    class Model(torch.nn.Module):
-        extraction_layers = [11, 12]
-
-        def forward_features(self, images):
-            return torch.stack([images.mean(dim=(2, 3)), images.amax(dim=(2, 3))])  # [layers, B, 3]
-
-    images = [{"image": torch.full((3, 4, 4), float(i))} for i in range(5)]
-    path = tmp_path / "features" / "key.npy"
-    path.parent.mkdir()
-    np.save(path, np.array([{"not": "features"}] * 5, dtype=object), allow_pickle=True)
-    with pytest.warns(UserWarning, match="key.npy: feature-cache file unusable .*recomputing it"):
-        features = layer_feature_file(Model(), images, "key", tmp_path, 2, torch.device("cpu"), progress=False)
-    assert features.shape == (5, 2, 3) and features.dtype == np.float32
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the repaired file is used as it is
-        again = layer_feature_file(Model(), images, "key", tmp_path, 2, torch.device("cpu"), progress=False)
-    assert np.array_equal(again, features)
 
 
 # 9. broken links and absent classes are reported, macro-F1 covers the classes present

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 from ..version import __version__
@@ -305,6 +306,12 @@ def command(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
     return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: Optional[str] = None) -> None:
+    """A command's warnings as one line each (Python's add the source file and line of the call)."""
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     # Overrides may stand anywhere on the line (also after --out), which plain argparse rejects.
@@ -328,7 +335,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .describe import DescribeError
 
     try:
-        return command(args)(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            return command(args)(args)
     except (ConfigError, DataError, ImageError, BackboneError, RunError, DeviceError, TextCorpusError,
             DescribeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,7 +8,8 @@ captions, and writes ``{class: [sentence, ...]}``, the JSON that ``text.descript
 
 Cleaning, applied to all replies at the end (the raw replies are what is saved while running):
 
-* replies are split into lines; numbering (``1.``, ``2)``, ``(3)``), bullets (``-``, ``*``, ``•``),
+* terminal escape sequences and control characters (NUL, ...) are removed; replies are split into
+  lines; numbering (``1.``, ``2)``, ``(3)``), bullets (``-``, ``*``, ``•``),
   ``Caption:`` prefixes, markdown emphasis and surrounding quotes are stripped; blank lines and
   introductions ending in ``:`` are skipped;
 * sentences longer than CLIP's context (``len(SimpleTokenizer().encode(s)) + 2 > 77``) are dropped;
@@ -184,12 +185,17 @@ class ChatClient:
     def _parse(self, payload: bytes) -> str:
         try:
             choices = json.loads(payload.decode("utf-8"))["choices"]
-            contents = [choice["message"].get("content") or "" for choice in choices]
+            contents = [choice["message"].get("content") for choice in choices]
         except (ValueError, KeyError, TypeError, AttributeError):
             raise ChatError(f"{self.url}: not a chat-completions response: {payload[:200]!r}") from None
         if not contents:
             raise ChatError(f"{self.url}: the response has no choices: {payload[:200]!r}")
-        return "\n".join(contents)
+        texts = [c for c in contents if isinstance(c, str)]
+        if not texts:  # a refusal, a tool call, or a reasoning model that spent its tokens thinking
+            reasons = sorted({str(choice.get("finish_reason")) for choice in choices})
+            raise ChatError(f"{self.url}: the model answered without text (message.content is null; finish_reason "
+                            f"{', '.join(reasons)}); try another --model, or a larger max_tokens on the server")
+        return "\n".join(texts)
 
 
 class _HTTPStatus(Exception):
@@ -296,15 +302,19 @@ def build_prompt(question: str, class_name: str, per_question: int) -> str:
     return question.format(c=class_name.replace("_", " ")) + " " + INSTRUCTION.format(count=count)
 
 
+# Terminal escape sequences (CSI, OSC, two-byte) and the other C0/C1 control characters (NUL, ...):
+# they would travel into the descriptions file and the text encoder.
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _LEADER = re.compile(r"^\s*(?:[-*•·‣▪–—>+]+|\(?\d{1,3}[.):\]](?!\d)|#\d{1,3}[.:)]?)\s*")
 _LABEL = re.compile(r"^(?:caption|sentence|description)\s*\d*\s*[:.)-]\s*", re.IGNORECASE)
 _QUOTES = "\"'“”‘’«»`"
 
 
 def parse_reply(text: str) -> list[str]:
-    """One caption per non-empty line, without numbering, bullets, labels or surrounding quotes."""
+    """One caption per non-empty line, without control characters, numbering, bullets, labels or
+    surrounding quotes."""
     sentences = []
-    for line in text.splitlines():
+    for line in _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n")).splitlines():
         s = line.strip()
         previous = None
         while s != previous:

@@ -7,11 +7,18 @@ weights. ``EmotionModel`` saves, loads and pushes it the way ``huggingface_hub``
 
 The ONNX graph maps preprocessed images to fused probabilities and per-stage logits, for runtimes
 without PyTorch; its metadata carries the class order and the preprocessing to apply.
+
+Both are written where nothing reads them (a staging folder beside the target, or memory), checked
+(the directory loaded back and compared with the run; the graph's metadata and ONNX Runtime against
+PyTorch) and only then renamed into place: a kill at any moment leaves the previous export or none.
+``model.safetensors`` records the content hash of its tensors and of ``config.json``, so a damaged
+directory is refused on loading.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import re
@@ -26,12 +33,12 @@ from huggingface_hub import ModelHubMixin, hf_hub_download
 from omegaconf import OmegaConf
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..core.config import BackboneConfig, ModelConfig, to_dict
 from ..core.emotions import Wheel
-from ..core.files import RunError
+from ..core.files import RunError, atomic_write_bytes, atomic_write_text, replace_dir, staging_dir, write_json
 from ..data.images import ImageError, load_rgb, to_rgb
 from ..engine import runfiles
 from ..engine.inference import Prediction, TrainedRun, load_run
@@ -39,8 +46,10 @@ from ..models import build_model, method_class
 from ..models.backbone import Backbone, backbone_from_config, file_sha256
 from ..version import __version__
 
-HF_FORMAT = "hclafter-hf/1"
+HF_FORMAT = "hclafter-hf/2"  # 2: model.safetensors records the sha256 of its tensors and of config.json
+HF_FILES = ("config.json", "model.safetensors", "README.md")
 ONNX_OPSET = 21
+ONNX_METADATA = ("hclafter_format", "hclafter_version", "classes", "preprocess", "backbone", "outputs")
 SUMMARY_KEYS = ("accuracy", "macro_f1", "polarity_accuracy")
 
 
@@ -68,6 +77,12 @@ def _exported_tensors(run: TrainedRun, include_backbone: bool) -> dict[str, torc
     return tensors
 
 
+def _weights_file(run: TrainedRun) -> Optional[str]:
+    """The run's backbone weights file, where it has one."""
+    weights = run.backbone.identity["weights"]
+    return run.cfg.backbone.pretrained if isinstance(weights, dict) and "file" in weights else None
+
+
 def _seed_results(run_dir: Path) -> list[dict]:
     """Test metrics of this run and, inside a sweep (``.../seedN``), of its sibling seeds."""
     siblings = [run_dir]
@@ -76,8 +91,7 @@ def _seed_results(run_dir: Path) -> list[dict]:
                           key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
     results = []
     for folder in siblings:
-        summary = runfiles.read_summary(folder)
-        seed = runfiles.read_info(folder)["config"]["seed"]
+        summary, seed = runfiles.read_summary(folder), runfiles.read_config(folder).seed
         test = summary["test"]
         results.append({"seed": seed, "exported": folder.resolve() == run_dir.resolve(),
                         **{k: test[k] for k in SUMMARY_KEYS}, "kl": test["ldl"]["kl"],
@@ -224,9 +238,6 @@ class EmotionModel(ModelHubMixin, library_name="hclafter", pipeline_tag="image-c
 
     def __init__(self, config: dict, tensors: dict, backbone_weights: Optional[str] = None,
                  device: str = "cpu") -> None:
-        if config.get("format") != HF_FORMAT:
-            raise ExportError(f"config.json: format {config.get('format')!r} is not {HF_FORMAT!r}; "
-                              "export the run again with `hclafter export RUN --format hf OUT`")
         self.config, self.tensors = config, tensors
         self.device = torch.device(device)
         self.wheel = Wheel.from_dict(config["wheel"])
@@ -289,9 +300,7 @@ class EmotionModel(ModelHubMixin, library_name="hclafter", pipeline_tag="image-c
     def from_run(cls, run: TrainedRun | str | Path, include_backbone: bool = False) -> "EmotionModel":
         """The model of a finished run (rebuilt from what would be saved, so it checks the export)."""
         run = run if isinstance(run, TrainedRun) else load_run(run, device="cpu", precision="fp32")
-        weights = run.backbone.identity["weights"]
-        file = run.cfg.backbone.pretrained if isinstance(weights, dict) and "file" in weights else None
-        return cls(hf_config(run, include_backbone), _exported_tensors(run, include_backbone), file)
+        return cls(hf_config(run, include_backbone), _exported_tensors(run, include_backbone), _weights_file(run))
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -316,10 +325,24 @@ class EmotionModel(ModelHubMixin, library_name="hclafter", pipeline_tag="image-c
 
     def _save_pretrained(self, save_directory: Path) -> None:
         save_directory = Path(save_directory)
-        (save_directory / "config.json").write_text(json.dumps(self.config, indent=2) + "\n", encoding="utf-8")
-        save_file(self.tensors, str(save_directory / "model.safetensors"),
-                  metadata={"format": HF_FORMAT, "backbone": json.dumps(self.config["backbone"]["identity"])})
-        (save_directory / "README.md").write_text(model_card(self.config), encoding="utf-8")
+        write_json(save_directory / "config.json", self.config)
+        save_checkpoint(save_directory / "model.safetensors", self.tensors, self.config["backbone"]["identity"],
+                        {"config_sha256": config_sha256(self.config)})
+        atomic_write_text(save_directory / "README.md", model_card(self.config))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "EmotionModel":
+        """As ``huggingface_hub``'s, with a local directory's damaged ``config.json`` an ExportError
+        naming it (the mixin would raise the JSON parser's error)."""
+        config = Path(pretrained_model_name_or_path) / "config.json"
+        if config.is_file():
+            try:
+                parsed = json.loads(config.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ExportError(f"{config} is unreadable or corrupt ({e}); export the run again") from None
+            if not isinstance(parsed, dict):
+                raise ExportError(f"{config} is not a JSON object; export the run again")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: Optional[str], cache_dir: Optional[str | Path],
@@ -328,6 +351,9 @@ class EmotionModel(ModelHubMixin, library_name="hclafter", pipeline_tag="image-c
                          device: str = "cpu") -> "EmotionModel":
         if config is None:
             raise ExportError(f"{model_id}: no config.json; not an hclafter model directory or Hub repository")
+        if config.get("format") != HF_FORMAT:
+            raise ExportError(f"{model_id}/config.json: format {config.get('format')!r} is not {HF_FORMAT!r}; "
+                              "export the run again with `hclafter export RUN --format hf OUT`")
         if Path(model_id).is_dir():
             weights = Path(model_id) / "model.safetensors"
             if not weights.is_file():
@@ -336,21 +362,40 @@ class EmotionModel(ModelHubMixin, library_name="hclafter", pipeline_tag="image-c
             weights = Path(hf_hub_download(repo_id=model_id, filename="model.safetensors", revision=revision,
                                            cache_dir=cache_dir, force_download=force_download,
                                            local_files_only=local_files_only, token=token))
-        return cls(config, load_file(str(weights)), backbone_weights, device)
+        try:
+            tensors = load_checkpoint(weights, expect={"config_sha256": (config_sha256(config),
+                                                                          Path(model_id) / "config.json")})
+        except CheckpointError as e:
+            raise ExportError(f"{e}; export the run again") from None
+        return cls(config, tensors, backbone_weights, device)
+
+
+def config_sha256(config: dict) -> str:
+    """The digest of an exported model's settings (as parsed: whitespace does not count)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def export_hf(run_dir: str | Path, out_dir: str | Path, include_backbone: bool = False) -> Path:
-    """Write the run as a Hugging Face model directory, after checking that the exported model
-    predicts the run's own test images exactly as the run does."""
+    """Write the run as a Hugging Face model directory: staged beside ``out_dir``, loaded back and
+    checked to predict the run's own test images exactly as the run does, then renamed into place
+    (an earlier export there is replaced; a folder holding anything else is refused)."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or not {p.name for p in out.iterdir()} <= set(HF_FILES)):
+        raise ExportError(f"{out} holds other files than an exported model's ({', '.join(HF_FILES)}); choose a new "
+                          "or empty folder")
     run = load_run(run_dir, device="cpu", precision="fp32")
     exported = EmotionModel.from_run(run, include_backbone)
     images = check_images(run)
     expected = run.predict(images).distributions
-    got = exported.predict(images).distributions
-    if not np.allclose(got, expected, atol=1e-6, rtol=0):
-        raise ExportError(f"exported model differs from the run by {np.abs(got - expected).max():.2e}; not written")
-    exported.save_pretrained(out_dir)
-    return Path(out_dir)
+    with staging_dir(out) as staged:
+        exported.save_pretrained(staged)
+        reloaded = EmotionModel.from_pretrained(staged, backbone_weights=_weights_file(run))
+        got = reloaded.predict(images).distributions
+        if not np.allclose(got, expected, atol=1e-6, rtol=0):
+            raise ExportError(f"exported model differs from the run by {np.abs(got - expected).max():.2e}; not "
+                              "written")
+        replace_dir(staged, out)
+    return out
 
 
 def check_images(run: TrainedRun, count: int = 8) -> torch.Tensor:
@@ -360,7 +405,7 @@ def check_images(run: TrainedRun, count: int = 8) -> torch.Tensor:
     lines = test.read_text(encoding="utf-8").splitlines()[1:] if test.is_file() else []
     for line in lines:
         try:
-            tensors.append(run.backbone.preprocess(load_rgb(line.split(",")[0])))
+            tensors.append(run.backbone.preprocess(load_rgb(line.split(",")[0], max_pixels=run.cfg.data.max_image_pixels)))
         except ImageError:
             continue
         if len(tensors) == count:
@@ -384,31 +429,34 @@ class OnnxGraph(nn.Module):
         return out.logits.float().softmax(-1), out.stage_logits.float()
 
 
-def write_onnx(model: nn.Module, path: str | Path, example: torch.Tensor,
-               metadata: Optional[dict[str, str]] = None) -> Path:
-    """Export ``model`` (in eval mode) as one ONNX graph with a dynamic batch axis."""
+def onnx_bytes(model: nn.Module, example: torch.Tensor, metadata: Optional[dict[str, str]] = None) -> bytes:
+    """``model`` (in eval mode) as one serialised ONNX graph with a dynamic batch axis."""
     try:
-        import onnx
+        import onnx  # noqa: F401 (the exporter needs it)
     except ImportError as e:
         raise missing_extra("ONNX export", "onnx", e) from None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     graph = OnnxGraph(model).eval()
     batch = torch.export.Dim("batch", min=1)
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter reports each of its passes
-        torch.onnx.export(graph, (example,), str(path), input_names=["images"],
-                          output_names=["probabilities", "stage_logits"], dynamic_shapes={"images": {0: batch}},
-                          opset_version=ONNX_OPSET, dynamo=True, external_data=False)
-    proto = onnx.load(str(path))
+        program = torch.onnx.export(graph, (example,), None, input_names=["images"],
+                                    output_names=["probabilities", "stage_logits"],
+                                    dynamic_shapes={"images": {0: batch}}, opset_version=ONNX_OPSET, dynamo=True)
+    proto = program.model_proto
     for key, value in (metadata or {}).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
-    return path
+    return proto.SerializeToString()
 
 
-def onnx_session(path: str | Path, threads: Optional[int] = None) -> Any:
-    """An ONNX Runtime CPU session."""
+def write_onnx(model: nn.Module, path: str | Path, example: torch.Tensor,
+               metadata: Optional[dict[str, str]] = None) -> Path:
+    """Export ``model`` as an ONNX file (written atomically)."""
+    atomic_write_bytes(Path(path), onnx_bytes(model, example, metadata))
+    return Path(path)
+
+
+def onnx_session(model: str | Path | bytes, threads: Optional[int] = None) -> Any:
+    """An ONNX Runtime CPU session of a file or a serialised graph."""
     try:
         import onnxruntime as ort
     except ImportError as e:
@@ -416,12 +464,15 @@ def onnx_session(path: str | Path, threads: Optional[int] = None) -> Any:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=["CPUExecutionProvider"])
 
 
 def export_onnx(run_dir: str | Path, out_path: str | Path, tolerance: float = 1e-4) -> dict[str, Any]:
-    """Write the run's model as ONNX and check it against PyTorch with ONNX Runtime on CPU on up to 8
-    test images; a larger difference than ``tolerance`` is an error."""
+    """Write the run's model as ONNX, after checking the graph in memory: its metadata, and ONNX
+    Runtime on CPU against PyTorch on up to 8 test images (a larger difference than ``tolerance`` is
+    an error). Only a graph that passes is written (atomically) to ``out_path``."""
+    path = Path(out_path)
     run = load_run(run_dir, device="cpu", precision="fp32")
     config = hf_config(run, include_backbone=False)
     images = check_images(run)
@@ -429,15 +480,20 @@ def export_onnx(run_dir: str | Path, out_path: str | Path, tolerance: float = 1e
                 "classes": json.dumps(config["classes"]), "preprocess": json.dumps(config["preprocess"]),
                 "backbone": json.dumps(config["backbone"]["identity"]),
                 "outputs": "probabilities [batch, classes] (fused, softmax); stage_logits [stages, batch, classes]"}
-    path = write_onnx(run.model, out_path, images[:2], metadata)
-    probs, stages = onnx_session(path).run(None, {"images": images.numpy()})
+    graph = onnx_bytes(run.model, images[:2], metadata)
+    session = onnx_session(graph)
+    absent = [k for k in ONNX_METADATA if session.get_modelmeta().custom_metadata_map.get(k) != metadata[k]]
+    if absent:
+        raise ExportError(f"{path}: the exported graph lacks the metadata {absent}; not written")
+    probs, stages = session.run(None, {"images": images.numpy()})
     with torch.no_grad():
         out = run.model.forward_stages(images)
     diff = max(float(np.abs(probs - out.logits.softmax(-1).numpy()).max()),
                float(np.abs(stages - out.stage_logits.numpy()).max()))
     if diff > tolerance:
         raise ExportError(f"{path}: ONNX Runtime differs from PyTorch by {diff:.2e} (> {tolerance:g}) on "
-                          f"{len(images)} images")
+                          f"{len(images)} images; not written")
+    atomic_write_bytes(path, graph)
     return {"path": str(path), "opset": ONNX_OPSET, "images_checked": len(images), "max_abs_diff": diff}
 
 

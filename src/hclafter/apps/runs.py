@@ -109,8 +109,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2) if args.json else
               describe_result(result) + "\n\n" + _metrics_table(result["metrics"]))
         return 0
-    metrics = run.evaluate(args.split, progress=not args.json)
     best = runfiles.read_summary(run.run_dir).get("best_epoch") if runfiles.is_finished(run.run_dir) else None
+    metrics = run.evaluate(args.split, progress=not args.json)
     checkpoint = f"checkpoint of epoch {best} (selected on val)" if best else "the run's model"
     header = f"{run.run_dir}: {args.split} split, {metrics['num_samples']} images, {checkpoint}"
     if args.json:

@@ -18,11 +18,11 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from ..data.images import ImageError, load_rgb
+from ..core.config import MAX_IMAGE_PIXELS
+from ..data.images import ImageError, ImageTooLarge, load_rgb
 from ..engine.inference import TrainedRun, load_run
 from .export import missing_extra
 
-MAX_PIXELS = 50_000_000  # decoded size of the largest accepted upload (≈ 150 MB as RGB)
 MAX_FILE_SIZE = "25mb"
 POSITIVE, NEGATIVE = "#e8912d", "#3b6ea8"
 
@@ -81,7 +81,7 @@ class Analyser:
     """The demo's computation, separate from the page: checks an upload, runs the model once, and
     returns the top emotions, the wheel figure, the per-stage table and the image as classified."""
 
-    def __init__(self, run: TrainedRun, max_pixels: int = MAX_PIXELS) -> None:
+    def __init__(self, run: TrainedRun, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
         self.run, self.max_pixels = run, max_pixels
         self.stages = getattr(run.model, "stages", None)
 
@@ -89,20 +89,20 @@ class Analyser:
         """The upload as RGB, or ValueError with a message for the person who uploaded it."""
         name = Path(path).name
         try:
-            with Image.open(path) as im:
-                width, height = im.size
+            with Image.open(path):
+                pass
         except Image.DecompressionBombError:
             raise ValueError(f"{name}: the image is too large to decode safely; upload one under "
                              f"{self.max_pixels / 1e6:.0f} megapixels") from None
         except (OSError, SyntaxError, ValueError):
             raise ValueError(f"{name} is not an image this demo can read (JPEG, PNG, WebP, BMP, GIF, TIFF ...)") \
                 from None
-        if width * height > self.max_pixels:
-            raise ValueError(f"{name} is {width}×{height} = {width * height / 1e6:.0f} megapixels; upload one under "
-                             f"{self.max_pixels / 1e6:.0f} megapixels (the model sees "
-                             f"{self.run.backbone.preprocess_cfg.size} pixels anyway)")
         try:
-            return load_rgb(path)
+            return load_rgb(path, max_pixels=self.max_pixels)
+        except ImageTooLarge as e:
+            raise ValueError(f"{name} is {e.width}×{e.height} = {e.width * e.height / 1e6:.0f} megapixels; upload one "
+                             f"under {self.max_pixels / 1e6:.0f} megapixels (the model sees "
+                             f"{self.run.backbone.preprocess_cfg.size} pixels anyway)") from None
         except ImageError as e:
             raise ValueError(str(e).replace(str(path), name)) from None
 
@@ -125,7 +125,7 @@ class Analyser:
         return top, wheel_figure(wheel.classes, probs, wheel.polarity, wheel.name), rows, _display(image)
 
 
-def build_app(run: TrainedRun, max_pixels: int = MAX_PIXELS) -> Any:
+def build_app(run: TrainedRun, max_pixels: int = MAX_IMAGE_PIXELS) -> Any:
     """The Gradio page of ``run``; its one API endpoint is ``/predict`` (an image file in)."""
     gr = _gradio()
     analyse = Analyser(run, max_pixels)
@@ -163,7 +163,7 @@ def build_app(run: TrainedRun, max_pixels: int = MAX_PIXELS) -> Any:
 
 
 def serve(run_dir: str | Path, host: str = "127.0.0.1", port: int = 7860, device: Optional[str] = None,
-          max_pixels: int = MAX_PIXELS) -> None:
+          max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     """Serve the demo until interrupted."""
     _gradio()  # fail before loading the model when the extra is missing
     run = load_run(run_dir, device=device, precision="fp32")

@@ -1,5 +1,6 @@
 """Safetensors checkpoints that carry a content hash and the backbone identity, verified on load,
-and a run's resumable training state built from them. Nothing here unpickles."""
+and a run's resumable training state built from them: ``checkpoints/latest.json`` names the newest
+complete state and records the sha256 of every file a resume reads. Nothing here unpickles."""
 from __future__ import annotations
 
 import hashlib
@@ -15,13 +16,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .files import RunError, atomic_write_bytes, write_json
+from .files import RunError, atomic_write_bytes, read_json, write_json
+from .integrity import file_digests, sha256_file, verify_files
 
 FORMAT = "hclafter-checkpoint/1"
 
 
 class CheckpointError(RunError):
     """A checkpoint that is unreadable, corrupt, or belongs to another backbone."""
+
+
+STATE_KEYS = ("progress", "optimizer_groups", "scheduler", "rng", "fingerprint")  # what state.json holds
 
 
 def content_hash(tensors: dict[str, torch.Tensor]) -> str:
@@ -33,18 +38,22 @@ def content_hash(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], identity: Optional[dict] = None) -> str:
-    """Atomically write ``tensors`` with their content hash and the backbone identity; return the hash."""
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], identity: Optional[dict] = None,
+                    extra: Optional[dict[str, str]] = None) -> str:
+    """Atomically write ``tensors`` with their content hash, the backbone identity and ``extra``
+    metadata (checked by :func:`load_checkpoint`'s ``expect``); return the hash."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     digest = content_hash(tensors)
-    metadata = {"format": FORMAT, "content_sha256": digest,
+    metadata = {**(extra or {}), "format": FORMAT, "content_sha256": digest,
                 "backbone": json.dumps(identity, sort_keys=True) if identity is not None else ""}
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
     return digest
 
 
-def load_checkpoint(path: Path, identity: Optional[dict] = None) -> dict[str, torch.Tensor]:
-    """Read a checkpoint, verifying its content hash and (when given) the backbone identity."""
+def load_checkpoint(path: Path, identity: Optional[dict] = None,
+                    expect: Optional[dict[str, tuple[str, Path]]] = None) -> dict[str, torch.Tensor]:
+    """Read a checkpoint, verifying its content hash, (when given) the backbone identity, and each
+    ``expect`` key: its metadata value must be the digest of the file that comes with it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint missing")
@@ -58,6 +67,10 @@ def load_checkpoint(path: Path, identity: Optional[dict] = None) -> dict[str, to
         raise CheckpointError(f"{path}: not an hclafter checkpoint (format {metadata.get('format')!r})")
     if content_hash(tensors) != metadata.get("content_sha256"):
         raise CheckpointError(f"{path}: content hash mismatch: the file is corrupt (a byte changed on disk)")
+    for key, (value, other) in (expect or {}).items():
+        if metadata.get(key) != value:
+            raise CheckpointError(f"{other} is not the file {path} was written with ({key} differs): one of them "
+                                  "is damaged, or they come from different exports")
     if identity is not None and metadata.get("backbone"):
         saved = json.loads(metadata["backbone"])
         if saved != identity:
@@ -105,24 +118,46 @@ def set_rng_state(tensors: dict[str, torch.Tensor], data: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def run_fingerprint(config: dict, splits: Path) -> dict:
     """What a run's state is only valid with: its resolved config (kept whole, so that a change
     can be named) and the sha256 of every file of its ``splits/`` folder."""
     return {"config": config, "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-            "splits": {p.name: file_sha256(p) for p in sorted(Path(splits).glob("*")) if p.is_file()}}
+            "splits": {p.name: sha256_file(p) for p in sorted(Path(splits).glob("*")) if p.is_file()}}
+
+
+def _read_object(path: Path) -> dict:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return data
+
+
+def saved_state(checkpoints: Path) -> tuple[Path, dict]:
+    """The folder of the latest state and its ``state.json``, after checking every file the state
+    lists (its own, and the run's files it was saved with) against the sha256 ``latest.json``
+    recorded; CheckpointError naming the file that is damaged."""
+    latest = checkpoints / "latest.json"
+    try:
+        pointer = _read_object(latest)
+        if not isinstance(pointer.get("folder"), str) or not isinstance(pointer.get("files", {}), dict):
+            raise CheckpointError(f"{latest} does not name a state folder and its files")
+        if "files" in pointer:
+            verify_files(checkpoints.parent, pointer["files"], latest)
+        elif "sha256" not in pointer:  # states saved before the files were recorded have "sha256" instead
+            raise CheckpointError(f"{latest} does not record the sha256 of the state's files")
+        folder = checkpoints / pointer["folder"]
+        state = _read_object(folder / "state.json")
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(f"{folder / 'state.json'} lacks {missing}")
+    except RunError as e:
+        raise CheckpointError(f"{checkpoints.parent}: cannot resume, the saved state is unreadable ({e})") from None
+    return folder, state
 
 
 def saved_fingerprint(checkpoints: Path) -> dict:
     """The run's config and split hashes stored with its latest state."""
-    try:
-        pointer = json.loads((checkpoints / "latest.json").read_text(encoding="utf-8"))
-        return json.loads((checkpoints / pointer["folder"] / "state.json").read_text(encoding="utf-8"))["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{checkpoints.parent}: cannot resume, the saved state is unreadable ({e})") from None
+    return saved_state(checkpoints)[1]["fingerprint"]
 
 
 def config_differences(before: dict, after: dict) -> list[str]:
@@ -133,8 +168,11 @@ def config_differences(before: dict, after: dict) -> list[str]:
 
 
 def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys as overrides name them: lists of mappings or lists by entry (``train.phases.0.epochs``)."""
     flat: dict[str, Any] = {}
     for key, value in node.items():
+        if isinstance(value, list) and value and all(isinstance(v, (dict, list)) for v in value):
+            value = {str(i): v for i, v in enumerate(value)}
         if isinstance(value, dict) and value:
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
@@ -163,10 +201,12 @@ def verify_run_files(run_dir: Path, info: dict, config: dict) -> None:
 
 def save_state(checkpoints: Path, step: int, model: torch.nn.Module, names: Sequence[str],
                optimizer: torch.optim.Optimizer, scheduler: Any, progress: dict, identity: dict,
-               fingerprint: Optional[dict] = None) -> None:
+               fingerprint: Optional[dict] = None, depends: Sequence[str] = ()) -> None:
     """Write a complete state folder ``checkpoints/step-N``, then point ``latest.json`` at it; older
     folders are removed only after that. ``fingerprint`` (:func:`run_fingerprint`) lets a resume
-    refuse a run whose config or splits changed since."""
+    refuse a run whose config or splits changed since; ``depends`` names the run's other files
+    (relative to the run directory) a resume reads with the state: ``latest.json`` records the
+    sha256 of those and of the state's own files."""
     folder = checkpoints / f"step-{step:08d}"
     for n in itertools.count(1):  # a second save at the same step must not touch the folder latest.json names
         if not folder.exists():
@@ -180,7 +220,10 @@ def save_state(checkpoints: Path, step: int, model: torch.nn.Module, names: Sequ
     write_json(folder / "state.json", {"progress": progress, "optimizer_groups": opt_groups,
                                        "scheduler": scheduler.state_dict(), "rng": rng_json, "sha256": hashes,
                                        "fingerprint": fingerprint})
-    write_json(checkpoints / "latest.json", {"folder": folder.name, "sha256": hashes})
+    own = [f"{checkpoints.name}/{folder.name}/{name}" for name in ("state.json", "weights.safetensors",
+                                                                   "optimizer.safetensors")]
+    write_json(checkpoints / "latest.json", {"folder": folder.name,
+                                             "files": file_digests(checkpoints.parent, [*own, *depends])})
     for old in checkpoints.glob("step-*"):
         if old.name != folder.name:
             shutil.rmtree(old, ignore_errors=True)
@@ -209,7 +252,11 @@ def load_state(checkpoints: Path, model: torch.nn.Module, optimizer: torch.optim
 def load_weights(model: torch.nn.Module, path: Path, identity: Optional[dict] = None) -> None:
     """Load a run's weights into ``model``, verifying content hash and backbone identity, and every
     name and shape against the model."""
-    saved = load_checkpoint(path, identity)
+    apply_weights(model, load_checkpoint(path, identity), path)
+
+
+def apply_weights(model: torch.nn.Module, saved: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy weights read from ``path`` into ``model``, checking every name and shape against it."""
     own = model.state_dict()
     unknown = sorted(set(saved) - set(own))
     if unknown:

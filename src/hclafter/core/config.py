@@ -5,14 +5,17 @@ config file or an override fails before any data is read or model built.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+MAX_IMAGE_PIXELS = 50_000_000  # data.max_image_pixels by default (≈ 150 MB as RGB)
 # Training groups; a model assigns each parameter to one (baselines add projections and decoders).
 PARAM_GROUPS = ("prompts", "layernorms", "classifier", "stage_adapters", "fusion", "nga", "mixer", "layer_weights",
                 "projections", "decoders", "backbone")
@@ -99,6 +102,9 @@ class DataConfig:
     split_ratios: list[float] = field(default_factory=lambda: [0.8, 0.05, 0.15])
     batch_size: int = 32
     eval_batch_size: int = 64
+    # Images of more pixels than this, after a JPEG's reduced decoding (PIL draft), are refused as
+    # too_large bad inputs (counted in summary.json's skipped): decoding them whole costs gigabytes.
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     num_workers: int = 0
     # true: decode each image once, on first use, into the pre-decoded image store (cache_dir/images,
     # see data/store.py) and read batches from it; false (or off): decode the files in every epoch.
@@ -247,9 +253,12 @@ def _with_includes(paths: Sequence[str | Path], seen: tuple[Path, ...] = ()) -> 
         if path.resolve() in seen:
             raise ConfigError(f"{path}: includes itself (through {' -> '.join(p.name for p in seen)})")
         try:
-            includes = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("include", [])
-        except (yaml.YAMLError, AttributeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not a valid YAML mapping ({' '.join(str(e).split())})") from None
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: {_error_line(e)}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{path}: not a YAML mapping of settings (key: value lines)")
+        includes = (data or {}).get("include", [])
         out += _with_includes([path.parent / p for p in ([includes] if isinstance(includes, str) else includes)],
                               (*seen, path.resolve()))
         out.append(path)
@@ -266,12 +275,12 @@ def looks_like_path(value: str) -> bool:
     return any(s in value for s in ("/", "\\")) or Path(value).suffix in WEIGHTS_SUFFIXES
 
 
-def _anchor_paths(node: DictConfig, base: Path) -> None:
-    """Make the relative paths in ``node`` absolute against ``base``: the folder of the config file
-    that set them, or the working directory for command-line overrides. Anchored at load time, a
-    config means the same files from any directory, and a missing file is reported as missing
+def _anchor_paths(node: DictConfig, base: Path, keys: Sequence[str] = PATH_KEYS) -> None:
+    """Make the relative paths of ``keys`` in ``node`` absolute against ``base``: the folder of the
+    config file that set them, or the working directory for command-line overrides. Anchored at load
+    time, a config means the same files from any directory, and a missing file is reported as missing
     (a weights path left relative could be taken for an open_clip tag)."""
-    for key in PATH_KEYS:
+    for key in keys:
         parent_key, _, leaf = key.rpartition(".")
         parent = OmegaConf.select(node, parent_key) if parent_key else node
         if not isinstance(parent, DictConfig) or leaf not in parent or OmegaConf.is_missing(parent, leaf) \
@@ -286,18 +295,43 @@ def _anchor_paths(node: DictConfig, base: Path) -> None:
         parent[leaf] = str(path.resolve())
 
 
-def _omegaconf_message(e: OmegaConfBaseException) -> str:
-    """OmegaConf's message on one line, led by the key (it appends full_key and types on more lines)."""
+def _error_line(e: Exception, located: bool = True) -> str:
+    """An OmegaConf or YAML error on one line, led by the key (OmegaConf appends the full key and
+    types on more lines, YAML a picture of the line)."""
+    if isinstance(e, yaml.YAMLError):
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None and located else ""
+        return f"not valid YAML{where} ({' '.join(str(getattr(e, 'problem', None) or e).split())})"
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text ({e})"
     message = str(getattr(e, "msg", e)).strip().splitlines()[0]
     key = getattr(e, "full_key", None)
     return f"{key}: {message}" if key else message
 
 
+def _check_indices(node: Any, key: str) -> None:
+    """A list entry that an override names must exist (OmegaConf would complain that an empty mapping
+    is not a valid entry)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(node, ListConfig) and part.isdigit():
+            if int(part) >= len(node):
+                raise ConfigError(f"{'.'.join(parts[:i])} has {len(node)} entries, numbered from 0; there is no "
+                                  f"entry {part}")
+            node = node[int(part)]
+        elif isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        else:
+            return
+
+
 def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
-    """Merge YAML files (later ones win) and ``key.sub=value`` overrides onto the defaults.
+    """Merge YAML files (later ones win) and ``key.sub=value`` overrides onto the defaults; an
+    override may name a list entry by its index (``train.phases.0.epochs=1``).
 
     Relative paths (``PATH_KEYS``) are relative to the config file that sets them, and to the
-    working directory on the command line; the config returned holds absolute paths."""
+    working directory on the command line; the config returned holds absolute paths. Every problem
+    is one ConfigError line that names the file or the override (key and value)."""
     merged = OmegaConf.structured(Config)
     required: set[str] = set()  # keys a file marks '???': the user must supply them
     for path in _with_includes(paths):
@@ -307,17 +341,20 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
             _anchor_paths(loaded, path.parent)
             required |= OmegaConf.missing_keys(loaded)
             merged = OmegaConf.merge(merged, loaded)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"{path}: {_omegaconf_message(e)}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: {_error_line(e)}") from None
     for item in overrides:
-        if "=" not in item:
+        key, _, value = item.partition("=")
+        if "=" not in item or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-    try:
-        given = OmegaConf.from_dotlist(list(overrides))
-        _anchor_paths(given, Path.cwd())
-        merged = OmegaConf.merge(merged, given)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"command-line override: {_omegaconf_message(e)}") from None
+        try:
+            _check_indices(merged, key)
+            merged.merge_with_dotlist([item])
+            _anchor_paths(merged, Path.cwd(), [k for k in PATH_KEYS if k == key or k.startswith(f"{key}.")])
+        except ConfigError as e:
+            raise ConfigError(f"override {key}={value}: {e}") from None
+        except (OmegaConfBaseException, yaml.YAMLError, TypeError) as e:  # TypeError: a list index that is no number
+            raise ConfigError(f"override {key}={value}: {_error_line(e, located=False)}") from None
     missing = sorted(k for k in required | OmegaConf.missing_keys(merged) if OmegaConf.select(merged, k) in (None, "???"))
     if missing:
         raise ConfigError(f"no value given for {', '.join(missing)}: set it in a config file or as key=value")
@@ -341,23 +378,33 @@ CHOICES = {
     "data.emotion6_label": ("folder", "argmax"), "data.ties": ("skip", "first"),
     "data.distribution.source": ("wheel", "dataset"), "data.train_augment": ("none", "crop_flip"),
 }
-# key → (lowest allowed, whether the bound is inclusive, highest or None, inclusive)
-RANGES = {
-    "model.prompt_tokens": (0, True, None, True), "model.prompt_dropout": (0, True, 1, False),
-    "model.nga_init_sigma": (0, False, None, True), "model.stage_prompt_tokens": (1, True, None, True),
-    "model.decoder_layers": (1, True, None, True), "model.decoder_heads": (1, True, None, True),
-    "model.mixer_heads": (1, True, None, True), "model.context_tokens": (1, True, None, True),
-    "model.adapter_ratio": (0, True, 1, True), "train.distill.weight": (0, True, None, True),
-    "train.distill.temperature": (0, False, None, True),
+SEEDS = 2**32 - 1  # NumPy's generators take seeds below 2**32
+# Every numeric setting: key (``*``: every entry of a mapping or list) → (lowest allowed, whether it is
+# allowed, highest or None, whether it is allowed). Upper bounds keep sizes within what fits in memory
+# and time (a typo of a few zeros would otherwise end in an allocation error or a run of days); floats
+# must be finite. README.md ("Settings and their ranges") lists them all.
+RANGES: dict[str, tuple[float, bool, Optional[float], bool]] = {
+    "seed": (0, True, SEEDS, True), "backbone.init_seed": (0, True, SEEDS, True),
+    "model.prompt_tokens": (0, True, 4096, True), "model.prompt_dropout": (0, True, 1, False),
+    "model.stages.*.*": (1, True, None, True),  # and within the backbone's blocks: models.check_config
+    "model.nga_init_sigma": (0, False, None, True), "model.mixer_heads": (1, True, 256, True),
+    "model.stage_prompt_tokens": (1, True, 4096, True), "model.decoder_layers": (1, True, 64, True),
+    "model.decoder_heads": (1, True, 256, True), "model.context_tokens": (1, True, 4096, True),
+    "model.adapter_ratio": (0, True, 1, True),
+    "data.few_shot": (1, True, None, True), "data.split_ratios.*": (0, True, 1, True),
     "data.batch_size": (1, True, None, True), "data.eval_batch_size": (1, True, None, True),
-    "data.num_workers": (0, True, None, True), "data.few_shot": (1, True, None, True),
+    "data.num_workers": (0, True, 256, True), "data.max_image_pixels": (1, True, None, True),
     "data.distribution.sigma": (0, False, None, True), "data.distribution.epsilon": (0, True, None, True),
-    "data.synthetic.per_class": (1, True, None, True), "data.synthetic.image_size": (8, True, None, True),
-    "text.steps": (0, True, None, True), "text.lr": (0, False, None, True), "text.weight_decay": (0, True, None, True),
-    "text.noise_std": (0, True, None, True), "text.label_smoothing": (0, True, 1, False),
-    "text.batch_size": (1, True, None, True),
-    "train.weight_decay": (0, True, None, True), "train.warmup_epochs": (0, True, None, True),
-    "train.consistency_weight": (0, True, None, True), "train.checkpoint_every_steps": (0, True, None, True),
+    "data.synthetic.per_class": (1, True, 100_000, True), "data.synthetic.image_size": (8, True, 4096, True),
+    "data.synthetic.seed": (0, True, SEEDS, True),
+    "text.steps": (0, True, 1_000_000, True), "text.lr": (0, False, None, True),
+    "text.weight_decay": (0, True, None, True), "text.noise_std": (0, True, None, True),
+    "text.label_smoothing": (0, True, 1, False), "text.batch_size": (1, True, None, True),
+    "train.lr.*": (0, False, None, True), "train.weight_decay": (0, True, None, True),
+    "train.warmup_epochs": (0, True, None, True), "train.phases.*.epochs": (1, True, 100_000, True),
+    "train.phases.*.stages.*": (1, True, None, True),  # and at most the number of stages: below
+    "train.consistency_weight": (0, True, None, True), "train.distill.weight": (0, True, None, True),
+    "train.distill.temperature": (0, False, None, True), "train.checkpoint_every_steps": (0, True, None, True),
     "train.loss.lam": (0, True, 1, True), "train.loss.temperature": (0, False, None, True),
     "train.loss.label_smoothing": (0, True, 1, False), "train.pseudo_threshold": (0, True, 1, True),
 }
@@ -370,6 +417,25 @@ def _get(cfg: Config, key: str) -> Any:
     return value
 
 
+def values_at(node: Any, key: str, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(key, value) of every setting a RANGES key names, with each ``*`` spelled out as the entry's
+    key or index (as an override would name it)."""
+    head, _, rest = key.partition(".")
+    if head == "*":
+        entries = node.items() if isinstance(node, dict) else enumerate(node or [])
+    else:
+        entries = [(head, getattr(node, head))]
+    for name, child in entries:
+        if rest:
+            yield from values_at(child, rest, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", child
+
+
+def range_text(low: float, low_in: bool, high: Optional[float], high_in: bool) -> str:
+    return f"{'[' if low_in else '('}{low}, {'∞)' if high is None else f'{high}' + (']' if high_in else ')')}"
+
+
 def validate(cfg: Config) -> None:
     """Checks that need more than types and no model: choices, value ranges, phases and learning
     rates. What depends on the method (stages against the backbone's depth, phases that train
@@ -377,22 +443,21 @@ def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"{key}: {_get(cfg, key)!r} is not one of {', '.join(allowed)}")
-    for key, (low, low_inclusive, high, high_inclusive) in RANGES.items():
-        value = _get(cfg, key)
-        if value is None:
-            continue
-        bad = value < low or (value == low and not low_inclusive)
-        bad |= high is not None and (value > high or (value == high and not high_inclusive))
-        if bad:
-            bounds = f"{'[' if low_inclusive else '('}{low}, {high if high is not None else '∞'}" \
-                     f"{']' if high_inclusive and high is not None else ')'}"
-            raise ConfigError(f"{key} must be in {bounds}, got {value}")
+    for pattern, (low, low_in, high, high_in) in RANGES.items():
+        for key, value in values_at(cfg, pattern):
+            if value is None:
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number in {range_text(low, low_in, high, high_in)}, got "
+                                  f"{value}")
+            bad = value < low or (value == low and not low_in)
+            bad |= high is not None and (value > high or (value == high and not high_in))
+            if bad:
+                raise ConfigError(f"{key} must be in {range_text(low, low_in, high, high_in)}, got {value}")
     stages = cfg.model.stages
     if not cfg.train.phases:
         raise ConfigError("train.phases must list at least one phase")
     for i, phase in enumerate(cfg.train.phases):
-        if phase.epochs < 1:
-            raise ConfigError(f"train.phases[{i}].epochs must be >= 1, got {phase.epochs}")
         unknown = sorted(set(phase.train) - set(PARAM_GROUPS))
         if unknown:
             raise ConfigError(f"train.phases[{i}].train: unknown groups {unknown}; valid: {list(PARAM_GROUPS)}")
@@ -403,9 +468,6 @@ def validate(cfg: Config) -> None:
     if missing or unknown_lr:
         raise ConfigError(f"train.lr: groups {missing} lack a learning rate" if missing else
                           f"train.lr: unknown groups {unknown_lr}; valid: {list(PARAM_GROUPS)}")
-    bad_lr = {g: v for g, v in cfg.train.lr.items() if not v > 0}
-    if bad_lr:
-        raise ConfigError(f"train.lr: learning rates must be > 0, got {bad_lr}")
     if cfg.train.supervision == "pseudo" and cfg.train.loss.name == "dual_task":
         raise ConfigError("train.loss.name: dual_task needs label-derived distributions; with "
                           "train.supervision=pseudo use ce or ls_ce")
@@ -419,9 +481,10 @@ def validate(cfg: Config) -> None:
     if unknown_trackers:
         raise ConfigError(f"train.log_with: unknown trackers {unknown_trackers}; valid: {list(TRACKERS)} (or [] for none)")
     ratios = cfg.data.split_ratios
-    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6 or ratios[1] <= 0:
+    if len(ratios) != 3 or abs(sum(ratios) - 1) > 1e-6 or ratios[1] <= 0:
         raise ConfigError(f"data.split_ratios must be 3 non-negative fractions summing to 1 with val > 0, got {ratios}")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+    """The settings as plain dicts and lists (what OmegaConf.to_container gives, 100 times faster)."""
+    return dataclasses.asdict(cfg)

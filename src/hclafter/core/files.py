@@ -2,6 +2,7 @@
 Run-directory locks: one process at a time writes a run."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from filelock import FileLock, Timeout
 
@@ -58,22 +59,62 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+@contextmanager
+def staging_dir(target: Path) -> Iterator[Path]:
+    """A new folder beside ``target`` (on its file system, so that :func:`replace_dir` can rename it
+    there), with the permissions ``mkdir`` would give it; removed at the end unless renamed. Folders
+    staged for ``target`` by processes that have died are removed first."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        pid = stale.name[len(target.name) + 2:].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
+    try:
+        os.chmod(staged, 0o777 & ~_umask())
+        yield staged
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+
+
+def replace_dir(staged: Path, target: Path) -> None:
+    """Rename ``staged`` to ``target``: a kill leaves at ``target`` the old folder, the new one, or
+    for an instant neither (the old one then lies beside it, hidden, until the next staging)."""
+    staged, target = Path(staged), Path(target)
+    if target.exists():
+        old = target.with_name(f".{target.name}.{os.getpid()}.old.tmp")
+        os.replace(target, old)
+        os.replace(staged, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, target)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_text(data: Any) -> str:
+    """How hclafter writes JSON files."""
+    return json.dumps(data, indent=2) + "\n"
+
+
 def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, json_text(data))
 
 
 @contextmanager
-def writing(what: Path) -> Iterator[None]:
-    """Turn a failed write (disk full, quota, permissions) into a message that says what is safe."""
+def writing(what: Path, run: Optional[Path] = None) -> Iterator[None]:
+    """Turn a failed write (disk full, quota, permissions) into a message that says what is safe and
+    what to run next: ``--resume`` only where the run being written (``run``) has a saved state."""
     try:
         yield
     except OSError as e:
+        then = ("continue with --resume" if run is not None and (Path(run) / "checkpoints" / "latest.json").is_file()
+                else "run the command again")
         raise RunError(f"cannot write {what}: {e}. Files written earlier are intact (every write is atomic); "
-                       "free space or fix permissions, then continue with --resume") from None
+                       f"free space or fix permissions, then {then}") from None
 
 
 def read_json(path: Path) -> Any:
@@ -109,6 +150,7 @@ def read_jsonl(path: Path) -> list:
 
 # The lock file and the note saying who holds it; both stay out of a cleared run directory.
 LOCK_FILE, HOLDER_FILE = ".hclafter.lock", ".hclafter.lock.json"
+LOCK_FILES = (LOCK_FILE, HOLDER_FILE)
 _held: dict[str, int] = {}  # folders this process holds → nesting depth
 
 
@@ -178,7 +220,7 @@ def run_lock(folder: Path) -> Iterator[None]:
 def clear_run_dir(folder: Path) -> None:
     """Remove everything in a run directory except its lock (whose holder is the caller)."""
     for entry in Path(folder).iterdir():
-        if entry.name in (LOCK_FILE, HOLDER_FILE):
+        if entry.name in LOCK_FILES:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)

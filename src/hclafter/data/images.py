@@ -1,5 +1,5 @@
 """Reading images robustly: any colour mode to 8-bit RGB, EXIF orientation, cheap decoding of
-huge JPEGs, and errors that name the file."""
+huge JPEGs, a pixel budget for the others, and errors that name the file."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,12 +7,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..core.config import MAX_IMAGE_PIXELS
+
 # Decode JPEGs at no more than this size (the model sees 224-336 px); keeps huge images cheap.
 DRAFT_SIZE = (1024, 1024)
 
 
 class ImageError(ValueError):
     """An image file that cannot be used, with the reason."""
+
+
+class ImageTooLarge(ImageError):
+    """An image of more pixels than the budget, even decoded reduced."""
+
+    def __init__(self, path: Path, width: int, height: int, budget: int) -> None:
+        super().__init__(f"{path}: {width}×{height} = {width * height / 1e6:.0f} megapixels to decode, more than "
+                         f"data.max_image_pixels={budget}; shrink the image, or raise data.max_image_pixels")
+        self.width, self.height = width, height
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -33,16 +44,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_rgb(path: str | Path, draft: tuple[int, int] = DRAFT_SIZE) -> Image.Image:
-    """Open, orient and convert an image; raises ImageError naming the file."""
+def load_rgb(path: str | Path, draft: tuple[int, int] = DRAFT_SIZE,
+             max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open, orient and convert an image, a JPEG decoded at reduced size (at least ``draft``). An
+    image of more than ``max_pixels`` pixels, even at the reduced size of ``DRAFT_SIZE`` (a PNG
+    cannot be reduced), is refused before decoding (ImageTooLarge): decoding a 12000×12000 PNG to
+    resize it to 224 would cost 2.6 GB. Raises ImageError naming the file."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file (0 bytes)")
         with Image.open(path) as im:
+            im.draft("RGB", DRAFT_SIZE)
+            if im.width * im.height > max_pixels:
+                raise ImageTooLarge(path, im.width, im.height, max_pixels)
+            if draft == DRAFT_SIZE:
+                return _decoded(im)
+        with Image.open(path) as im:  # a draft only reduces once: open again for a smaller one
             im.draft("RGB", draft)
-            im.load()
-            return to_rgb(ImageOps.exif_transpose(im))
+            return _decoded(im)
     except FileNotFoundError:
         raise ImageError(f"{path}: file not found") from None
     except Image.DecompressionBombError as e:
@@ -51,3 +71,8 @@ def load_rgb(path: str | Path, draft: tuple[int, int] = DRAFT_SIZE) -> Image.Ima
         if isinstance(e, ImageError):
             raise
         raise ImageError(f"{path}: cannot decode image ({e})") from None
+
+
+def _decoded(im: Image.Image) -> Image.Image:
+    im.load()
+    return to_rgb(ImageOps.exif_transpose(im))

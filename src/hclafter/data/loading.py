@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..core.config import DataConfig
+from ..core.config import MAX_IMAGE_PIXELS, DataConfig
 from ..core.emotions import Wheel, strategy1
 from .images import ImageError, load_rgb
 from .readers import DataError, Sample
@@ -22,9 +22,9 @@ class EmotionImages(Dataset):
 
     def __init__(self, samples: Sequence[Sample], wheel: Wheel, transform: Callable[[Image.Image], torch.Tensor],
                  distribution_source: str = "wheel", sigma: float = 1.0, epsilon: float = 0.1,
-                 exclusion: bool = False) -> None:
+                 exclusion: bool = False, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
         self.samples = list(samples)
-        self.transform = transform
+        self.transform, self.max_pixels = transform, max_pixels
         table = np.stack([strategy1(wheel, c, sigma, epsilon, exclusion) for c in range(wheel.num_classes)])
         dists = []
         for s in self.samples:
@@ -43,7 +43,7 @@ class EmotionImages(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         try:
-            image = self.transform(load_rgb(sample.path))
+            image = self.transform(load_rgb(sample.path, max_pixels=self.max_pixels))
         except ImageError as e:
             raise DataError(str(e)) from None
         return {"image": image, "label": sample.label, "distribution": self.distributions[index], "index": index}
@@ -53,7 +53,7 @@ def make_dataset(samples: Sequence[Sample], wheel: Wheel, transform: Callable, c
     d = cfg.distribution
     if d.source not in ("wheel", "dataset"):
         raise DataError(f"data.distribution.source: {d.source!r} is not one of wheel, dataset")
-    return EmotionImages(samples, wheel, transform, d.source, d.sigma, d.epsilon, d.exclusion)
+    return EmotionImages(samples, wheel, transform, d.source, d.sigma, d.epsilon, d.exclusion, cfg.max_image_pixels)
 
 
 class EpochSampler(Sampler[int]):

@@ -16,7 +16,7 @@ import numpy as np
 from ..core.config import DataConfig
 from ..core.emotions import POLARITY2, Wheel, get_wheel, load_wheel
 from ..core.files import atomic_write_text
-from .images import ImageError, load_rgb
+from .images import ImageError, ImageTooLarge, load_rgb
 from .readers import READERS, SPLITS, DataError, Listing, Problem, Sample, read_manifest, write_manifest
 from .synthetic import ensure_synthetic
 
@@ -134,25 +134,39 @@ def _read(cfg: DataConfig, wheel: Wheel, cache_dir: Path) -> Listing:
     return READERS[cfg.format][0](root, wheel, cfg)
 
 
-def _verify(path: str) -> Optional[str]:
+def _verify(path: str, max_pixels: int) -> Optional[tuple[str, str]]:
+    """None for a readable image, else (kind of problem, message)."""
     try:
-        load_rgb(path, draft=VERIFY_DRAFT)
+        load_rgb(path, draft=VERIFY_DRAFT, max_pixels=max_pixels)
         return None
+    except ImageTooLarge as e:
+        return "too_large", str(e)
     except ImageError as e:
-        return str(e)
+        return "unreadable_image", str(e)
 
 
-def _check_files(listing: Listing, verify: bool, workers: int = 4) -> list[tuple[Sample, Optional[str]]]:
-    """Drop (and record) missing, unreadable and duplicate images; return the good entries."""
-    seen: dict[str, str] = {}
-    unique = []
+def _check_files(listing: Listing, wheel: Wheel, verify: bool, max_pixels: int,
+                 workers: int = 4) -> list[tuple[Sample, Optional[str]]]:
+    """Drop (and record) missing, unreadable, too large and duplicate images; return the good entries.
+    An image listed twice with different labels or distributions is dropped altogether: which one is
+    right cannot be known."""
+    first: dict[str, tuple[Sample, Optional[str]]] = {}
+    conflicting: set[str] = set()
     for sample, split in listing.entries:
-        if sample.path in seen:
-            listing.problem("duplicate", sample.path, f"listed twice (in {seen[sample.path]} and "
-                                                      f"{split or 'the unsplit list'})")
+        if sample.path not in first:
+            first[sample.path] = (sample, split)
             continue
-        seen[sample.path] = split or "the unsplit list"
-        unique.append((sample, split))
+        seen, seen_split = first[sample.path]
+        where = f" (in {seen_split or 'the unsplit list'} and {split or 'the unsplit list'})" if seen_split or split \
+            else ""
+        if (seen.label, seen.distribution) != (sample.label, sample.distribution):
+            conflicting.add(sample.path)
+            listing.problem("conflicting_labels", sample.path,
+                            f"listed twice{where} with different labels or distributions ({wheel.classes[seen.label]}, "
+                            f"{wheel.classes[sample.label]}): which is right cannot be known, so both are left out")
+        else:
+            listing.problem("duplicate", sample.path, f"listed twice{where}")
+    unique = [(s, split) for s, split in first.values() if s.path not in conflicting]
     present = []
     for sample, split in unique:
         path = Path(sample.path)
@@ -168,13 +182,13 @@ def _check_files(listing: Listing, verify: bool, workers: int = 4) -> list[tuple
     if not verify:
         return present
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        errors = list(pool.map(_verify, [s.path for s, _ in present]))
+        errors = list(pool.map(_verify, [s.path for s, _ in present], [max_pixels] * len(present)))
     good = []
     for (sample, split), error in zip(present, errors):
         if error is None:
             good.append((sample, split))
         else:
-            listing.problem("unreadable_image", sample.path, error.split(": ", 1)[-1])
+            listing.problem(error[0], sample.path, error[1].split(": ", 1)[-1])
     return good
 
 
@@ -192,7 +206,7 @@ def check_dataset(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[Optional
     """Read and check everything without raising on per-item problems: (splits, problems, dropped)."""
     wheel = resolve_wheel(cfg)
     listing = _read(cfg, wheel, cache_dir)
-    good = _check_files(listing, cfg.verify_images)
+    good = _check_files(listing, wheel, cfg.verify_images, cfg.max_image_pixels)
     if not good:
         return None, listing.problems, listing.dropped
     if all(split is not None for _, split in good):

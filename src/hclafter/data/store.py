@@ -9,10 +9,12 @@ store whose squares are larger by ``MARGIN`` and crops them at random. Cropping,
 normalising run as tensor operations on whole batches, on the device the batch is on (see
 :class:`InputView`).
 
-Stores live in ``cache_dir/images/<key>/``, keyed like the feature cache by the transform and
-the dataset's image paths (all splits, so every seed of a sweep shares them); each row carries the
-size and modification time of the file it was decoded from, and a row whose file changed since is
-decoded again on the next use.
+A store is one file, ``cache_dir/images/<key>.npy``, keyed like the feature cache by the transform
+and the dataset's image paths (all splits, so every seed of a sweep shares them). Each row carries
+the size and modification time of the file it was decoded from and a digest of both and the pixels
+(:class:`~hclafter.core.integrity.RowFile`): when a run opens the store, a row whose file changed
+since, or that fails its digest (a flipped bit, a torn write), is decoded again, the latter with a
+warning naming the store.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -32,14 +33,14 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..core.config import DataConfig
+from ..core.config import MAX_IMAGE_PIXELS, DataConfig
+from ..core.integrity import RowFile, rebuild_warning
 from .images import ImageError, load_rgb
 from .loading import EmotionImages
 from .readers import DataError
 
-STORE_VERSION = 1  # part of the key: bump when the stored pixels change
+STORE_VERSION = 2  # part of the key: bump when the stored rows change (2: one file, a digest per row)
 MARGIN = 7  # training stores are larger by 1/MARGIN of the side (224 → 256) for random crops
-NOT_DECODED = -1
 
 
 def side(preprocess_cfg: Any) -> tuple[int, int]:
@@ -70,15 +71,16 @@ def _stamp(path: str) -> tuple[int, int]:
 class _Decode(Dataset):
     """(row, CHW uint8 pixels) of the images to (re)decode."""
 
-    def __init__(self, paths: Sequence[str], rows: Sequence[int], steps: Callable, shape: tuple[int, int, int]) -> None:
-        self.paths, self.rows, self.steps, self.shape = list(paths), list(rows), steps, shape
+    def __init__(self, paths: Sequence[str], rows: Sequence[int], steps: Callable, shape: tuple[int, int, int],
+                 max_pixels: int) -> None:
+        self.paths, self.rows, self.steps, self.shape, self.max_pixels = list(paths), list(rows), steps, shape, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, np.ndarray]:
         try:
-            pixels = np.asarray(self.steps(load_rgb(self.paths[index]))).transpose(2, 0, 1)
+            pixels = np.asarray(self.steps(load_rgb(self.paths[index], max_pixels=self.max_pixels))).transpose(2, 0, 1)
         except ImageError as e:
             raise DataError(str(e)) from None
         if pixels.shape != self.shape:
@@ -91,18 +93,17 @@ def _stack(items: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]
 
 
 class ImageStore:
-    """uint8 images [N, 3, H, W], one row per path, memory-mapped from ``folder/pixels.npy``;
-    ``folder/stamps.npy`` holds each row's file (size, mtime) when it was decoded."""
+    """uint8 images [N, 3, H, W], one row per path (sorted), memory-mapped from one RowFile whose
+    rows also hold the (size, mtime) of the image file each was decoded from."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.paths: list[str] = json.loads((folder / "paths.json").read_text(encoding="utf-8"))
+    def __init__(self, file: RowFile, paths: Sequence[str]) -> None:
+        self.file, self.paths = file, list(paths)
         self.row_of = {p: i for i, p in enumerate(self.paths)}
-        self.shape: tuple[int, int, int] = np.load(self.pixels_file, mmap_mode="r").shape[1:]
+        self.shape: tuple[int, int, int] = file.field("pixels").shape[1:]
 
     @property
     def pixels_file(self) -> Path:
-        return self.folder / "pixels.npy"
+        return self.file.path
 
     @classmethod
     def open(cls, paths: Sequence[str], steps: T.Compose, shape: tuple[int, int, int], cache_dir: Path) -> "ImageStore":
@@ -110,47 +111,34 @@ class ImageStore:
         first use; rows are decoded by :meth:`update`."""
         paths = sorted(paths)
         key = hashlib.sha256(json.dumps([STORE_VERSION, repr(steps), list(shape), paths]).encode()).hexdigest()[:24]
-        folder = cache_dir / "images" / key
-        if not (folder / "paths.json").is_file():
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
-            try:
-                # Sparse until rows are written: only the images a run uses take disk space.
-                np.lib.format.open_memmap(tmp / "pixels.npy", "w+", np.uint8, (len(paths), *shape)).flush()
-                np.save(tmp / "stamps.npy", np.full((len(paths), 2), NOT_DECODED, np.int64))
-                (tmp / "paths.json").write_text(json.dumps(paths), encoding="utf-8")
-                os.replace(tmp, folder)
-            except OSError:
-                if not (folder / "paths.json").is_file():  # not merely another process having won the race
-                    raise
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return cls(folder)
+        # Sparse until rows are written: only the images a run uses take disk space.
+        file = RowFile.open(cache_dir / "images" / f"{key}.npy", [("stamp", "<i8", (2,)), ("pixels", "u1", shape)],
+                            len(paths), "image-store")
+        return cls(file, paths)
 
-    def update(self, paths: Sequence[str], steps: T.Compose, workers: int = 0, progress: bool = True) -> int:
-        """Decode the rows of ``paths`` never decoded or whose file changed since; returns how many."""
-        stamps = np.load(self.folder / "stamps.npy", mmap_mode="r+")
-        rows, now = [], {}
-        for path in paths:
-            row = self.row_of[path]
-            now[row] = _stamp(path)  # taken before decoding: a file changing meanwhile is seen next time
-            if tuple(stamps[row]) != now[row]:
-                rows.append(row)
+    def update(self, paths: Sequence[str], steps: T.Compose, workers: int = 0, progress: bool = True,
+               max_pixels: int = MAX_IMAGE_PIXELS) -> int:
+        """Decode the rows of ``paths`` never decoded, whose file changed since, or that fail their
+        digest (with a warning); returns how many."""
+        rows = [self.row_of[path] for path in paths]
+        now = {row: _stamp(self.paths[row]) for row in rows}  # before decoding: a change meanwhile is seen next time
+        bad, unwritten = self.file.bad_rows(rows)
+        if len(bad) > len(unwritten):
+            rebuild_warning(self.pixels_file, f"the stored pixels of {len(bad) - len(unwritten)} of {len(rows)} "
+                                              "images fail verification (changed on disk)")
+        stamps = self.file.field("stamp")
+        rows = sorted(set(bad) | {row for row in rows if tuple(stamps[row]) != now[row]})
         if not rows:
             return 0
-        need, free = len(rows) * int(np.prod(self.shape)), shutil.disk_usage(self.folder).free
+        need, free = len(rows) * int(np.prod(self.shape)), shutil.disk_usage(self.pixels_file.parent).free
         if need > free:
-            raise DataError(f"image store: {len(rows)} images need {need / 1e9:.1f} GB in {self.folder}, "
+            raise DataError(f"image store: {len(rows)} images need {need / 1e9:.1f} GB in {self.pixels_file.parent}, "
                             f"{free / 1e9:.1f} GB are free; set cache_dir to a larger disk or data.image_store=off")
-        pixels = np.load(self.pixels_file, mmap_mode="r+")
-        decode = _Decode([self.paths[r] for r in rows], rows, steps, self.shape)
+        decode = _Decode([self.paths[r] for r in rows], rows, steps, self.shape, max_pixels)
         loader = DataLoader(decode, batch_size=64, num_workers=workers, collate_fn=_stack)
         for batch_rows, batch in tqdm(loader, desc=f"image store ({len(rows)} images)", leave=False,
                                       disable=not progress):
-            pixels[batch_rows] = batch
-            pixels.flush()  # pixels before stamps: an interrupted update leaves rows marked stale
-            stamps[batch_rows] = [now[r] for r in batch_rows]
-            stamps.flush()
+            self.file.write(batch_rows, pixels=batch, stamp=[now[r] for r in batch_rows])
         return len(rows)
 
 
@@ -171,7 +159,7 @@ class StoredImages(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         if self._pixels is None:
-            self._pixels = np.load(self.file, mmap_mode="r")
+            self._pixels = np.load(self.file, mmap_mode="r", allow_pickle=False)["pixels"]
         return {"image": torch.from_numpy(np.array(self._pixels[self.rows[index]])),
                 "label": self.images.samples[index].label, "distribution": self.images.distributions[index],
                 "index": index}
@@ -227,6 +215,6 @@ def stored_datasets(image_sets: dict[str, EmotionImages], preprocess_cfg: Any, c
         shape = (3, h + h // MARGIN, w + w // MARGIN) if margin else (3, h, w)
         store = ImageStore.open(everything, steps, shape, cache_dir)
         store.update(sorted({s.path for split in splits for s in image_sets[split].samples}), steps,
-                     cfg.num_workers, progress)
+                     cfg.num_workers, progress, cfg.max_image_pixels)
         out.update({split: StoredImages(image_sets[split], store) for split in splits})
     return out, InputView(preprocess_cfg, augment)

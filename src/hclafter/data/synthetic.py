@@ -22,6 +22,8 @@ from PIL import Image
 
 from ..core.config import DataConfig
 from ..core.emotions import MIKELS8, Wheel, strategy1
+from ..core.files import write_json
+from ..core.integrity import IntegrityError, file_digests, rebuild_warning, verify_files
 from .readers import DataError, Sample, write_manifest
 from .world import generate
 from .worlds import load_world
@@ -87,8 +89,10 @@ def generate_synthetic(root: Path, wheel: Wheel, per_class: int, image_size: int
 def ensure_synthetic(cfg: DataConfig, wheel: Wheel, cache_dir: Path) -> Path:
     """The synthetic dataset's manifest, generating it once per parameter set (atomically).
 
-    The parameters are stamped into ``synthetic.json`` beside the manifest; a ``data.root`` that
-    holds data generated with other parameters is an error, never silently re-used.
+    The parameters and the sha256 of every file are stamped into ``synthetic.json`` beside the
+    manifest and checked on every use. In the cache, data that fails the check is generated again
+    (the same images: they are seeded), after a warning naming the file; under a ``data.root`` it is
+    an error, as is a root holding data generated with other parameters, never silently re-used.
     """
     s = cfg.synthetic
     params = {"wheel": list(wheel.classes), "per_class": s.per_class, "size": s.image_size, "seed": s.seed,
@@ -100,14 +104,17 @@ def ensure_synthetic(cfg: DataConfig, wheel: Wheel, cache_dir: Path) -> Path:
     else:
         key = json.dumps({**params, "wheel": wheel.classes})
         root = cache_dir / "synthetic" / hashlib.sha256(key.encode()).hexdigest()[:12]
-    manifest = root / "manifest.csv"
+    manifest, stamp = root / "manifest.csv", root / "synthetic.json"
     if manifest.is_file():
-        stamp = root / "synthetic.json"
-        if stamp.is_file() and json.loads(stamp.read_text(encoding="utf-8")) != params:
-            raise DataError(f"data.root: {root} holds synthetic data generated with other settings "
-                            f"({stamp.read_text(encoding='utf-8').strip()}, now {json.dumps(params)}); "
-                            "give an empty or new folder")
-        return manifest
+        try:
+            _check_stamp(root, params)
+            return manifest
+        except IntegrityError as e:
+            if cfg.root is not None:
+                raise DataError(f"data.root: {e}; give an empty or new folder, or delete {root} to generate the "
+                                "data again") from None
+            rebuild_warning(stamp, f"the synthetic data fails verification ({e})")
+            shutil.rmtree(root)
     if root.is_dir() and any(root.iterdir()):
         raise DataError(f"data.root: {root} exists without a manifest.csv; give an empty or new folder "
                         "for the synthetic data")
@@ -115,7 +122,8 @@ def ensure_synthetic(cfg: DataConfig, wheel: Wheel, cache_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root.parent))
     try:
         generate_synthetic(tmp, wheel, s.per_class, s.image_size, s.seed, s.world)
-        (tmp / "synthetic.json").write_text(json.dumps(params) + "\n", encoding="utf-8")
+        names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        write_json(tmp / "synthetic.json", {"params": params, "sha256": file_digests(tmp, names)})
         if root.is_dir():
             root.rmdir()
         os.replace(tmp, root)
@@ -125,3 +133,19 @@ def ensure_synthetic(cfg: DataConfig, wheel: Wheel, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _check_stamp(root: Path, params: dict) -> None:
+    """IntegrityError unless the data under ``root`` is what ``synthetic.json`` says was generated
+    with ``params``."""
+    stamp = root / "synthetic.json"
+    try:
+        saved = json.loads(stamp.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise IntegrityError(f"{stamp} is unreadable ({e})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("sha256"), dict) or "params" not in saved:
+        raise IntegrityError(f"{stamp} does not record the data's parameters and sha256")
+    if saved["params"] != params:
+        raise IntegrityError(f"{root} holds synthetic data generated with other settings "
+                             f"({json.dumps(saved['params'])}, now {json.dumps(params)})")
+    verify_files(root, saved["sha256"], stamp)

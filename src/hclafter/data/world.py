@@ -401,15 +401,20 @@ class Conditions:
     noise: float = 0.0  # standard deviation of per-pixel, per-channel sensor noise (on [0, 1] values)
 
     def __post_init__(self) -> None:
-        for name in ("mix_rate", "swap", "cue_keep", "clutter"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"Conditions.{name} is a probability in [0, 1], got {getattr(self, name)}")
-        for name in ("colour_cast", "exposure", "blur", "noise"):
-            if not 0.0 <= getattr(self, name) < float("inf"):
-                raise ValueError(f"Conditions.{name} must be finite and >= 0, got {getattr(self, name)}")
-        for name in ("light", "gamma"):
-            if not 0.0 < getattr(self, name) < float("inf"):
-                raise ValueError(f"Conditions.{name} must be finite and > 0, got {getattr(self, name)}")
+        for name, (low, low_in, high) in BOUNDS.items():
+            value = getattr(self, name)
+            if not (low <= value if low_in else low < value) or not value <= high:
+                raise ValueError(f"Conditions.{name} must be in {'[' if low_in else '('}{low}, {high}], got {value}")
+
+
+# Each field's range (lowest, whether it is allowed, highest): beyond them an image says nothing more
+# (a hue rotation of sd 1 turn is already uniform; noise of sd 1 drowns [0, 1] values) and the cost
+# grows without bound (a blur of sd 1e6 pixels asked NumPy for 786 TiB).
+BOUNDS: dict[str, tuple[float, bool, float]] = {
+    "mix_rate": (0, True, 1), "swap": (0, True, 1), "cue_keep": (0, True, 1), "clutter": (0, True, 1),
+    "colour_cast": (0, True, 1), "exposure": (0, True, 3), "light": (0, False, 4), "gamma": (0, False, 8),
+    "blur": (0, True, 16), "noise": (0, True, 1),
+}
 
 
 CLEAN = Conditions()

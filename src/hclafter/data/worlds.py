@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,6 +26,7 @@ HURTS = ("none", "global", "fine", "both")
 DEFAULT_WORLD = "mixed"
 _KEYS = ("description", "why", "hurts", "conditions")
 _FIELDS = tuple(f.name for f in dataclasses.fields(Conditions))
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE]\d+")
 
 
 class WorldError(DataError):
@@ -89,6 +91,9 @@ def read_world(name_or_path: Union[str, Path]) -> World:
     for key, value in values.items():
         if key not in _FIELDS:
             raise WorldError(f"{path}: unknown key 'conditions.{key}'; Conditions has {', '.join(_FIELDS)}")
+        if isinstance(value, str) and _NUMBER.fullmatch(value):  # YAML reads 1.0e6 as text, 1.0e+6 as a number
+            raise WorldError(f"{path}: conditions.{key}: {value!r} is text to YAML, which reads an exponent only with "
+                             f"its sign; write {value.lower().replace('e', 'e+')}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise WorldError(f"{path}: conditions.{key} must be a finite number, got {value!r}")
     try:

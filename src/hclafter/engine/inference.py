@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.checkpoint import load_checkpoint, load_weights, verify_run_files
+from ..core.checkpoint import apply_weights, load_checkpoint, verify_run_files
 from ..core.config import Config, to_dict
 from ..core.emotions import Wheel
 from ..core.files import RunError, not_a_run
-from ..core.runtime import make_runtime
-from ..data import DatasetSplits, eval_loader, load_split_files, make_dataset
+from ..core.runtime import cache_dir_of, make_runtime
+from ..data import DatasetSplits, eval_loader, make_dataset
+from ..data.splits import load_run_splits
 from ..data.images import ImageError, load_rgb, to_rgb
 from ..data.readers import IMAGE_SUFFIXES
 from ..models import StagedClassifier, build_model, method_class
@@ -98,9 +99,14 @@ class TrainedRun:
         for name in (runfiles.CONFIG, runfiles.INFO, "model.safetensors"):
             if not (self.run_dir / name).is_file():
                 raise not_a_run(self.run_dir, name)
+        runfiles.verify(self.run_dir, [runfiles.INFO, "text_classifier.safetensors", "model.safetensors"])
         self.cfg = runfiles.read_config(self.run_dir)
         info = runfiles.read_info(self.run_dir)
         verify_run_files(self.run_dir, info, to_dict(self.cfg))
+        # Every file checked before anything is built: the stage-1 classifier, which the saved weights
+        # replace where the method tuned it, and those weights.
+        text_weight = load_checkpoint(self.run_dir / "text_classifier.safetensors", info["backbone"])["weight"]
+        weights = load_checkpoint(self.run_dir / "model.safetensors", info["backbone"])
         if device is not None:
             self.cfg.device = device
         if precision is not None:
@@ -112,14 +118,11 @@ class TrainedRun:
                            f"(run: {info['backbone'].get('weights')}, now: {self.backbone.identity.get('weights')}); "
                            "pass the same weights file")
         self.runtime = make_runtime(self.cfg)
-        # The stage-1 classifier, which the saved weights replace where the method tuned it.
-        text_weight = load_checkpoint(self.run_dir / "text_classifier.safetensors", self.backbone.identity)["weight"]
         self.model = build_run_model(self.backbone, self.wheel, self.cfg, text_weight)
         self.stage_blocks = [list(stage) for stage in self.model.stages]
-        weights = self.run_dir / "model.safetensors"
         if self.model.data_sized:  # a cache as large as the run's training split
-            self.model.size_like({n: t.shape for n, t in load_checkpoint(weights, self.backbone.identity).items()})
-        load_weights(self.model, weights, self.backbone.identity)
+            self.model.size_like({name: tensor.shape for name, tensor in weights.items()})
+        apply_weights(self.model, weights, self.run_dir / "model.safetensors")
         self.model = self.runtime.prepare_model(self.model, evaluation_mode=True).eval()
         self.runtime.lower_frozen(self.runtime.unwrap_model(self.model))
 
@@ -130,9 +133,7 @@ class TrainedRun:
 
     def evaluate(self, split: str = "test", progress: bool = True) -> dict:
         """Metrics on one of the run's own saved splits."""
-        data: DatasetSplits = load_split_files(self.run_dir / "splits", self.wheel)
-        if split not in data.splits:
-            raise RunError(f"{self.run_dir}/splits has no {split}.csv")
+        data: DatasetSplits = load_run_splits(self.run_dir / "splits", self.cfg.data, cache_dir_of(self.cfg))
         dataset = make_dataset(data[split], self.wheel, self.backbone.preprocess, self.cfg.data)
         preds = predict(self._classify, eval_loader(dataset, self.cfg.data, self.runtime), self.runtime,
                         progress=progress)
@@ -179,7 +180,8 @@ class TrainedRun:
             tensor = None
             if error is None:
                 try:
-                    rgb = to_rgb(source) if isinstance(source, Image.Image) else load_rgb(source)
+                    rgb = to_rgb(source) if isinstance(source, Image.Image) else \
+                        load_rgb(source, max_pixels=self.cfg.data.max_image_pixels)
                     tensor = self.backbone.preprocess(rgb)
                 except ImageError as e:
                     error = str(e)

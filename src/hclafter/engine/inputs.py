@@ -5,7 +5,8 @@ Feature cache: when nothing in the image tower trains (no prompts, LayerNorms or
 weights) and the view is deterministic, every epoch would re-encode the same images to the same
 features. They are stored on disk instead, keyed by backbone identity, extraction layers,
 transform and image file identity, and shared by every epoch and every run (of a sweep) with the
-same key (whether that holds is the method's answer: ``models.cache_applies``). The image store
+same key (whether that holds is the method's answer: ``models.cache_applies``); each image's
+features carry a digest, checked whenever a run opens the file. The image store
 (``data/store.py``) holds decoded pixels for every other run.
 """
 from __future__ import annotations
@@ -14,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 
 from ..core.config import Config
 from ..core.emotions import Wheel
+from ..core.files import RunError
+from ..core.integrity import RowFile, rebuild_warning
 from ..core.progress import interactive
 from ..core.runtime import Runtime, cache_dir_of
 from ..data import SPLITS, DataError, DatasetSplits, EmotionImages, load_splits, make_dataset, make_loader
@@ -33,6 +35,8 @@ from ..data.store import InputView, StoredImages, stored_datasets
 from ..data.views import crop_flip_transform, strong_view
 from ..models import LabelledFeatures, StagedClassifier, cache_applies
 from ..models.backbone import Backbone, backbone_from_config
+
+FEATURES_VERSION = 2  # part of the key: bump when the file's layout changes (2: a digest per image)
 
 
 @dataclass
@@ -98,7 +102,7 @@ def prepare_stores(cfg: Config, progress: bool = True) -> list[str]:
     for file in sorted({ds.file for ds in stored.values() if isinstance(ds, StoredImages)}):
         splits = [s for s, ds in stored.items() if isinstance(ds, StoredImages) and ds.file == file]
         used = os.stat(file).st_blocks * 512
-        lines.append(f"{file.parent}: {', '.join(splits)} ({sum(len(stored[s]) for s in splits)} images, "
+        lines.append(f"{file}: {', '.join(splits)} ({sum(len(stored[s]) for s in splits)} images, "
                      f"{used / 1e9:.2f} GB on disk)")
     return lines
 
@@ -106,36 +110,38 @@ def prepare_stores(cfg: Config, progress: bool = True) -> list[str]:
 def cache_key(identity: dict, layers: Sequence[int], preprocess_cfg, paths: Sequence[str]) -> str:
     files = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
     transform = dataclasses.asdict(preprocess_cfg) if dataclasses.is_dataclass(preprocess_cfg) else repr(preprocess_cfg)
-    blob = json.dumps([identity, list(layers), transform, files], sort_keys=True, default=str)
+    blob = json.dumps([FEATURES_VERSION, identity, list(layers), transform, files], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 @torch.no_grad()
-def layer_feature_file(model: torch.nn.Module, images: EmotionImages, key: str, cache_dir: Path, batch_size: int,
-                       device: torch.device, progress: bool = True) -> np.ndarray:
-    """[N, layers, D] features of every image, memory-mapped from ``cache_dir/features/<key>.npy``
-    (computed and written atomically on first use; a file that is not such an array is recomputed
-    with a warning)."""
-    path = cache_dir / "features" / f"{key}.npy"
-    if path.is_file():
-        try:
-            features = np.load(path, mmap_mode="r")
-            if features.dtype == np.float32 and features.shape[:2] == (len(images), len(model.extraction_layers)):
-                return features
-            why = f"a {features.dtype} array of shape {features.shape}"
-        except (ValueError, OSError) as e:  # objects (pickles are refused), a truncated or foreign file
-            why = str(e)
-        warnings.warn(f"{path}: feature-cache file unusable ({why}); recomputing it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    chunks = []
+def layer_feature_file(model: torch.nn.Module, images: EmotionImages, key: str, cache_dir: Path, dim: int,
+                       batch_size: int, device: torch.device, progress: bool = True) -> np.ndarray:
+    """[N, layers, D] features of every image, memory-mapped from ``cache_dir/features/<key>.npy``:
+    computed on first use, verified image by image (digest, finite values) on every later one. A file
+    that fails is computed again whole, in the batches of the first time (so with the same values),
+    after a warning naming it: training on damaged features would change results silently."""
+    layers = len(model.extraction_layers)
+    file = RowFile.open(cache_dir / "features" / f"{key}.npy", [("features", "<f4", (layers, dim))], len(images),
+                        "feature-cache")
+    bad, unwritten = file.bad_rows(range(len(images)))
+    if not bad:
+        return file.field("features")
+    if len(bad) > len(unwritten):
+        rebuild_warning(file.path, f"the cached features of {len(bad) - len(unwritten)} of {len(images)} images fail "
+                                   "verification (changed on disk, or not finite)")
     model.eval()
+    start = 0
     for batch in tqdm(make_loader(images, batch_size, False, 0), desc="caching features", leave=False,
                       disable=not progress):
-        chunks.append(model.forward_features(batch["image"].to(device)).transpose(0, 1).float().cpu().numpy())
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, np.concatenate(chunks))
-    os.replace(tmp, path)
-    return np.load(path, mmap_mode="r")
+        features = model.forward_features(batch["image"].to(device)).transpose(0, 1).float().cpu().numpy()
+        rows = range(start, start + len(features))
+        if not np.isfinite(features).all():
+            raise RunError(f"the image tower gives non-finite layer features in the batch of "
+                           f"{images.samples[rows[0]].path}: check the backbone weights (backbone.pretrained)")
+        file.write(rows, features=features)
+        start += len(features)
+    return file.field("features")
 
 
 class CachedFeatures(Dataset):
@@ -166,5 +172,5 @@ def cached_datasets(model: torch.nn.Module, datasets: dict[str, EmotionImages], 
     row = {s.path: i for i, s in enumerate(everything)}
     key = cache_key(backbone.identity, model.extraction_layers, backbone.preprocess_cfg, [s.path for s in everything])
     features = layer_feature_file(model, EmotionImages(everything, wheel, backbone.preprocess), key, cache_dir,
-                                  batch_size, device, progress)
+                                  backbone.model.visual.output_dim, batch_size, device, progress)
     return {split: CachedFeatures(ds, features, [row[s.path] for s in ds.samples]) for split, ds in datasets.items()}

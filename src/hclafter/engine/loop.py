@@ -36,6 +36,9 @@ from .runfiles import append_record, write_records
 from .tracking import log_epoch, log_step, sigmas
 
 SUM_KEYS = ("loss", "task_loss", "consistency_loss", "distill_loss", "correct", "n")
+# The run's files a resume reads besides the state: their sha256 is saved with it.
+RESUME_READS = ("model.safetensors", "text_classifier.safetensors", "checkpoints/stage1.json",
+                "teacher_logits.safetensors")
 
 
 def fit(state: TrainState, stop: dict) -> None:
@@ -285,10 +288,10 @@ class TrainState:
     def save(self) -> None:
         """The resumable state, written by the first process while the others wait."""
         if self.main:
-            with writing(self.out_dir / "checkpoints"):
+            with writing(self.out_dir / "checkpoints", self.out_dir):
                 save_state(self.out_dir / "checkpoints", self.progress.global_step, self.plain, self.saved_names,
                            self.optimizer, self.scheduler, dataclasses.asdict(self.progress), self.identity,
-                           self.fingerprint)
+                           self.fingerprint, [name for name in RESUME_READS if (self.out_dir / name).is_file()])
         self.runtime.wait_for_everyone()
 
     def load(self) -> None:
@@ -299,7 +302,7 @@ class TrainState:
     def save_weights(self, name: str) -> None:
         if self.main:
             state = self.plain.state_dict()
-            with writing(self.out_dir / name):
+            with writing(self.out_dir / name, self.out_dir):
                 save_checkpoint(self.out_dir / name, {n: state[n].float() for n in self.saved_names}, self.identity)
 
     def rewrite_log(self) -> None:

@@ -138,8 +138,9 @@ def _prepare_out_dir(cfg: Config, out_dir: Path, resume: bool) -> Config:
         return cfg
     if not has_state:
         raise RunError(f"{out_dir}: nothing to resume (no checkpoints/latest.json); start it without --resume")
+    fingerprint = saved_fingerprint(out_dir / "checkpoints")  # the state's files verified before anything is read
     saved = runfiles.read_config(out_dir)
-    _check_unchanged_since_checkpoint(out_dir, saved)
+    _check_unchanged_since_checkpoint(out_dir, saved, fingerprint)
     differs = config_differences(to_dict(saved), to_dict(cfg))
     if differs:
         raise RunError(f"--resume with settings that differ from the run's ({_listed(differs)}); resume with the "
@@ -147,10 +148,10 @@ def _prepare_out_dir(cfg: Config, out_dir: Path, resume: bool) -> Config:
     return saved
 
 
-def _check_unchanged_since_checkpoint(out_dir: Path, saved: Config) -> None:
-    """The run's config.yaml and split lists must be those its last checkpoint was saved with:
-    another ``data.root`` or edited splits would continue the run on other data, silently."""
-    fingerprint = saved_fingerprint(out_dir / "checkpoints")
+def _check_unchanged_since_checkpoint(out_dir: Path, saved: Config, fingerprint: dict) -> None:
+    """The run's config.yaml and split lists must be those its last checkpoint was saved with
+    (``fingerprint``): another ``data.root`` or edited splits would continue the run on other data,
+    silently."""
     changed = config_differences(fingerprint["config"], to_dict(saved))
     if changed:
         raise RunError(f"{out_dir / runfiles.CONFIG} was changed after the run's last checkpoint "
@@ -246,7 +247,7 @@ def _teacher_run_logits(teacher_dir: Path, data: DatasetSplits, out_dir: Path, s
                      desc="teacher", progress=show).logits
     order = [teacher.wheel.classes.index(c) for c in data.wheel.classes]
     logits = torch.from_numpy(logits[:, order]).float()
-    with writing(path):
+    with writing(path, out_dir):
         save_checkpoint(path, {"logits": logits})
     return logits
 
@@ -302,7 +303,7 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
                             hardware=tracking.hardware(state.runtime),
                             efficiency=efficiency(lambda x: state.classify(x, images=True),
                                                   sample.to(state.runtime.device)))
-        with writing(out_dir):
+        with writing(out_dir, out_dir):
             runfiles.write_predictions(out_dir, "test", preds, data["test"], data.wheel)
             runfiles.write_predictions(out_dir, "val", val_preds, data["val"], data.wheel)
             if figures is not None:

@@ -6,10 +6,16 @@ A run directory holds ``config.yaml`` (the resolved settings), ``splits/`` (the 
 backbone identity, hardware, timings, and the config and split hashes it was made with),
 ``summary.json`` (what it computed; written last, it marks the run as finished), and the
 weights and resumable state (``core/checkpoint.py``).
+
+``checksums.json``, written just before the summary, records the sha256 of every other file of the
+finished run (the summary's included; config.yaml and the split lists are checked against what
+run.json records); each reader here checks its file against it, so a damaged file is named instead
+of read. Runs finished before it was written are read unchecked.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import time
@@ -23,13 +29,16 @@ from omegaconf import OmegaConf
 from ..core.checkpoint import run_fingerprint, saved_fingerprint
 from ..core.config import Config, load_config, to_dict
 from ..core.emotions import Wheel
-from ..core.files import RunError, atomic_write_text, read_json, read_jsonl, write_json, writing
+from ..core.files import LOCK_FILES, RunError, atomic_write_text, json_text, read_json, read_jsonl, write_json, writing
+from ..core.integrity import IntegrityError, file_digests, verify_files
 from ..core.stats import RunPredictions
 from ..version import __version__
 from .evaluation import Predictions
 
 CONFIG, INFO, SUMMARY, LOG = "config.yaml", "run.json", "summary.json", "metrics.jsonl"
 PREDICTIONS = {"test": "predictions.csv", "val": "predictions_val.csv"}
+CHECKSUMS = "checksums.json"
+SEALED_SUFFIXES = (".yaml", ".json", ".jsonl", ".csv", ".safetensors")  # the run's files (not report.html, plots)
 
 
 class PredictionsFileError(RunError):
@@ -41,10 +50,49 @@ def is_finished(run_dir: Path) -> bool:
     return (Path(run_dir) / SUMMARY).is_file()
 
 
+# --- checksums.json ----------------------------------------------------------------------------
+
+
+def _sealed_names(run_dir: Path) -> list[str]:
+    """The run's own files in its folder. Not config.yaml and ``splits/``: run.json records them, and
+    a change is named key by key (core/checkpoint.py: verify_run_files); nor the state, which
+    ``latest.json`` records."""
+    return sorted(p.name for p in run_dir.iterdir() if p.is_file() and p.suffix in SEALED_SUFFIXES
+                  and p.name not in (CHECKSUMS, CONFIG, *LOCK_FILES))
+
+
+def verify(run_dir: Path, names: Sequence[str]) -> None:
+    """Check these files of a run against its checksums.json (when the run has one): an
+    IntegrityError names the first that differs, before anything reads them."""
+    run_dir = Path(run_dir)
+    record = run_dir / CHECKSUMS
+    if not record.is_file():
+        return
+    digests = read_json(record)
+    digests = digests.get("sha256") if isinstance(digests, dict) else None
+    unlisted = [n for n in names if not isinstance(digests, dict) or n not in digests]
+    if unlisted:
+        raise IntegrityError(f"{record} is damaged: it does not list {unlisted[0]}; restore it from a backup")
+    verify_files(run_dir, digests, record, names)
+
+
+def checked(run_dir: Path, name: str) -> Path:
+    """``run_dir/name``, after :func:`verify`."""
+    verify(run_dir, [name])
+    return Path(run_dir) / name
+
+
+def _unseal(run_dir: Path) -> None:
+    """Before a file of the run changes (a resume finishes it again): its checksums no longer hold,
+    until the summary writes new ones."""
+    (Path(run_dir) / CHECKSUMS).unlink(missing_ok=True)
+
+
 # --- config.yaml -------------------------------------------------------------------------------
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
+    _unseal(run_dir)
     atomic_write_text(Path(run_dir) / CONFIG, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
@@ -59,7 +107,7 @@ def saved_run_config(run_dir: Path) -> dict:
     if (run_dir / "checkpoints" / "latest.json").is_file():
         return saved_fingerprint(run_dir / "checkpoints")["config"]
     if (run_dir / INFO).is_file():
-        info = read_json(run_dir / INFO)
+        info = read_info(run_dir)
         if isinstance(info, dict) and "config" in info:
             return info["config"]
     return to_dict(read_config(run_dir))
@@ -74,7 +122,8 @@ def write_info(run_dir: Path, cfg: Config, wheel: Wheel, identity: dict, started
     ``summary.json`` holds what the run computed (reproducible to the bit on one CPU)."""
     run_dir = Path(run_dir)
     record = run_fingerprint(to_dict(cfg), run_dir / "splits")
-    with writing(run_dir):
+    _unseal(run_dir)
+    with writing(run_dir, run_dir):
         write_json(run_dir / INFO, {"classes": list(wheel.classes), "label_space": wheel.name,
                                     "wheel": wheel.to_dict(), "backbone": identity,
                                     "mode": cfg.mode, "method": cfg.model.method, **extra,
@@ -84,7 +133,7 @@ def write_info(run_dir: Path, cfg: Config, wheel: Wheel, identity: dict, started
 
 
 def read_info(run_dir: Path) -> dict:
-    return read_json(Path(run_dir) / INFO)
+    return read_json(checked(run_dir, INFO))
 
 
 def info_wheel(info: dict) -> Wheel:
@@ -94,13 +143,18 @@ def info_wheel(info: dict) -> Wheel:
 
 def write_summary(run_dir: Path, summary: dict) -> None:
     """``summary.json``, last of a run's files: it marks the run as finished (a kill before it leaves
-    a run that ``--resume`` finishes)."""
-    with writing(run_dir):
-        write_json(Path(run_dir) / SUMMARY, summary)
+    a run that ``--resume`` finishes). Just before it, ``checksums.json``: the sha256 of every file of
+    the run, the summary's included."""
+    run_dir = Path(run_dir)
+    text = json_text(summary)
+    with writing(run_dir, run_dir):
+        digests = file_digests(run_dir, [n for n in _sealed_names(run_dir) if n != SUMMARY])
+        write_json(run_dir / CHECKSUMS, {"sha256": {**digests, SUMMARY: hashlib.sha256(text.encode()).hexdigest()}})
+        atomic_write_text(run_dir / SUMMARY, text)
 
 
 def read_summary(run_dir: Path) -> dict:
-    return read_json(Path(run_dir) / SUMMARY)
+    return read_json(checked(run_dir, SUMMARY))
 
 
 # --- metrics.jsonl -----------------------------------------------------------------------------
@@ -109,21 +163,23 @@ def read_summary(run_dir: Path) -> dict:
 def append_record(run_dir: Path, record: dict) -> None:
     """One epoch's line of ``metrics.jsonl``."""
     path = Path(run_dir) / LOG
-    with writing(path), open(path, "a", encoding="utf-8") as f:
+    _unseal(run_dir)
+    with writing(path, run_dir), open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def write_records(run_dir: Path, records: Sequence[dict]) -> None:
     """``metrics.jsonl`` whole, from the saved records (so a torn last line of a killed run is repaired)."""
     path = Path(run_dir) / LOG
-    with writing(path):
+    _unseal(run_dir)
+    with writing(path, run_dir):
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def read_records(run_dir: Path) -> list[dict]:
     """The epochs' records; none for a run without training (a frozen baseline)."""
     path = Path(run_dir) / LOG
-    return read_jsonl(path) if path.is_file() else []
+    return read_jsonl(checked(run_dir, LOG)) if path.is_file() else []
 
 
 # --- predictions.csv, predictions_val.csv -------------------------------------------------------
@@ -147,6 +203,7 @@ def write_predictions(run_dir: Path, split: str, preds: Predictions, samples: Se
                          *[f"{p:.6f}" for p in probs[i]], *[f"{t:.6f}" for t in preds.distributions[i]],
                          *[f"{p:.6f}" for stage in stages for p in stage[i]],
                          *[format(float(z), ".9g") for z in preds.logits[i]]])
+    _unseal(run_dir)
     atomic_write_text(Path(run_dir) / PREDICTIONS[split], text.getvalue())
 
 
@@ -156,7 +213,7 @@ def read_predictions(run_dir: Path, split: str = "test", classes: Optional[Seque
     else in the file's order."""
     path = Path(run_dir) / PREDICTIONS[split]
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(checked(run_dir, PREDICTIONS[split]), newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
     except FileNotFoundError:
         raise PredictionsFileError(f"{path} is missing; the run directory is incomplete") from None

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..core.config import BackboneConfig, ConfigError, looks_like_path
+from ..core.integrity import sha256_file
 from .vit import use_sdpa_attention
 
 # Keys OpenAI stores beside the weights; their presence marks an OpenAI checkpoint (QuickGELU).
@@ -50,11 +51,7 @@ class Backbone:
 
 @lru_cache(maxsize=16)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(Path(path))
 
 
 def file_sha256(path: Path) -> str:
@@ -179,12 +176,17 @@ def _load(cfg: BackboneConfig) -> Backbone:
     use_sdpa_attention(model.visual)
     preprocess_cfg = open_clip.transform.PreprocessCfg(**open_clip.get_model_preprocess_cfg(model))
     preprocess = open_clip.transform.image_transform_v2(preprocess_cfg, is_train=False)
-    if cfg.model_cfg is None:
-        tokenizer = open_clip.get_tokenizer(cfg.name)
-    else:
-        ctx = cfg.model_cfg.get("text_cfg", {}).get("context_length", 77)
-        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
-    return Backbone(model, tokenizer, preprocess, identity, preprocess_cfg)
+    context = None if cfg.model_cfg is None else cfg.model_cfg.get("text_cfg", {}).get("context_length", 77)
+    return Backbone(model, _tokenizer(cfg.name, context), preprocess, identity, preprocess_cfg)
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(name: str, context_length: Optional[int]) -> Callable[..., torch.Tensor]:
+    """The architecture's tokenizer, or for a model_cfg the CLIP one of its context: built once per
+    process (building the BPE tables takes 0.1 s; a tokenizer holds no state but a memo)."""
+    if context_length is None:
+        return open_clip.get_tokenizer(name)
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
 
 
 def _from_tag(cfg: BackboneConfig, tag: str) -> tuple[bool, nn.Module]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from ..core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ..core.config import TextConfig
 from ..core.emotions import MIKELS8, Wheel
+from ..core.integrity import rebuild_warning
 from .backbone import Backbone
 
 
@@ -121,14 +121,14 @@ def encode_texts(backbone: Backbone, texts: Sequence[str], cache_dir: Optional[P
     """L2-normalised text embeddings [N, D], cached on disk by backbone identity and texts.
 
     A cache entry carries a content hash; one that fails it (a flipped bit, a torn or foreign file)
-    is recomputed with a warning, never used: stage 1 would train on it without complaint."""
+    is rebuilt after a warning naming it, never used: stage 1 would train on it without complaint."""
     key = hashlib.sha256(json.dumps([backbone.identity, list(texts)], sort_keys=True).encode()).hexdigest()[:24]
     cache = cache_dir / "text" / f"{key}.safetensors" if cache_dir is not None else None
     if cache is not None and cache.is_file():
         try:
             return load_checkpoint(cache, backbone.identity)["features"]
         except CheckpointError as e:
-            warnings.warn(f"text-embedding cache entry failed verification, recomputing it: {e}", stacklevel=2)
+            rebuild_warning(cache, f"text-embedding cache entry unusable ({str(e).removeprefix(f'{cache}: ')})")
     too_long = overlong_texts(backbone.tokenizer, texts)
     if too_long:
         raise TextCorpusError(f"{len(too_long)} text(s) exceed the {backbone.tokenizer.context_length}-token context, "

@@ -12,6 +12,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ..core.checkpoint import verify_run_files
+from ..core.config import to_dict
 from ..core.files import not_a_run
 from ..core.stats import RunPredictions
 from ..data import load_split_files
@@ -50,10 +52,12 @@ class RunFiles:
         if not (run_dir / runfiles.INFO).is_file():
             raise not_a_run(run_dir, runfiles.INFO)
         info = runfiles.read_info(run_dir)
-        config = run_dir / runfiles.CONFIG
-        return cls(run_dir, summary if summary is not None else runfiles.read_summary(run_dir), info,
-                   runfiles.read_records(run_dir), config.read_text(encoding="utf-8", errors="replace"),
-                   runfiles.read_predictions(run_dir, "test", info["classes"]))
+        summary = summary if summary is not None else runfiles.read_summary(run_dir)
+        records, test = runfiles.read_records(run_dir), runfiles.read_predictions(run_dir, "test", info["classes"])
+        # eval and predict refuse an edited config.yaml or split list: so does the report of its figures
+        verify_run_files(run_dir, info, to_dict(runfiles.read_config(run_dir)))
+        config = (run_dir / runfiles.CONFIG).read_text(encoding="utf-8", errors="replace")
+        return cls(run_dir, summary, info, records, config, test)
 
     @property
     def classes(self) -> list[str]:
