@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/hclafter demo --out $(DEMO_DIR)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow

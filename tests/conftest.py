@@ -1,11 +1,19 @@
 """Shared fixtures: tiny random open_clip models and synthetic data, built once per session."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
+# `make test` runs one pytest-xdist worker per core: each worker (and every process a test starts,
+# which inherits the variable) gets its share of the cores, not all of them, or the workers'
+# threads would contend. Set before torch is imported, which reads it once.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
-from hclafter.models.backbone import load_backbone
+import pytest  # noqa: E402
+
+from hclafter.models.backbone import load_backbone  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"

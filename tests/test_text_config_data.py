@@ -89,7 +89,7 @@ def test_config_files_and_overrides_merge(tmp_path):
     ("train.loss.name=mse", "train.loss.name: 'mse'"),
     ("train.phases=[]", "at least one phase"),
     ("train.phases=[{epochs: 1, train: [adapterz]}]", r"unknown groups \['adapterz'\]"),
-    ("model.prompt_tokens=-1", r"model.prompt_tokens must be in \[0, ∞\), got -1"),
+    ("model.prompt_tokens=-1", r"model.prompt_tokens must be in \[0, 4096\], got -1"),
     ("model.prompt_tokens=many", "prompt_tokens"),
     ("data.split_ratios=[0.9,0.1,0.1]", "split_ratios"),
     ("precision=fp8", "precision"),
