@@ -158,9 +158,10 @@ def test_demo_cli_parser_and_table():
     assert defaults.out == "runs/demo" and defaults.seeds == 3 and defaults.world is None
     assert command(args) is cmd_demo
     rows = [{"method": "zero-shot CLIP", "accuracy": (0.5, 0.0), "macro_f1": (0.4, 0.0), "kl_calibrated": (1.0, 0.0),
-             "comparison": {"difference": 0.25, "ci": [0.2, 0.3], "p_value": 0.001, "verdict": "better"}},
+             "comparison": {"difference": 0.25, "ci": [0.2, 0.3], "p_value": 0.001, "verdict": "better"},
+             "still_improving": 0, "seeds": 1},
             {"method": "HybridCascade-LaFTer", "accuracy": (0.75, 0.01), "macro_f1": (0.7, 0.02),
-             "kl_calibrated": (0.5, 0.1), "comparison": None}]
+             "kl_calibrated": (0.5, 0.1), "comparison": None, "still_improving": 0, "seeds": 1}]
     table = format_table(rows, 0.125)
     assert "75.0 ± 1.0" in table and "+25.0 [+20.0, +30.0]" in table and "(headline)" in table and "12.5 %" in table
 

@@ -4,7 +4,7 @@ from hclafter.core.config import Config, load_config
 from hclafter.data import load_splits, make_dataset, make_loader
 from hclafter.model import HybridCascadeLaFTer, build_model
 from hclafter.core.config import phase_groups
-from hclafter.engine.optim import (build_optimizer, param_groups, phase_of_epoch, saved_parameter_names, set_trainable,
+from hclafter.engine.optim import (build_optimizer, param_groups, saved_parameter_names, set_trainable, training_rounds,
                                    warmup_cosine)
 
 
@@ -21,11 +21,11 @@ def test_each_phase_sets_requires_grad_exactly_as_the_schedule_says(tiny_backbon
         {"stage_adapters", "fusion", "nga", "prompts", "layernorms", "classifier"},
         {"stage_adapters", "fusion", "nga", "prompts", "layernorms", "classifier"},
     ]
-    schedule = phase_of_epoch(cfg.train.phases)
-    assert [n for n, _ in schedule] == [1, 1, 1, 2, 2, 2, 3, 3]
-    assert [p.consistency for _, p in schedule] == [False] * 6 + [True] * 2
-    for (_, phase), trained in zip(schedule[::3], expected):
-        set_trainable(model, groups, phase_groups(phase, cfg.train.train_backbone))
+    schedule = training_rounds(cfg.train, steps_per_epoch=5)  # a budget in epochs: one round per epoch
+    assert [r.phase_no for r in schedule] == [1, 1, 1, 2, 2, 2, 3, 3]
+    assert [r.phase.consistency for r in schedule] == [False] * 6 + [True] * 2
+    for r, trained in zip(schedule[::3], expected):
+        set_trainable(model, groups, phase_groups(r.phase, cfg.train.train_backbone))
         states = _requires_grad_by_group(groups)
         assert states == {g: {g in trained} for g in states}
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -23,7 +23,7 @@ KILL_POINTS = {
     "torn checkpoint write": ("hclafter.core.checkpoint", "atomic_write_bytes", 9, "torn"),
     "after epoch state, before metrics": ("hclafter.engine.loop", "save_state", 4, "after"),
     "best-model write": ("hclafter.engine.loop", "save_checkpoint", 2, "before"),
-    "final evaluation": ("hclafter.engine.loop", "compute_metrics", 5, "before"),
+    "final evaluation": ("hclafter.engine.loop", "compute_metrics", 4, "before"),  # the first after 3 validations
 }
 
 CHILD = textwrap.dedent("""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import time
 from importlib import resources
 from pathlib import Path
@@ -28,7 +29,8 @@ from ..core.runtime import cache_dir_of
 from ..data import DatasetSplits, load_splits
 from ..data.images import load_rgb
 from ..data.worlds import DEFAULT_WORLD, available_worlds, read_world
-from ..reporting.evidence import MethodRuns, comparison_rows, random_backbone, table_cells, table_notes
+from ..reporting.evidence import (MethodRuns, comparison_rows, convergence_note, marked, random_backbone, table_cells,
+                                  table_notes)
 from ..reporting.format import difference, markdown_table, pm
 from ..reporting.html import Figure, Section, Table, write_html
 from ..reporting.plots import plt, save_figure
@@ -110,11 +112,12 @@ def format_table(rows: Sequence[dict], chance: float) -> str:
     for r in rows:
         c = r["comparison"]
         diff = "" if c is None else difference(c["difference"], c["ci"])
-        lines.append(f"{r['method']:<28}{pm(r['accuracy'], 100):>14}{pm(r['macro_f1'], 100):>14}"
+        lines.append(f"{marked(r['method'], r):<28}{pm(r['accuracy'], 100):>14}{pm(r['macro_f1'], 100):>14}"
                      f"{r['kl_calibrated'][0]:>9.3f}  "
                      f"{diff:<22}{'(headline)' if c is None else c['verdict']}")
     lines.append(f"chance accuracy: {100 * chance:.1f} %")
-    return "\n".join(lines)
+    note = convergence_note(rows)
+    return "\n".join(lines + ([textwrap.fill(note, len(head) + 20)] if note else []))
 
 
 def plot_comparison(rows: Sequence[dict], chance: float, path: Path, world: str) -> None:

@@ -71,7 +71,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     selected = f" (best epoch {summary['best_epoch']} on val)" if "best_epoch" in summary else ""
     print(f"run written to {args.out}{selected}")
     print(_metrics_table(summary["test"]))
+    warning = convergence_warning(summary)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     return 0
+
+
+def convergence_warning(summary: dict) -> Optional[str]:
+    """What to tell the user when a trained run ends still improving (SPEC §11), else None."""
+    from ..core.metrics import STILL_IMPROVING
+
+    c = summary.get("convergence")
+    if c is None or c["verdict"] != STILL_IMPROVING:
+        return None
+    steps = summary["steps"]
+    if c["rise"] is None:
+        return (f"warning: this run may still be improving: none of its {c['validations']} validation(s) lies before the "
+                f"last 20 % of its {steps} steps, so its curve cannot show a plateau; give a budget in train.steps "
+                "(it validates every tenth of the budget) or more epochs")
+    return (f"warning: this run is still improving: its best validation accuracy in the last 20 % of its {steps} steps "
+            f"({100 * c['best_val_accuracy_last']:.1f} %) is {100 * c['rise']:.1f} points above the best before it "
+            f"({100 * c['best_val_accuracy_before']:.1f} %); train longer (e.g. train.steps={2 * steps}) before "
+            "comparing it with other runs")
 
 
 def check_device_flags(args: argparse.Namespace) -> None:

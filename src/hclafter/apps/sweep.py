@@ -35,7 +35,7 @@ from ..core.stats import mean_std
 from ..engine import runfiles
 from ..models import check_config
 from ..reporting.evidence import (MethodRuns, comparison_rows, pair_cells, pair_rows, random_backbone, results_cells,
-                                  table_cells, table_notes)
+                                  still_improving, sweep_convergence_note, table_cells, table_notes)
 from ..reporting.format import markdown_table
 from ..reporting.report import write_sweep_figures, write_sweep_report
 
@@ -198,7 +198,8 @@ def summarise(runs: Sequence[SweepRun], reference: Optional[str] = None) -> list
     for (dataset, method, name, variant), results in groups.items():
         summaries = [s for s, _ in results]
         row: dict[str, Any] = {"dataset": dataset, "method": method, "name": name, "variant": variant,
-                               "seeds": len(summaries), "frozen": summaries[0]["epochs"] == 0}
+                               "seeds": len(summaries), "frozen": summaries[0]["epochs"] == 0,
+                               "still_improving": still_improving(summaries)}
         for key in HEADLINE:
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std([s["test"][key] for s in summaries])
         for key in LDL:
@@ -241,7 +242,11 @@ def evidence_tables(sweep: Sweep) -> list[tuple[str, list[str], list[list[str]],
         tables.append(("Pairwise comparisons", *pair_cells(pair_rows_by_title),
                        "Each pair as in the tables above, with A in the headline's place: Δ is A minus B, pooled "
                        "over seeds, 95 % paired-bootstrap CI over test images; McNemar's exact p; the last column "
-                       "says whether A is better, worse or not distinguishable from B at 95 %.\n"))
+                       "says whether A is better, worse or not distinguishable from B at 95 %."
+                       + (" † marks a method with runs still improving when training ended (best validation accuracy in "
+                          "the last 20 % of the steps more than 0.5 points above the best before)."
+                          if any(r["still_improving"] for rows in pair_rows_by_title.values() for r in rows) else "")
+                       + "\n"))
     return tables
 
 
@@ -264,6 +269,7 @@ def write_results(sweep: Sweep, out_dir: Path) -> list[dict]:
     reference = done.name_of(done.reference)
     atomic_write_text(out_dir / "results.md", "# Sweep results (test split, mean ± std over seeds)\n\n" +
                       markdown_table(*results_cells(rows, reference)) +
+                      (f"\n{note}\n" if (note := sweep_convergence_note(rows)) else "") +
                       "\nPlots: `plots/accuracy.png`, `plots/train_loss.png`, `plots/learned_weights.png`; all of it "
                       "with every run in `report.html`.\n\n" + comparisons)
     write_sweep_figures(out_dir, rows, done.runs)

@@ -6,6 +6,7 @@ config file or an override fails before any data is read or model built.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +153,8 @@ class DistillConfig:
 
 @dataclass
 class PhaseConfig:
+    # The phase's length in passes over the training set; with train.steps, its share of the step budget
+    # (the phases' epochs are then proportions: 3, 3, 2 give 3/8, 3/8 and 2/8 of the steps).
     epochs: int = 1
     train: list[str] = field(default_factory=list)
     consistency: bool = False
@@ -188,6 +191,10 @@ class TrainConfig:
         }
     )
     weight_decay: float = 0.01
+    # The budget: None trains every phase for its epochs; a number of optimizer steps in all splits them
+    # among the phases in proportion to their epochs (phase_steps) and validates at least every tenth of them.
+    steps: Optional[int] = None
+    # Linear warm-up over this many epochs' worth of steps (either budget), then cosine decay to 0 at the last step.
     warmup_epochs: float = 0.5
     phases: list[PhaseConfig] = field(default_factory=_default_phases)
     # Also tune the non-LayerNorm image-tower weights whenever `layernorms` is trained.
@@ -215,6 +222,31 @@ class TrainConfig:
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def phase_steps(train: TrainConfig, steps_per_epoch: int) -> list[int]:
+    """Optimizer steps of each phase: its epochs times ``steps_per_epoch``, or, with ``train.steps``,
+    the budget split in proportion to the phases' epochs. Phase k then ends at step
+    round(steps × (epochs of phases 1..k) / (all epochs)) (halves round up), so the shares sum to the
+    budget exactly, and a budget of as many steps as the epochs give puts every phase end where the
+    epochs put it. A phase whose share rounds to zero is a ConfigError naming the numbers."""
+    epochs = [p.epochs for p in train.phases]
+    if train.steps is None:
+        return [e * steps_per_epoch for e in epochs]
+    shares = _split(train.steps, epochs)
+    if min(shares) < 1:
+        least = next(n for n in itertools.count(len(epochs)) if min(_split(n, epochs)) >= 1)
+        raise ConfigError(f"train.steps={train.steps} gives phase {shares.index(0) + 1} no steps: the phases' "
+                          f"epochs {':'.join(map(str, epochs))} split it into {shares}; give at least {least} steps")
+    return shares
+
+
+def _split(steps: int, epochs: Sequence[int]) -> list[int]:
+    total, ends, done = sum(epochs), [], 0
+    for e in epochs:
+        done += e
+        ends.append((2 * steps * done + total) // (2 * total))
+    return [b - a for a, b in zip([0, *ends], ends)]
 
 
 def tuned_groups(train: TrainConfig) -> set[str]:
@@ -403,6 +435,7 @@ RANGES: dict[str, tuple[float, bool, Optional[float], bool]] = {
     "train.lr.*": (0, False, None, True), "train.weight_decay": (0, True, None, True),
     "train.warmup_epochs": (0, True, None, True), "train.phases.*.epochs": (1, True, 100_000, True),
     "train.phases.*.stages.*": (1, True, None, True),  # and at most the number of stages: below
+    "train.steps": (1, True, 10_000_000, True),
     "train.consistency_weight": (0, True, None, True), "train.distill.weight": (0, True, None, True),
     "train.distill.temperature": (0, False, None, True), "train.checkpoint_every_steps": (0, True, None, True),
     "train.loss.lam": (0, True, 1, True), "train.loss.temperature": (0, False, None, True),
@@ -463,6 +496,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.phases[{i}].train: unknown groups {unknown}; valid: {list(PARAM_GROUPS)}")
         if phase.stages is not None and any(not 1 <= s <= len(stages) for s in phase.stages):
             raise ConfigError(f"train.phases[{i}].stages {phase.stages}: stage numbers must be in 1..{len(stages)}")
+    phase_steps(cfg.train, 1)  # a step budget too small for the phases
     missing = sorted(set(PARAM_GROUPS) - set(cfg.train.lr))
     unknown_lr = sorted(set(cfg.train.lr) - set(PARAM_GROUPS))
     if missing or unknown_lr:

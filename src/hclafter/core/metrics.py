@@ -6,6 +6,7 @@ All results are plain Python floats / ints / lists so they can be written straig
 from __future__ import annotations
 
 from collections.abc import Sequence
+from fractions import Fraction
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
@@ -98,3 +99,27 @@ def stage_accuracies(stage_logits: np.ndarray, y_true: np.ndarray) -> list[float
             f"got {logits.shape}"
         )
     return [float(acc) for acc in np.mean(logits.argmax(axis=-1) == y_true[None, :], axis=1)]
+
+
+# The convergence verdict (SPEC §11): a run is still improving when the best validation accuracy of
+# its last LAST_FRACTION of steps beats the best before them by more than MIN_RISE.
+CONVERGED, STILL_IMPROVING = "converged", "still improving"
+LAST_FRACTION, MIN_RISE = Fraction(1, 5), 0.005
+
+
+def convergence(curve: Sequence[tuple[int, float]], total_steps: int) -> dict:
+    """The verdict on a validation curve of (optimizer steps done, accuracy) points: ``still
+    improving`` when the best accuracy at the points after 80 % of ``total_steps`` exceeds the best
+    at the points up to 80 % by more than 0.5 points, or when no point lies before the last 20 % (a
+    single validation cannot show a plateau); ``converged`` otherwise. The best values are those
+    checkpoint selection sees, so a "still improving" run's selected checkpoint is a late one."""
+    start = (1 - LAST_FRACTION) * total_steps  # exact: a point at 80 % of the steps is not in the last 20 %
+    late = [acc for step, acc in curve if step > start]
+    early = [acc for step, acc in curve if step <= start]
+    if not late:
+        raise ValueError(f"no validation after step {float(start):g} of {total_steps}")
+    rise = max(late) - max(early) if early else None
+    improving = rise is None or rise > MIN_RISE + 1e-9  # 1e-9: k/n accuracies subtract with rounding error
+    return {"verdict": STILL_IMPROVING if improving else CONVERGED, "last_steps_after": float(start),
+            "best_val_accuracy_before": max(early) if early else None, "best_val_accuracy_last": max(late),
+            "rise": rise, "validations": len(curve)}

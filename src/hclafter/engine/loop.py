@@ -1,17 +1,21 @@
-"""Stage 2, the training loop, in the order it runs: ``fit`` goes through the epochs of the phase
-schedule; ``train_epoch`` runs the epoch's steps (``train_step``: forward, losses, backward,
-optimizer); ``end_epoch`` validates, keeps the weights that are best on validation and saves the
-resumable state. Everything the loop reads and updates is one :class:`TrainState`.
+"""Stage 2, the training loop, in the order it runs: ``fit`` goes through the rounds of the
+schedule; ``train_round`` runs the round's steps (``train_step``: forward, losses, backward,
+optimizer); ``end_round`` validates, keeps the weights that are best on validation and saves the
+resumable state. A round is the training between two validations (``optim.training_rounds``): an
+epoch when the budget is in epochs; with ``train.steps``, cut also at phase ends and every tenth
+of the budget. Everything the loop reads and updates is one :class:`TrainState`.
 
-The state is saved atomically after every epoch and every ``train.checkpoint_every_steps`` steps;
+The state is saved atomically after every round and every ``train.checkpoint_every_steps`` steps;
 a resumed run continues from it and ends with the same summary as an uninterrupted one.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shlex
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,9 +35,9 @@ from ..data.store import InputView
 from ..models import LabelledFeatures, StagedClassifier
 from ..models.losses import stage_consistency_loss, stage_distillation_loss, task_loss
 from .evaluation import Predictions, compute_metrics, predict
-from .optim import Groups, learning_rates, phase_of_epoch, set_trainable
+from .optim import Groups, Round, learning_rates, set_trainable, training_rounds
 from .runfiles import append_record, write_records
-from .tracking import log_epoch, log_step, sigmas
+from .tracking import log_round, log_step, sigmas
 
 SUM_KEYS = ("loss", "task_loss", "consistency_loss", "distill_loss", "correct", "n")
 # The run's files a resume reads besides the state: their sha256 is saved with it.
@@ -42,39 +46,39 @@ RESUME_READS = ("model.safetensors", "text_classifier.safetensors", "checkpoints
 
 
 def fit(state: TrainState, stop: dict) -> None:
-    """Train every remaining epoch; after each, validate, keep the best weights (on val) and save.
+    """Train every remaining round; after each, validate, keep the best weights (on val) and save.
     ``stop["signum"]``, set by a signal handler, ends the run at the next step with its state saved."""
-    epochs, p = state.epochs, state.progress
+    rounds, p = state.rounds, state.progress
     if state.resumed and state.main:
-        say(f"resuming {state.out_dir} at {_position(p, epochs, len(state.loaders['train']))} "
-            f"({p.global_step} steps done)")
-    while p.epoch < len(epochs):
-        phase_no, phase = epochs[p.epoch]
-        set_trainable(state.plain, state.groups, phase_groups(phase, state.cfg.train.train_backbone), phase.stages)
+        say(f"resuming {state.out_dir} at {_position(state)} ({p.global_step} steps done)")
+    while p.rounds_done < len(rounds):
+        r = rounds[p.rounds_done]
+        set_trainable(state.plain, state.groups, phase_groups(r.phase, state.cfg.train.train_backbone), r.phase.stages)
         started = time.time()
-        train_stats = train_epoch(state, phase_no, phase, stop)
-        end_epoch(state, phase_no, train_stats, time.time() - started)
+        train_stats = train_round(state, r, stop)
+        end_round(state, r, train_stats, time.time() - started)
 
 
-def train_epoch(state: TrainState, phase_no: int, phase: PhaseConfig, stop: dict) -> dict[str, float]:
-    """One epoch's steps (from where a resumed run stopped); returns the epoch's mean losses."""
+def train_round(state: TrainState, r: Round, stop: dict) -> dict[str, float]:
+    """The round's steps (from where a resumed run stopped); returns the round's mean losses."""
     p, cfg = state.progress, state.cfg
     state.plain.train()
-    loader = skip_first_batches(state.loaders["train"], p.step_in_epoch) if p.step_in_epoch else state.loaders["train"]
+    done = r.first + p.step_in_round  # batches of this pass already trained on
+    loader = skip_first_batches(state.loaders["train"], done) if done else state.loaders["train"]
     # accelerate's loader re-seeds its sampler with its own epoch counter on every pass: keep both
-    # at the run's epoch, so the order depends on (seed, epoch) only, also after a resume.
-    loader.set_epoch(p.epoch)
-    state.train_sampler.set_epoch(p.epoch)
-    batches = bar(loader, f"epoch {p.epoch + 1}/{len(state.epochs)} (phase {phase_no})", state.show,
-                  total=len(state.loaders["train"]), initial=p.step_in_epoch)
+    # at the pass's number, so the order depends on (seed, pass) only, also after a resume.
+    loader.set_epoch(r.epoch)
+    state.train_sampler.set_epoch(r.epoch)
+    batches = bar(itertools.islice(loader, r.steps - p.step_in_round), state.round_name(r), state.show,
+                  total=r.steps, initial=p.step_in_round)
     for batch in batches:
         if state.view is not None:
             batch["image"] = state.view(batch["image"], train=True)
         try:
-            step = train_step(state, batch, phase)
+            step = train_step(state, batch, r.phase)
         except NonFiniteError as e:
             if cfg.train.on_nonfinite != "skip":
-                raise RunError(f"{e}. Stopped; the last good state (step {p.global_step - p.step_in_epoch} or later) "
+                raise RunError(f"{e}. Stopped; the last good state (step {p.global_step - p.step_in_round} or later) "
                                f"is saved in {state.out_dir}/checkpoints; fix the data or lower the learning rate, "
                                "then --resume (or set train.on_nonfinite=skip)") from None
             p.skipped_batches.append(str(e))
@@ -85,14 +89,14 @@ def train_epoch(state: TrainState, phase_no: int, phase: PhaseConfig, stop: dict
             batches.set_postfix(loss=f"{step['loss'] / n:.4f}")
             log_step(state.runtime, p.global_step + 1, {k: step[k] / n for k in ("loss", "task_loss", "consistency_loss")},
                      learning_rates(state.optimizer))
-        p.step_in_epoch += 1
+        p.step_in_round += 1
         p.global_step += 1
         every = cfg.train.checkpoint_every_steps
         if (every and p.global_step % every == 0) or stop["signum"] is not None:
             state.save()
         if stop["signum"] is not None:
-            raise TrainingInterrupted(f"interrupted by signal {stop['signum']} at epoch {p.epoch + 1}, step "
-                                      f"{p.step_in_epoch}; state saved. Continue with: {state.resume_command()}",
+            raise TrainingInterrupted(f"interrupted by signal {stop['signum']} in {state.round_name(r)}, step "
+                                      f"{p.step_in_round}; state saved. Continue with: {state.resume_command()}",
                                       stop["signum"])
     return epoch_stats(p.sums, state.runtime)
 
@@ -172,33 +176,34 @@ def _backward(state: TrainState, loss: torch.Tensor) -> Optional[str]:
     return None
 
 
-def end_epoch(state: TrainState, phase_no: int, train_stats: dict[str, float], seconds: float) -> None:
-    """Validate, log the epoch, keep the weights if they are the best on val so far, save the state."""
+def end_round(state: TrainState, r: Round, train_stats: dict[str, float], seconds: float) -> None:
+    """Validate, log the round, keep the weights if they are the best on val so far, save the state."""
     p = state.progress
-    epoch = p.epoch + 1
     # What the model's predictions mix (Tip-Adapter-F's α, β; CLIP-Adapter's ratio), chosen on val first.
     chosen = state.plain.select(state.val_features) if state.val_features is not None else {}
-    # The epoch's line reports validation, so no separate line for it when stderr is not a terminal.
+    # The round's line reports validation, so no separate line for it when stderr is not a terminal.
     val, val_preds = state.evaluate("val", progress=state.show and interactive())
-    p.records.append({"epoch": epoch, "phase": phase_no, **train_stats, "val_loss": state.loss_of(val_preds),
-                      **summary_scalars(val, "val"), "val_stage_accuracy": val.get("stage_accuracy"),
-                      "lr": learning_rates(state.optimizer), "nga_weights": state.plain.nga_weights(),
-                      "fusion_weights": state.plain.fusion_weights(), "time_s": seconds,
-                      **({"selection": chosen} if chosen else {})})
+    epochs = state.epochs_of(r.end)
+    p.records.append({"epoch": epochs, "step": r.end, "phase": r.phase_no, **train_stats,
+                      "val_loss": state.loss_of(val_preds), **summary_scalars(val, "val"),
+                      "val_stage_accuracy": val.get("stage_accuracy"), "lr": learning_rates(state.optimizer),
+                      "nga_weights": state.plain.nga_weights(), "fusion_weights": state.plain.fusion_weights(),
+                      "time_s": seconds, **({"selection": chosen} if chosen else {})})
     best = val["accuracy"] > p.best_accuracy
     if best:
-        p.best_accuracy, p.best_epoch, p.best_val = val["accuracy"], epoch, val
+        p.best_accuracy, p.best_epoch, p.best_step, p.best_val = val["accuracy"], epochs, r.end, val
         p.best_selection = {**state.selection, **chosen}
+        state.best_val_predictions = val_preds
         state.save_weights("model.safetensors")
-    p.epoch, p.step_in_epoch, p.sums = epoch, 0, dict.fromkeys(SUM_KEYS, 0.0)
+    p.rounds_done, p.step_in_round, p.sums = p.rounds_done + 1, 0, dict.fromkeys(SUM_KEYS, 0.0)
     state.save()
     if state.main:
         append_record(state.out_dir, p.records[-1])
-        r = p.records[-1]
-        say(f"epoch {epoch}/{len(state.epochs)} (phase {phase_no}): train loss {r['train_loss']:.4f} "
-            f"acc {r['train_accuracy']:.4f} | val loss {r['val_loss']:.4f} acc {r['val_accuracy']:.4f} "
-            f"macro-F1 {r['val_macro_f1']:.4f} | {seconds:.1f} s" + ("  (best so far)" if best else ""))
-    log_epoch(state.runtime, p.global_step, p.records[-1], sigmas(state.groups["nga"].items()))
+        rec = p.records[-1]
+        say(f"{state.round_name(r)}: train loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.4f} | val loss "
+            f"{rec['val_loss']:.4f} acc {rec['val_accuracy']:.4f} macro-F1 {rec['val_macro_f1']:.4f} | {seconds:.1f} s"
+            + ("  (best so far)" if best else ""))
+    log_round(state.runtime, p.global_step, p.records[-1], sigmas(state.groups["nga"].items()))
 
 
 # --- what the loop works on ---------------------------------------------------------------------
@@ -208,13 +213,14 @@ def end_epoch(state: TrainState, phase_no: int, train_stats: dict[str, float], s
 class Progress:
     """Where training stands; with the tensors it is everything a resumed run needs."""
 
-    epoch: int = 0  # epochs completed
-    step_in_epoch: int = 0  # optimisation steps done in the current epoch
+    rounds_done: int = 0
+    step_in_round: int = 0  # optimisation steps done in the current round
     global_step: int = 0
     sums: dict = field(default_factory=lambda: dict.fromkeys(SUM_KEYS, 0.0))
     skipped_batches: list = field(default_factory=list)
     best_accuracy: float = -1.0
-    best_epoch: int = 0
+    best_epoch: float = 0  # epochs (passes over the training set) done at the selected validation
+    best_step: int = 0
     best_val: Optional[dict] = None
     best_selection: dict = field(default_factory=dict)  # the model's choices on val behind the best weights
     records: list = field(default_factory=list)
@@ -248,14 +254,36 @@ class TrainState:
     show: bool = True  # progress bars and evaluation lines
     progress: Progress = field(default_factory=Progress)
     resumed: bool = False  # the progress was loaded from a saved state
+    # The selected weights' validation predictions, while this process has them (not after a resume).
+    best_val_predictions: Optional[Predictions] = None
 
     @property
     def main(self) -> bool:
         return self.runtime.is_main_process
 
     @property
-    def epochs(self) -> list[tuple[int, PhaseConfig]]:
-        return phase_of_epoch(self.cfg.train.phases)
+    def steps_per_epoch(self) -> int:
+        return len(self.loaders["train"])
+
+    @cached_property
+    def rounds(self) -> list[Round]:
+        return training_rounds(self.cfg.train, self.steps_per_epoch)
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds[-1].end
+
+    def epochs_of(self, steps: int) -> float:
+        """Passes over the training set in ``steps`` steps: a whole number whenever it is one."""
+        epochs = steps / self.steps_per_epoch
+        return int(epochs) if epochs.is_integer() else round(epochs, 3)
+
+    def round_name(self, r: Round) -> str:
+        """A round in words: its epoch with a budget in epochs (where each round is one), else its steps."""
+        if self.cfg.train.steps is None:
+            return f"epoch {r.epoch + 1}/{len(self.rounds)} (phase {r.phase_no})"
+        steps = f"step {r.end}" if r.steps == 1 else f"steps {r.end - r.steps + 1}-{r.end}"
+        return f"{steps} of {self.total_steps} (phase {r.phase_no})"
 
     def classify(self, inputs: torch.Tensor, images: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused and per-stage logits of the loaders' inputs, or of ``images`` when the loaders give
@@ -274,7 +302,7 @@ class TrainState:
         return compute_metrics(preds, self.wheel), preds
 
     def loss_of(self, preds: Predictions) -> float:
-        """The task loss (without consistency) of predictions, e.g. the validation loss of an epoch."""
+        """The task loss (without consistency) of predictions, e.g. the validation loss of a round."""
         return task_loss(self.cfg.train.loss, torch.from_numpy(preds.logits), torch.from_numpy(preds.labels).long(),
                          torch.from_numpy(preds.distributions)).item()
 
@@ -324,7 +352,7 @@ class TrainingInterrupted(RuntimeError):
 
 
 def epoch_stats(sums: dict[str, float], runtime: Runtime) -> dict[str, float]:
-    """Mean losses and accuracy over the epoch, summed across processes."""
+    """Mean losses and accuracy over the round, summed across processes."""
     totals = runtime.reduce(torch.tensor([sums[k] for k in SUM_KEYS], device=runtime.device, dtype=torch.float64),
                             reduction="sum")
     loss, task, cons, distill, correct, count = totals.tolist()
@@ -340,11 +368,12 @@ def summary_scalars(metrics: dict, prefix: str) -> dict:
     return out
 
 
-def _position(p: Progress, epochs: list[tuple[int, PhaseConfig]], steps_per_epoch: int) -> str:
+def _position(state: TrainState) -> str:
     """Where a saved run continues, in words."""
-    if p.epoch >= len(epochs):
-        return "the final test evaluation (all epochs done)"
-    epoch = f"epoch {p.epoch + 1}/{len(epochs)} (phase {epochs[p.epoch][0]})"
-    if p.step_in_epoch >= steps_per_epoch:
-        return f"the validation of {epoch}"
-    return f"{epoch}, step {p.step_in_epoch + 1} of {steps_per_epoch}"
+    p, rounds = state.progress, state.rounds
+    if p.rounds_done >= len(rounds):
+        return "the final test evaluation (all training done)"
+    r = rounds[p.rounds_done]
+    if p.step_in_round >= r.steps:
+        return f"the validation of {state.round_name(r)}"
+    return f"{state.round_name(r)}, step {p.step_in_round + 1} of {r.steps}"

@@ -7,14 +7,16 @@ with the run and counts as trained.
 """
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from ..core.config import PARAM_GROUPS, Config, PhaseConfig, tuned_groups
+from ..core.config import PARAM_GROUPS, Config, PhaseConfig, TrainConfig, phase_steps, tuned_groups
 from ..models import StagedClassifier, run_groups
 
 Groups = dict[str, dict[str, nn.Parameter]]  # group → parameter name → parameter
@@ -41,9 +43,40 @@ def set_trainable(model: StagedClassifier, groups: Groups, trained: set[str],
             p.requires_grad_(group in trained and (stage is None or stage in stages))
 
 
-def phase_of_epoch(phases: list[PhaseConfig]) -> list[tuple[int, PhaseConfig]]:
-    """(phase number, phase) for every epoch, in order."""
-    return [(i, p) for i, p in enumerate(phases, start=1) for _ in range(p.epochs)]
+# With a step budget, validation comes at least this often along it, so that any budget, even one
+# shorter than an epoch, draws a validation curve the convergence verdict can read.
+VALIDATIONS = 10
+
+
+@dataclass(frozen=True)
+class Round:
+    """The training between two validations: steps of one phase within one pass over the training set."""
+
+    phase_no: int  # 1-based
+    phase: PhaseConfig
+    epoch: int  # the pass over the training set it reads (0-based, the sampler's epoch)
+    first: int  # its first batch in that pass
+    steps: int
+    end: int  # optimizer steps done at its end, counted from the start of training
+
+
+def training_rounds(train: TrainConfig, steps_per_epoch: int) -> list[Round]:
+    """The rounds of a run, in order. Validation follows every pass over the training set and every
+    phase, and with ``train.steps`` also every ceil(steps / VALIDATIONS) steps; a pass cut by a
+    phase end or a validation continues where it stopped, so each pass reads every batch once. A
+    budget in epochs thus validates once per epoch, as ever."""
+    ends = list(itertools.accumulate(phase_steps(train, steps_per_epoch)))
+    total = ends[-1]
+    cuts = {*ends, *range(steps_per_epoch, total, steps_per_epoch)}
+    if train.steps is not None:
+        cuts.update(range(math.ceil(total / VALIDATIONS), total, math.ceil(total / VALIDATIONS)))
+    rounds, start = [], 0
+    for end in sorted(cuts):
+        phase_no = next(i for i, phase_end in enumerate(ends, start=1) if start < phase_end)
+        rounds.append(Round(phase_no, train.phases[phase_no - 1], start // steps_per_epoch, start % steps_per_epoch,
+                            end - start, end))
+        start = end
+    return rounds
 
 
 def _no_decay(group: str, param: nn.Parameter) -> bool:
@@ -71,8 +104,19 @@ def learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {g["group"]: g["lr"] for g in optimizer.param_groups}
 
 
+def schedule_length(train: TrainConfig, batches_per_epoch: int, processes: int) -> tuple[int, int]:
+    """(warm-up, total) in steps of the learning-rate schedule, which accelerate advances once per
+    process at every optimizer step: an epoch is ``batches_per_epoch`` (all processes' batches)
+    of them, a budget of ``train.steps`` optimizer steps ``processes`` times as many. The warm-up is
+    ``train.warmup_epochs`` epochs' worth, at most the whole schedule."""
+    total = sum(phase_steps(train, batches_per_epoch)) if train.steps is None else train.steps * processes
+    return min(round(train.warmup_epochs * batches_per_epoch), total), total
+
+
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
-    """Linear warm-up over ``warmup_steps``, then a cosine decay to zero at ``total_steps``."""
+    """Linear warm-up over ``warmup_steps``, then a cosine decay to zero at ``total_steps``: a function
+    of the step alone, so a budget in steps and the same number of steps given as epochs follow the
+    same learning rates."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps

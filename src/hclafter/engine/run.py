@@ -25,7 +25,7 @@ from ..core.checkpoint import (config_differences, load_checkpoint, load_weights
 from ..core.config import Config, to_dict, tuned_groups
 from ..core.emotions import Wheel
 from ..core.files import RunError, read_json, run_lock, write_json, writing
-from ..core.metrics import HEADLINE
+from ..core.metrics import HEADLINE, convergence
 from ..core.runtime import Runtime, cache_dir_of, make_runtime
 from ..data import SPLITS, DatasetSplits, eval_loader, load_splits, make_dataset, make_loader
 from ..data.splits import load_run_splits, save_run_splits
@@ -38,7 +38,8 @@ from .frozen import evaluate_frozen, fit_frozen
 from .inference import build_run_model, load_run
 from .inputs import training_inputs
 from .loop import TrainingInterrupted, TrainState, fit
-from .optim import build_optimizer, param_groups, saved_parameter_names, set_trainable, trained_parameters, warmup_cosine
+from .optim import (build_optimizer, param_groups, saved_parameter_names, schedule_length, set_trainable,
+                    trained_parameters, warmup_cosine)
 
 __all__ = ["Figures", "RunError", "TrainingInterrupted", "train_run"]
 
@@ -94,9 +95,11 @@ def _train_run(cfg: Config, out_dir: Path, progress: bool, resume: bool, figures
         state.load()
         text_only_metrics = stage1.pop("text_only")
     else:
-        text_only_metrics = {s: {k: evaluate_classifier(text_only, images[s], cfg.data, data.wheel, runtime, show,
-                                                        f"text-only {s}")[k] for k in HEADLINE}
-                             for s in ("val", "test")}
+        text_only_metrics = {}
+        for split in ("val", "test"):
+            metrics = evaluate_classifier(text_only, images[split], cfg.data, data.wheel, runtime, show,
+                                          f"text-only {split}")
+            text_only_metrics[split] = {k: metrics[k] for k in HEADLINE}
         if runtime.is_main_process:
             with writing(out_dir):
                 save_checkpoint(out_dir / "text_classifier.safetensors", {"weight": text_weight}, backbone.identity)
@@ -199,9 +202,7 @@ def _prepare_training(cfg: Config, out_dir: Path, backbone: Backbone, data: Data
                                   pin_memory=runtime.device.type == "cuda")
                for split in SPLITS}
     optimizer = build_optimizer(groups, cfg)
-    steps_per_epoch = len(loaders["train"])
-    total_epochs = sum(p.epochs for p in cfg.train.phases)
-    scheduler = warmup_cosine(optimizer, round(cfg.train.warmup_epochs * steps_per_epoch), total_epochs * steps_per_epoch)
+    scheduler = warmup_cosine(optimizer, *schedule_length(cfg.train, len(loaders["train"]), runtime.num_processes))
     train_sampler = loaders["train"].sampler
     prepared, optimizer, scheduler, *split_loaders = runtime.prepare(model, optimizer, scheduler,
                                                                      *(loaders[s] for s in SPLITS))
@@ -273,18 +274,27 @@ def _stop_requests() -> Iterator[dict]:
 
 def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metrics: dict, images: dict,
             started: float, resume: bool, figures: Optional[Figures]) -> dict:
-    """Test the last and the selected (best on val) weights; write the predictions, the figures and,
-    last, the summary (the mark of a finished run: a kill before it leaves a run that --resume finishes)."""
-    state.save_weights("last.safetensors")
-    test_last, _ = state.evaluate("test")
-    state.runtime.wait_for_everyone()
-    load_weights(state.plain, state.out_dir / "model.safetensors", state.identity)
-    test, preds = state.evaluate("test")
-    _, val_preds = state.evaluate("val")
+    """Test the selected (best on val) weights, and the last ones where they differ; judge convergence
+    from the validation curve; write the predictions, the figures and, last, the summary (the mark
+    of a finished run: a kill before it leaves a run that --resume finishes)."""
     p, cfg, out_dir = state.progress, state.cfg, state.out_dir
+    state.save_weights("last.safetensors")
+    test_last = None
+    if p.best_step != state.total_steps:  # else the selected weights are the last ones
+        test_last, _ = state.evaluate("test")
+        state.runtime.wait_for_everyone()
+        load_weights(state.plain, out_dir / "model.safetensors", state.identity)
+    test, preds = state.evaluate("test")
+    # The selected weights' validation predictions are kept from their round, unless a resume lost them.
+    val_preds = state.best_val_predictions
+    if val_preds is None:
+        val_preds = state.evaluate("val")[1]
     summary = {
-        "val": p.best_val, "test": test, "test_last": test_last, "text_only": text_only_metrics,
-        "best_epoch": p.best_epoch, "epochs": len(state.epochs), "stage1": stage1,
+        "val": p.best_val, "test": test, "test_last": test if test_last is None else test_last, "text_only": text_only_metrics,
+        "best_epoch": p.best_epoch, "best_step": p.best_step, "epochs": state.epochs_of(state.total_steps),
+        "steps": state.total_steps,
+        "convergence": convergence([(r["step"], r["val_accuracy"]) for r in p.records], state.total_steps),
+        "stage1": stage1,
         "parameters": trained_parameters(state.plain, state.groups, cfg),
         "num_samples": {s: len(data[s]) for s in SPLITS},
         "absent_classes": data.absent_classes(),

@@ -76,8 +76,8 @@ def log_step(runtime: Any, step: int, losses: dict[str, float], learning_rates: 
                      **{f"lr/{group}": lr for group, lr in learning_rates.items()}}, step=step)
 
 
-def log_epoch(runtime: Any, step: int, record: dict, sigmas: dict[str, float]) -> None:
-    """One epoch's record (as metrics.jsonl holds it) and the NGA σ's, at the epoch's last step."""
+def log_round(runtime: Any, step: int, record: dict, sigmas: dict[str, float]) -> None:
+    """One round's record (as metrics.jsonl holds it) and the NGA σ's, at the round's last step."""
     if not runtime.log_with:
         return
     values: dict[str, float] = {"epoch": record["epoch"], "phase": record["phase"]}

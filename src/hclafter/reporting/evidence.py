@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-from ..core.metrics import ldl_metrics
+from ..core.metrics import STILL_IMPROVING, ldl_metrics
 from ..core.stats import (Comparison, RunPredictions, compare_runs, expected_calibration_error, fit_temperature,
                           mean_std, scaled_probabilities)
 from ..engine import runfiles
@@ -53,12 +53,33 @@ def method_row(method: MethodRuns, classes: Optional[Sequence[str]] = None) -> t
     row: dict = {"key": method.key, "method": method.name, "seeds": len(method.runs),
                  "test_images": sorted({len(p.labels) for p in preds}),
                  "trained": summaries[0]["parameters"]["trained"], "added": summaries[0]["parameters"]["added"],
-                 "frozen": summaries[0].get("epochs", 0) == 0}
+                 "frozen": summaries[0].get("epochs", 0) == 0, "still_improving": still_improving(summaries)}
     row["accuracy"] = mean_std([s["test"]["accuracy"] for s in summaries])
     row["macro_f1"] = mean_std([s["test"]["macro_f1"] for s in summaries])
     for key in ("kl", "kl_calibrated", "ece", "ece_calibrated", "temperature"):
         row[key] = mean_std([c[key] for c in calib])
     return row, preds
+
+
+def still_improving(summaries: Sequence[dict]) -> int:
+    """How many of a method's runs ended still improving (SPEC §11); runs without a verdict (frozen
+    baselines, runs of older versions) count as not."""
+    return sum((s.get("convergence") or {}).get("verdict") == STILL_IMPROVING for s in summaries)
+
+
+def marked(name: str, row: dict) -> str:
+    """A row's method name, with † when some of its runs ended still improving."""
+    return f"{name} †" if row["still_improving"] else name
+
+
+def convergence_note(rows: Sequence[dict], label: Callable[[dict], str] = lambda r: r["method"]) -> str:
+    """The footnote of the † rows ('' when there are none); ``label`` names a row."""
+    flagged = [f"{label(r)} ({r['still_improving']} of {r['seeds']} seeds)" for r in rows if r["still_improving"]]
+    if not flagged:
+        return ""
+    return ("† Still improving when training ended: " + ", ".join(flagged) + ". Their best validation accuracy in "
+            "the last 20 % of the training steps beat the best before by more than 0.5 points, so these rows compare "
+            "runs that had not finished learning; a larger budget (train.steps) may change them.")
 
 
 def random_backbone(run: Path) -> bool:
@@ -96,13 +117,16 @@ def pair_rows(methods: Sequence[MethodRuns], pairs: Sequence[Sequence[str]], n_b
     by_key = {m.key: m for m in methods}
     classes = runfiles.read_predictions(methods[0].runs[0]).classes
     preds: dict[str, list[RunPredictions]] = {}
+    unconverged = {m.key: still_improving([runfiles.read_summary(run) for run in m.runs]) for m in methods}
     rows = []
     for a, b in pairs:
         for key in (a, b):
             if key not in preds:
                 preds[key] = [runfiles.read_predictions(run, "test", classes) for run in by_key[key].runs]
         c = compare_runs(preds[a], {b: preds[b]}, n_boot=n_boot, seed=seed)[b]
-        rows.append({"a": by_key[a].name, "b": by_key[b].name, "accuracy_a": c.headline_accuracy,
+        rows.append({"a": by_key[a].name + " †" * bool(unconverged[a]), "b": by_key[b].name + " †" * bool(unconverged[b]),
+                     "still_improving": {by_key[k].name: unconverged[k] for k in (a, b) if unconverged[k]},
+                     "accuracy_a": c.headline_accuracy,
                      "accuracy_b": c.other_accuracy, "difference": c.difference.mean, "ci": list(c.difference.ci),
                      "p_value": c.p_value, "verdict": c.verdict})
     return rows
@@ -130,7 +154,7 @@ def table_cells(rows: Sequence[dict], headline_name: str,
         c = r["comparison"]
         diff = "—" if c is None else difference(c["difference"], c["ci"])
         added = "–" if r["added_vs_reference"] is None else f"+{r['added_vs_reference']:,d}"
-        cells.append([r["method"], str(r["seeds"]), pm(r["accuracy"], 100), pm(r["macro_f1"], 100), diff,
+        cells.append([marked(r["method"], r), str(r["seeds"]), pm(r["accuracy"], 100), pm(r["macro_f1"], 100), diff,
                       "—" if c is None else f"{c['p_value']:.3g}", "(headline)" if c is None else c["verdict"],
                       pm(r["kl"], 1, 3), pm(r["kl_calibrated"], 1, 3), pm(r["ece"], 1, 3),
                       pm(r["ece_calibrated"], 1, 3), f"{r['trained']:,d}", added])
@@ -147,9 +171,16 @@ def table_notes(rows: Sequence[dict], random_init: bool) -> str:
              "after one temperature per run fitted on the validation split (NLL); ECE: 15 equal-width bins. "
              "Trained params: parameters that receive a gradient in some phase or that a fit without gradients "
              "sets (the probes, Tip-Adapter's cache; text-only trains its classifier on text, not on images)."]
+    if any(r["still_improving"] for r in rows):
+        notes.append(convergence_note(rows))
     if random_init:
         notes.append("**The backbone is random-initialised: these numbers carry no meaning about the methods.**")
     return "\n\n".join(notes) + "\n"
+
+
+def sweep_convergence_note(rows: Sequence[dict]) -> str:
+    """The † footnote of a sweep's results table (rows of ``hclafter.apps.sweep.summarise``)."""
+    return convergence_note(rows, lambda r: f"{r['dataset']} / {r['name']}" + (f" ({r['variant']})" if r["variant"] else ""))
 
 
 def results_cells(rows: Sequence[dict], reference_name: Optional[str] = None) -> tuple[list[str], list[list[str]]]:
@@ -160,7 +191,7 @@ def results_cells(rows: Sequence[dict], reference_name: Optional[str] = None) ->
     cells = []
     for r in rows:
         added = "–" if r["added_over_reference"] is None else f"+{r['added_over_reference']:,d}"
-        cells.append([r["dataset"], r["name"] + (f" ({r['variant']})" if r["variant"] else ""), str(r["seeds"]),
+        cells.append([r["dataset"], marked(r["name"] + (f" ({r['variant']})" if r["variant"] else ""), r), str(r["seeds"]),
                       *(pm((r[f"{k}_mean"], r[f"{k}_std"]), 100, 2) for k in ("accuracy", "macro_f1",
                                                                               "polarity_accuracy")),
                       *(pm((r[f"{k}_mean"], r[f"{k}_std"]), 1, 3) for k in ("kl", "cosine")),

@@ -19,7 +19,7 @@ from ..core.stats import RunPredictions
 from ..data import load_split_files
 from ..engine import runfiles
 from ..version import __version__
-from .evidence import results_cells
+from .evidence import results_cells, still_improving, sweep_convergence_note
 from .format import duration, pct
 from .html import Block, Details, Figure, Section, Table, write_html
 from .plots import (plot_confusion, plot_curves, plot_examples, plot_learned_weights, plot_method_bars,
@@ -176,6 +176,17 @@ def hardware_text(info: dict) -> str:
             f"{hw['platform']}, Python {hw['python']}, torch {hw['torch']}")
 
 
+def convergence_text(summary: dict) -> str:
+    """The convergence verdict of a trained run, with the numbers it rests on."""
+    c = summary["convergence"]
+    if c["rise"] is None:
+        return (f"**{c['verdict']}**: no validation before the last 20 % of its {summary['steps']} steps, so the curve "
+                "cannot show a plateau")
+    return (f"**{c['verdict']}**: best validation accuracy {pct(c['best_val_accuracy_last'])} % in the last 20 % of its "
+            f"{summary['steps']} steps against {pct(c['best_val_accuracy_before'])} % before them (more than 0.5 points "
+            "higher means still improving)")
+
+
 def run_sections(run_dir: Path) -> list[Section]:
     """The sections of a run's report (figures are made by :func:`write_run_figures` first)."""
     run = RunFiles.read(run_dir)
@@ -190,6 +201,7 @@ def run_sections(run_dir: Path) -> list[Section]:
         "evaluated once with it" if best else untrained,
         *([f"chosen on the validation split: {', '.join(f'{k} = {v:.4g}' for k, v in s['selection'].items())}"]
           if s.get("selection") else []),
+        *([convergence_text(s)] if s.get("convergence") else []),
         f"{s['num_samples']['test']} test images; {skipped} input(s) skipped"
         + (f"; {len(s['nonfinite_batches_skipped'])} non-finite batch(es) skipped"
            if s.get("nonfinite_batches_skipped") else ""),
@@ -305,7 +317,8 @@ def write_sweep_report(out_dir: Path, rows: Sequence[dict], runs: Sequence[Any],
         seconds += files.info.get("wall_time_s") or 0.0
         hardware = hardware or files.info
         link = run.out.relative_to(out_dir) / "report.html"
-        per_run.append([run.dataset, run.name + (f" ({run.variant})" if run.variant else ""), run.seed,
+        flag = " †" if still_improving([files.summary]) else ""
+        per_run.append([run.dataset, run.name + (f" ({run.variant})" if run.variant else "") + flag, run.seed,
                         pct(files.summary["test"]["accuracy"]), pct(files.summary["test"]["macro_f1"]),
                         files.summary.get("best_epoch") or "–", duration(files.info.get("wall_time_s")),
                         f"[report]({link.as_posix()})"])
@@ -315,6 +328,7 @@ def write_sweep_report(out_dir: Path, rows: Sequence[dict], runs: Sequence[Any],
             f"{duration(seconds)}; hardware: {hardware_text(hardware) if hardware else 'not recorded'}.",
             Table(header, cells, "Parameters: those trained, and those added over the reference method (– where that "
                                  "means nothing); latency: median per image", label_columns=2),
+            *([note] if (note := sweep_convergence_note(rows)) else []),
             Figure(plots / "accuracy.svg", "Test accuracy per method, mean ± std over seeds.")]),
         *([Section("Comparisons", [block for title, header, cells, notes in comparisons
                                    for block in (Table(header, cells, title), *notes.strip().split("\n\n"))])]
