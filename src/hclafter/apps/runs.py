@@ -89,10 +89,9 @@ def convergence_warning(summary: dict) -> Optional[str]:
         return (f"warning: this run may still be improving: none of its {c['validations']} validation(s) lies before the "
                 f"last 20 % of its {steps} steps, so its curve cannot show a plateau; give a budget in train.steps "
                 "(it validates every tenth of the budget) or more epochs")
-    return (f"warning: this run is still improving: its best validation accuracy in the last 20 % of its {steps} steps "
-            f"({100 * c['best_val_accuracy_last']:.1f} %) is {100 * c['rise']:.1f} points above the best before it "
-            f"({100 * c['best_val_accuracy_before']:.1f} %); train longer (e.g. train.steps={2 * steps}) before "
-            "comparing it with other runs")
+    return (f"warning: this run is still improving: best validation accuracy {100 * c['best_val_accuracy_before']:.1f} % "
+            f"→ {100 * c['best_val_accuracy_last']:.1f} % in the last 20 % of its {steps} steps; train longer "
+            f"(e.g. train.steps={2 * steps}) before comparing it")
 
 
 def check_device_flags(args: argparse.Namespace) -> None:
