@@ -67,8 +67,9 @@ def hclafter(*argv: str, kill=None, sig: int = 9) -> subprocess.CompletedProcess
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
-def train_args(out, cache_dir):
-    return ["train", "-c", str(TINY_CONFIG), "--out", str(out), "--quiet", f"cache_dir={cache_dir}", *FAST]
+def train_args(out, cache_dir, figures=False):  # figures: most of a tiny run's time, tested where they matter
+    return ["train", "-c", str(TINY_CONFIG), "--out", str(out), "--quiet", *([] if figures else ["--no-figures"]),
+            f"cache_dir={cache_dir}", *FAST]
 
 
 def records(run_dir):
@@ -90,7 +91,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_summary(point, reference, t
     killed = hclafter(*train_args(out, cache_dir), kill=KILL_POINTS[point])
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (out / "summary.json").exists()
-    resumed = hclafter("train", "--out", str(out), "--resume", "--quiet")
+    resumed = hclafter("train", "--out", str(out), "--resume", "--quiet", "--no-figures")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
     assert records(out) == records(reference)
@@ -104,7 +105,7 @@ def test_sigterm_saves_state_exits_cleanly_and_resumes(reference, tmp_path, cach
     assert f"state saved. Continue with: hclafter train --out {out} --resume" in stopped.stderr
     state = json.loads((out / "checkpoints" / "latest.json").read_text())
     assert state["folder"] == "step-00000006"  # saved right at the interruption, not at the last periodic save
-    resumed = hclafter("train", "--out", str(out), "--resume", "--quiet")
+    resumed = hclafter("train", "--out", str(out), "--resume", "--quiet", "--no-figures")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resuming {out} at epoch" in resumed.stdout
     assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
@@ -122,12 +123,13 @@ def test_resume_refuses_a_different_config_and_new_runs_refuse_an_existing_one(r
 def test_a_kill_before_the_summary_leaves_a_run_that_resume_finishes(reference, tmp_path, cache_dir):
     """summary.json, the mark of a finished run, is written last: predictions and plots come before it."""
     out = tmp_path / "run"
-    killed = hclafter(*train_args(out, cache_dir), kill=("hclafter.reporting.report", "write_run_figures", 1, "after"))
+    killed = hclafter(*train_args(out, cache_dir, figures=True),
+                      kill=("hclafter.reporting.report", "write_run_figures", 1, "after"))
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (out / "predictions.csv").is_file()
     assert all((out / "plots" / name).is_file() for name in ("curves.png", "confusion.png", "stage_weights.png"))
     assert not (out / "summary.json").exists()
-    resumed = hclafter("train", "--out", str(out), "--resume", "--quiet")
+    resumed = hclafter("train", "--out", str(out), "--resume", "--quiet", "--no-figures")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())
     assert (out / "predictions.csv").read_bytes() == (reference / "predictions.csv").read_bytes()
@@ -145,7 +147,7 @@ def test_a_second_process_on_a_run_directory_fails_at_once_and_a_dead_holders_lo
         while not paused.exists():
             assert holder.poll() is None and time.monotonic() < deadline, (tmp_path / "holder.log").read_text()
             time.sleep(0.2)
-        for argv in (train_args(out, cache_dir), ["train", "--out", str(out), "--resume", "--quiet"]):
+        for argv in (train_args(out, cache_dir), ["train", "--out", str(out), "--resume", "--quiet", "--no-figures"]):
             second = hclafter(*argv)
             assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
             assert f"{out} is in use by PID {holder.pid} on " in second.stderr
@@ -153,6 +155,6 @@ def test_a_second_process_on_a_run_directory_fails_at_once_and_a_dead_holders_lo
         holder.kill()
         holder.wait()
     # The kill left the lock file and its note: the next process takes the lock over and resumes.
-    resumed = hclafter("train", "--out", str(out), "--resume", "--quiet")
+    resumed = hclafter("train", "--out", str(out), "--resume", "--quiet", "--no-figures")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((out / "summary.json").read_text()) == json.loads((reference / "summary.json").read_text())

@@ -83,6 +83,9 @@ def _add_train(sub: Subparsers) -> None:
                                                         "summaries stay")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its last saved state (its own config)")
+    p.add_argument("--no-figures", dest="figures", action="store_false",
+                   help="skip drawing the run's figures (about 5 s for a tiny run): `hclafter report RUN` draws "
+                        "them later")
     p.set_defaults(func=("runs", "cmd_train"))
 
 

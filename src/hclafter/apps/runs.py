@@ -50,10 +50,13 @@ def _warn_inapplicable(cfg: Config) -> None:
               f"are ignored: {', '.join(ignored)}", file=sys.stderr)
 
 
-def train(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False) -> dict:
+def train(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False, figures: bool = True) -> dict:
     """A run as ``hclafter train`` makes it: :func:`hclafter.engine.run.train_run` with the run's
-    figures drawn before its summary is written."""
+    figures drawn before its summary is written (unless ``figures`` is false)."""
     from ..engine.run import train_run
+
+    if not figures:
+        return train_run(cfg, out_dir, progress, resume)
     from ..reporting.report import write_run_figures
 
     return train_run(cfg, out_dir, progress, resume, figures=write_run_figures)
@@ -65,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     base = [out / runfiles.CONFIG] if args.resume and not args.config and (out / runfiles.CONFIG).is_file() else []
     cfg = load_config(args.config or base, args.overrides)
     _warn_inapplicable(cfg)
-    summary = train(cfg, out, progress=not args.quiet, resume=args.resume)
+    summary = train(cfg, out, progress=not args.quiet, resume=args.resume, figures=args.figures)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun the first process reports
     selected = f" (best epoch {summary['best_epoch']} on val)" if "best_epoch" in summary else ""
