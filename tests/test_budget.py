@@ -151,7 +151,7 @@ def test_the_warning_names_the_numbers_and_is_silent_for_converged_runs():
 
 def test_train_with_a_step_budget_writes_its_curve_and_verdict(tmp_path, cache_dir, capsys):
     out = tmp_path / "run"
-    assert main(["train", "-c", str(TINY_CONFIG), "--out", str(out), "--quiet", f"cache_dir={cache_dir}",
+    assert main(["train", "--no-figures", "-c", str(TINY_CONFIG), "--out", str(out), "--quiet", f"cache_dir={cache_dir}",
                  "data.synthetic.per_class=10", "text.steps=20", "train.steps=6"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -171,8 +171,8 @@ def test_a_step_budget_of_the_epochs_length_trains_the_same_weights(tmp_path, ca
     common = ["--quiet", f"cache_dir={cache_dir}", "data.synthetic.per_class=10", "text.steps=20",
               "train.phases=[{epochs: 2, train: [stage_adapters, fusion]}, {epochs: 1, train: [stage_adapters, "
               "fusion, nga, prompts, layernorms, classifier], consistency: true}]"]
-    assert main(["train", "-c", str(TINY_CONFIG), "--out", str(tmp_path / "epochs"), *common]) == 0
-    assert main(["train", "-c", str(TINY_CONFIG), "--out", str(tmp_path / "steps"), *common, "train.steps=6"]) == 0
+    assert main(["train", "--no-figures", "-c", str(TINY_CONFIG), "--out", str(tmp_path / "epochs"), *common]) == 0
+    assert main(["train", "--no-figures", "-c", str(TINY_CONFIG), "--out", str(tmp_path / "steps"), *common, "train.steps=6"]) == 0
     epochs, steps = (load_file(tmp_path / name / "last.safetensors") for name in ("epochs", "steps"))
     assert epochs.keys() == steps.keys() and all(torch.equal(epochs[k], steps[k]) for k in epochs)
     by_step = {name: {json.loads(line)["step"]: json.loads(line) for line in

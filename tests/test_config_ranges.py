@@ -72,11 +72,11 @@ def test_list_entries_by_index_everywhere_an_override_is_accepted(tmp_path, cach
     cfg = load_config([TINY_CONFIG], ["train.phases.0.epochs=1", "model.stages.2.0=9"])
     assert [p.epochs for p in cfg.train.phases] == [1, 2, 2] and cfg.model.stages[2] == [9, 11, 12]
     out = tmp_path / "run"  # the command of the issue, quicker
-    assert main(["train", "-c", str(TINY_CONFIG), "--out", str(out), "--quiet", f"cache_dir={cache_dir}", *MICRO,
+    assert main(["train", "--no-figures", "-c", str(TINY_CONFIG), "--out", str(out), "--quiet", f"cache_dir={cache_dir}", *MICRO,
                  "train.phases.0.epochs=1"]) == 0
     assert load_config([out / "config.yaml"]).train.phases[0].epochs == 1
-    assert main(["train", "--out", str(out), "--resume", "--quiet", "train.phases.0.epochs=1"]) == 0
-    assert main(["train", "--out", str(out), "--resume", "--quiet", "train.phases.0.epochs=3"]) == 2
+    assert main(["train", "--no-figures", "--out", str(out), "--resume", "--quiet", "train.phases.0.epochs=1"]) == 0
+    assert main(["train", "--no-figures", "--out", str(out), "--resume", "--quiet", "train.phases.0.epochs=3"]) == 2
     assert "train.phases.0.epochs: 1 → 3" in capsys.readouterr().err
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({"base": [str(TINY_CONFIG)], "methods": {"hybrid": []}, "seeds": [0],
