@@ -61,6 +61,7 @@ def test_a_killed_study_resumes_to_its_budget(tmp_path, cache_dir):
             assert t.intermediate_values
             assert "test" not in runfiles.read_summary(out / t.user_attrs["run"])
             assert not (out / t.user_attrs["run"] / "predictions.csv").exists()
+    assert main(["report", str(out / "trials" / "0000")]) == 2  # refused by name, not a traceback
     # Once the budget is spent, the same command runs no trial.
     again = tune_module.tune([TINY_CONFIG], micro(cache_dir), out, trials=3)
     assert len(again["trials"]) == len(states) and (out / "report.html").is_file()
