@@ -311,8 +311,14 @@ def write_report(out: Path, record: dict, why_no_importances: str = "") -> Path:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    record = tune(args.config, args.overrides, args.out, args.trials, args.seeds, args.storage, args.workers,
-                  args.study or STUDY_NAME, progress=not args.quiet)
+    from ..engine.loop import TrainingInterrupted
+
+    try:
+        record = tune(args.config, args.overrides, args.out, args.trials, args.seeds, args.storage, args.workers,
+                      args.study or STUDY_NAME, progress=not args.quiet)
+    except TrainingInterrupted as e:  # its message names the trial's run; the study is what continues
+        raise TrainingInterrupted(f"tuning interrupted by signal {e.signum}; run the same command again to continue "
+                                  "the study", e.signum) from None
     best, test = record["best"], record["test"]
     print(markdown_table(["setting", "chosen"], [[k, f"{v:.4g}"] for k, v in best["params"].items()]))
     spread = "" if test["accuracy"]["std"] is None else f" ± {test['accuracy']['std']:.4f}"

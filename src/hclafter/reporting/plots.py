@@ -425,7 +425,7 @@ def plot_study_history(trials: list[dict], path: Path, ylabel: str) -> None:
     ax.set_ylim(0, 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     save_figure(fig, path)
 
 
