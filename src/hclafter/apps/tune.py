@@ -280,6 +280,10 @@ def _record(study: Any, cfg: Config, budget: int, best: Any, summaries: dict[int
             "trials": rows}
 
 
+def _chosen(params: dict[str, Any]) -> list[list[str]]:
+    return [[k, f"{v:.4g}"] for k, v in params.items()] or [["(nothing searched: tune.space is empty)", "–"]]
+
+
 def write_report(out: Path, record: dict, why_no_importances: str = "") -> Path:
     """``OUT/report.html``: the study in numbers, its history, the importances and the test results."""
     plots = out / "plots"
@@ -288,7 +292,7 @@ def write_report(out: Path, record: dict, why_no_importances: str = "") -> Path:
     study = [f"{len(record['trials'])} trial(s) for a budget of {record['budget']}: {c['COMPLETE']} finished, "
              f"{c['PRUNED']} pruned, {c['FAIL']} failed (failed ones a killed process left were retried). Every "
              f"trial is scored on the validation split only; none predicts test. Storage: `{record['storage']}`.",
-             Table(["setting", "chosen"], [[k, f"{v:.4g}"] for k, v in best["params"].items()],
+             Table(["setting", "chosen"], _chosen(best["params"]),
                    caption=f"Trial {best['trial']}, validation {record['objective']} {best['value']:.4f}; "
                            "`hclafter train -c best.yaml` trains it.")]
     importance: list = [why_no_importances]
@@ -320,7 +324,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         raise TrainingInterrupted(f"tuning interrupted by signal {e.signum}; run the same command again to continue "
                                   "the study", e.signum) from None
     best, test = record["best"], record["test"]
-    print(markdown_table(["setting", "chosen"], [[k, f"{v:.4g}"] for k, v in best["params"].items()]))
+    print(markdown_table(["setting", "chosen"], _chosen(best["params"])))
     spread = "" if test["accuracy"]["std"] is None else f" ± {test['accuracy']['std']:.4f}"
     print(f"best of {record['budget']} trial(s): #{best['trial']}, validation {record['objective']} "
           f"{best['value']:.4f}; test accuracy {test['accuracy']['mean']:.4f}{spread} over {len(test['seeds'])} "
