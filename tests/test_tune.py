@@ -34,15 +34,10 @@ def micro(cache_dir) -> list[str]:
             "tune.startup_trials=1"]  # TPE and the pruner use the values from the second trial on
 
 
-@pytest.fixture
-def no_figures(monkeypatch):
-    """The chosen configuration's runs without their figures (seconds each; tested with every run)."""
-    monkeypatch.setattr(tune_module, "train", lambda cfg, out, progress, resume: train_run(cfg, out, progress, resume))
-
-
-def test_a_killed_study_resumes_to_its_budget(tmp_path, cache_dir, no_figures):
+def test_a_killed_study_resumes_to_its_budget(tmp_path, cache_dir):
     out = tmp_path / "study"
-    args = ["tune", "-c", str(TINY_CONFIG), "--trials", "3", "--out", str(out), "--quiet", *micro(cache_dir)]
+    args = ["tune", "-c", str(TINY_CONFIG), "--trials", "3", "--out", str(out), "--quiet", "--no-figures",
+            *micro(cache_dir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     first = subprocess.Popen([sys.executable, "-m", "hclafter", *args], env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -94,11 +89,11 @@ def _split_folders(tmp_path, cache_dir):
 
 def _trials(tmp_path, cache_dir, splits, name, trials=3):
     record = tune_module.tune([TINY_CONFIG], [*micro(cache_dir), f"data.splits_dir={splits}"], tmp_path / name,
-                              trials=trials)
+                              trials=trials, figures=False)
     return [(t["state"], t["value"], t["params"]) for t in record["trials"]], record
 
 
-def test_permuted_test_labels_change_no_trial_value_and_no_choice(tmp_path, cache_dir, no_figures):
+def test_permuted_test_labels_change_no_trial_value_and_no_choice(tmp_path, cache_dir):
     plain, permuted = _split_folders(tmp_path, cache_dir)
     trials, record = _trials(tmp_path, cache_dir, plain, "plain")
     trials_permuted, record_permuted = _trials(tmp_path, cache_dir, permuted, "permuted")
@@ -106,7 +101,7 @@ def test_permuted_test_labels_change_no_trial_value_and_no_choice(tmp_path, cach
     assert record["test"] != record_permuted["test"]  # the permutation reached the test results
 
 
-def test_the_permutation_test_fails_if_trials_are_scored_on_test(tmp_path, cache_dir, monkeypatch, no_figures):
+def test_the_permutation_test_fails_if_trials_are_scored_on_test(tmp_path, cache_dir, monkeypatch):
     """The test above has teeth: a tuner whose trials predict test and are scored on it gives other
     trial values when the test labels are permuted."""
     monkeypatch.setattr(tune_module, "train_run", lambda *a, **k: train_run(*a, **{**k, "evaluate_test": True}))

@@ -180,7 +180,7 @@ def _check_same_study(study: Any, cfg: Config) -> None:
 
 
 def _test_best(configs: Sequence[str], overrides: Sequence[str], out: Path, seeds: Sequence[int],
-               progress: bool) -> dict[int, dict]:
+               progress: bool, figures: bool) -> dict[int, dict]:
     """The chosen configuration trained and tested once per seed (finished runs are read back,
     interrupted ones resumed): the only runs of the study that predict test."""
     summaries = {}
@@ -190,7 +190,8 @@ def _test_best(configs: Sequence[str], overrides: Sequence[str], out: Path, seed
             summaries[seed] = runfiles.read_summary(folder)
             continue
         cfg = load_config(configs, [*overrides, f"seed={seed}"])
-        summaries[seed] = train(cfg, folder, progress, resume=(folder / "checkpoints" / "latest.json").is_file())
+        summaries[seed] = train(cfg, folder, progress, resume=(folder / "checkpoints" / "latest.json").is_file(),
+                                figures=figures)
     return summaries
 
 
@@ -214,11 +215,12 @@ def _importances(study: Any, cfg: Config) -> tuple[dict[str, float], str]:
 
 
 def tune(configs: Sequence[str | Path], overrides: Sequence[str], out: str | Path, trials: int, seeds: int = 1,
-         storage: Optional[str] = None, workers: int = 1, study_name: str = STUDY_NAME, progress: bool = False) -> dict:
+         storage: Optional[str] = None, workers: int = 1, study_name: str = STUDY_NAME, progress: bool = False,
+         figures: bool = True) -> dict:
     """Tune the configured method on validation into ``out`` (see the module's docstring), running the
     trials the study still lacks of ``trials`` in all, in ``workers`` local processes; then train and
-    test the chosen configuration over ``seeds`` seeds (the config's seed and the next ones). Returns
-    what ``OUT/tune.json`` holds."""
+    test the chosen configuration over ``seeds`` seeds (the config's seed and the next ones; their
+    figures unless ``figures`` is false). Returns what ``OUT/tune.json`` holds."""
     for flag, value in (("--trials", trials), ("--seeds", seeds), ("--workers", workers)):
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
@@ -255,7 +257,8 @@ def tune(configs: Sequence[str | Path], overrides: Sequence[str], out: str | Pat
         atomic_write_text(out / "best.yaml", f"# chosen by hclafter tune on validation {cfg.tune.objective}: trial "
                                              f"{best.number}, {best.value:.4f}\n"
                                              + OmegaConf.to_yaml(OmegaConf.structured(best_cfg)))
-        summaries = _test_best([str(out / "best.yaml")], [], out, range(cfg.seed, cfg.seed + seeds), progress)
+        summaries = _test_best([str(out / "best.yaml")], [], out, range(cfg.seed, cfg.seed + seeds), progress,
+                               figures)
         record = _record(study, cfg, budget, best, summaries, storage, out)
         importances, why_not = _importances(study, cfg)
         record["importances"] = importances
@@ -319,7 +322,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     try:
         record = tune(args.config, args.overrides, args.out, args.trials, args.seeds, args.storage, args.workers,
-                      args.study or STUDY_NAME, progress=not args.quiet)
+                      args.study or STUDY_NAME, progress=not args.quiet, figures=args.figures)
     except TrainingInterrupted as e:  # its message names the trial's run; the study is what continues
         raise TrainingInterrupted(f"tuning interrupted by signal {e.signum}; run the same command again to continue "
                                   "the study", e.signum) from None
