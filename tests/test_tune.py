@@ -13,7 +13,8 @@ import pytest
 
 from hclafter.apps import tune as tune_module
 from hclafter.apps.cli import main
-from hclafter.core.config import ConfigError, load_config
+from hclafter.core.checkpoint import config_differences
+from hclafter.core.config import ConfigError, load_config, to_dict
 from hclafter.core.runtime import cache_dir_of
 from hclafter.data.splits import load_splits, save_run_splits
 from hclafter.engine import runfiles
@@ -108,6 +109,14 @@ def test_the_permutation_test_fails_if_trials_are_scored_on_test(tmp_path, cache
     monkeypatch.setattr(tune_module, "trial_value", lambda summary, objective: summary["test"][objective])
     plain, permuted = _split_folders(tmp_path, cache_dir)
     assert _trials(tmp_path, cache_dir, plain, "plain", 1)[0] != _trials(tmp_path, cache_dir, permuted, "permuted", 1)[0]
+
+
+def test_a_run_recorded_without_a_tune_section_is_the_same_run():
+    """The tune section never changes what a run computes: runs made before it existed (or under another
+    search space) compare equal; a study, though, continues only under its own space."""
+    cfg = to_dict(load_config([TINY_CONFIG]))
+    older = {k: v for k, v in cfg.items() if k != "tune"}
+    assert config_differences(older, cfg) == [] and config_differences(older, cfg, ignored=())
 
 
 @pytest.mark.parametrize("space, message", [

@@ -173,7 +173,7 @@ def _check_same_study(study: Any, cfg: Config) -> None:
     if saved is None:
         study.set_user_attr("config", to_dict(cfg))
         return
-    differs = config_differences(saved, to_dict(cfg))
+    differs = config_differences(saved, to_dict(cfg), ignored=())
     if differs:
         raise ConfigError(f"the study in this storage was started with other settings ({'; '.join(differs[:6])}); "
                           "continue it with the same configs and overrides, or tune into another --out / --study")

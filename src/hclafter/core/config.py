@@ -495,6 +495,9 @@ RANGES: dict[str, tuple[float, bool, Optional[float], bool]] = {
     "tune.startup_trials": (0, True, 100_000, True), "tune.warmup_validations": (0, True, None, True),
     "tune.importance_trials": (2, True, None, True),
 }
+# Sections that never change what a run computes (what hclafter tune searches, and how): a run's recorded settings
+# are compared without them, so a run made before they existed, or under another search space, is the same run.
+RUN_NEUTRAL = ("tune",)
 # What a trial may change: how a method is built and trained, not the data (which images are validation), the
 # seeds or the backbone.
 TUNABLE = ("model.", "text.", "train.", "data.batch_size", "data.distribution.")
