@@ -24,7 +24,8 @@ from .conftest import ROOT, TINY_CONFIG
 
 optuna = pytest.importorskip("optuna")
 
-SPACE = "tune.space=[{key: train.loss.lam, low: 0, high: 1}, {key: train.lr.stage_adapters, low: 1e-4, high: 1e-1, log: true}]"
+SPACE = ("tune.space=[{key: train.loss.lam, low: 0, high: 1}, "
+         "{key: train.lr.stage_adapters, low: 1e-4, high: 1e-1, log: true}]")
 
 
 def micro(cache_dir) -> list[str]:
@@ -108,7 +109,8 @@ def test_the_permutation_test_fails_if_trials_are_scored_on_test(tmp_path, cache
     monkeypatch.setattr(tune_module, "train_run", lambda *a, **k: train_run(*a, **{**k, "evaluate_test": True}))
     monkeypatch.setattr(tune_module, "trial_value", lambda summary, objective: summary["test"][objective])
     plain, permuted = _split_folders(tmp_path, cache_dir)
-    assert _trials(tmp_path, cache_dir, plain, "plain", 1)[0] != _trials(tmp_path, cache_dir, permuted, "permuted", 1)[0]
+    values = [_trials(tmp_path, cache_dir, splits, name, 1)[0] for splits, name in ((plain, "a"), (permuted, "b"))]
+    assert values[0] != values[1]
 
 
 def test_a_run_recorded_without_a_tune_section_is_the_same_run():

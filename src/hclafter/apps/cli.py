@@ -188,7 +188,8 @@ def _add_tune(sub: Subparsers) -> None:
                         "postgresql://...), or a journal file (a path ending in .log or .jsonl)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="local processes running trials at once, sharing the storage (default 1)")
-    p.add_argument("--study", default=None, metavar="NAME", help="the study's name in the storage (default hclafter-tune)")
+    p.add_argument("--study", default=None, metavar="NAME",
+                   help="the study's name in the storage (default hclafter-tune)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (the per-round lines stay)")
     p.add_argument("--no-figures", dest="figures", action="store_false",
                    help="no figures for the chosen configuration's runs (hclafter report draws them later)")

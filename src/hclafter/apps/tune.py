@@ -86,7 +86,7 @@ def load_study(cfg: Config, storage: Optional[str], out: Path, name: str = STUDY
         if t.pruner == "median" else optuna.pruners.NopPruner()
     return optuna.create_study(storage=open_storage(storage, out), study_name=name, direction="maximize",
                                load_if_exists=True, pruner=pruner,
-                               sampler=optuna.samplers.TPESampler(seed=cfg.seed + worker,
+                               sampler=optuna.samplers.TPESampler(seed=(cfg.seed + worker) % 2**32,
                                                                   n_startup_trials=t.startup_trials))
 
 
@@ -211,7 +211,9 @@ def _importances(study: Any, cfg: Config) -> tuple[dict[str, float], str]:
     if finished < cfg.tune.importance_trials:
         return {}, (f"No importances: {finished} finished trial(s), fewer than tune.importance_trials = "
                     f"{cfg.tune.importance_trials}, would rank noise.")
-    return dict(optuna.importance.get_param_importances(study, seed=cfg.seed)), ""
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=cfg.seed)
+    importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    return {k: float(v) for k, v in importances.items()}, ""
 
 
 def tune(configs: Sequence[str | Path], overrides: Sequence[str], out: str | Path, trials: int, seeds: int = 1,
@@ -250,7 +252,8 @@ def tune(configs: Sequence[str | Path], overrides: Sequence[str], out: str | Pat
                     done.result()
         study = load_study(cfg, storage, out, study_name)
         if not study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
-            raise RunError(f"{out}: no trial finished (see tune.json's errors after a rerun, or the trials' folders)")
+            errors = [t.user_attrs["error"] for t in study.trials if "error" in t.user_attrs]
+            raise RunError(f"{out}: no trial finished" + (f"; the first error: {errors[0]}" if errors else ""))
         best = study.best_trial
         chosen = [*overrides, *as_overrides(best.params)]
         best_cfg = load_config(configs, chosen)

@@ -91,7 +91,8 @@ def _evaluated(evaluate_test: bool) -> tuple[str, ...]:
 def _write_run(cfg: Config, out_dir: Path, backbone: Backbone, data: DatasetSplits, runtime: Runtime, show: bool,
                started: float, classify: Classify, loaders: dict[str, DataLoader], on_images: Classify, results: dict,
                **info) -> dict:
-    """Val and test predictions of ``classify`` over ``loaders`` (test only if it has one), then the run's files: predictions, run.json
+    """Val and test predictions of ``classify`` over ``loaders`` (test only if it has one), then the run's files:
+    predictions, run.json
     (the efficiency of ``on_images`` on test images, and ``info``) and, last, summary.json (the metrics,
     ``results``, and what every run's summary says of its data)."""
     wheel = data.wheel
@@ -100,7 +101,8 @@ def _write_run(cfg: Config, out_dir: Path, backbone: Backbone, data: DatasetSpli
     images = torch.stack([make_dataset(data["test"][:8], wheel, backbone.preprocess, cfg.data)[i]["image"]
                           for i in range(min(8, len(data["test"])))]).to(runtime.device)
     summary = {**{split: compute_metrics(p, wheel) for split, p in preds.items()}, **results, "epochs": 0,
-               "num_samples": {s: len(data[s]) for s in SPLITS}, "absent_classes": data.absent_classes(), "skipped": data.skipped_summary()}
+               "num_samples": {s: len(data[s]) for s in SPLITS}, "absent_classes": data.absent_classes(),
+               "skipped": data.skipped_summary()}
     if runtime.is_main_process:
         with writing(out_dir):
             for split, p in preds.items():
