@@ -8,7 +8,7 @@ DEMO_DIR ?= runs/demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[test,serve,onnx,slurm]"
+	$(PY) -m pip install --quiet -e ".[test,serve,onnx,slurm,tune]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -28,6 +28,7 @@ examples:
   hclafter train -c configs/base/vitb32.yaml -c configs/methods/hybrid.yaml -c configs/datasets/fi.yaml \\
       --out runs/fi-hybrid backbone.pretrained=/data/clip/ViT-B-32.pt data.root=/data/FI
   hclafter sweep configs/sweeps/smoke.yaml --out runs/smoke
+  hclafter tune -c configs/tiny.yaml --trials 20 --out runs/tune   # Optuna on validation, then test once
   hclafter data check --format fi /data/FI"""
 
 # Options that mean the same in every command, explained once: an option of a command registered
@@ -168,6 +169,33 @@ def _add_sweep(sub: Subparsers) -> None:
     p.set_defaults(func=("launchers", "cmd_sweep"))
 
 
+def _add_tune(sub: Subparsers) -> None:
+    p = sub.add_parser("tune", help="search a method's settings (its config's tune.space) on validation with Optuna, "
+                                    "then train and test the chosen configuration once per seed (needs hclafter[tune])",
+                       description="Trials are runs in OUT/trials/NNNN scored on the validation split (tune.objective), "
+                                   "their test split never predicted; TPE seeded with the config's seed, a median "
+                                   "pruner on each trial's validations. Writes OUT/best.yaml (hclafter train -c takes "
+                                   "it), OUT/best/seedK, OUT/tune.json and OUT/report.html. Running the same command "
+                                   "again continues a stopped study.")
+    _with_config(p)
+    p.add_argument("--out", required=True, help="study folder (re-running the command continues the study in it)")
+    p.add_argument("--trials", type=int, required=True, metavar="N",
+                   help="trials in the study in all, those already in its storage included")
+    p.add_argument("--seeds", type=int, default=1, metavar="K",
+                   help="seeds the chosen configuration is trained and tested with (default 1: the config's seed)")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="where the study lives (default OUT/study.db, SQLite): any SQLAlchemy URL (e.g. "
+                        "postgresql://...), or a journal file (a path ending in .log or .jsonl)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="local processes running trials at once, sharing the storage (default 1)")
+    p.add_argument("--study", default=None, metavar="NAME",
+                   help="the study's name in the storage (default hclafter-tune)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (the per-round lines stay)")
+    p.add_argument("--no-figures", dest="figures", action="store_false",
+                   help="no figures for the chosen configuration's runs (hclafter report draws them later)")
+    p.set_defaults(func=("tune", "cmd_tune"))
+
+
 def _add_report(sub: Subparsers) -> None:
     p = sub.add_parser("report", help="a self-contained HTML report of a finished run or of a sweep")
     p.add_argument("run_dir", metavar="DIR",
@@ -297,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the version and exit")
     parser.set_defaults(func=None)  # a bare `hclafter` explains itself
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    for add in (_add_train, _add_eval, _add_analyze, _add_predict, _add_zeroshot, _add_sweep, _add_report,
+    for add in (_add_train, _add_eval, _add_analyze, _add_predict, _add_zeroshot, _add_sweep, _add_tune, _add_report,
                 _add_bench, _add_export, _add_serve, _add_describe, _add_demo, _add_data):
         add(sub)
     return parser

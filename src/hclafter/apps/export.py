@@ -91,7 +91,7 @@ def _seed_results(run_dir: Path) -> list[dict]:
                           key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
     results = []
     for folder in siblings:
-        summary, seed = runfiles.read_summary(folder), runfiles.read_config(folder).seed
+        summary, seed = runfiles.tested(folder, runfiles.read_summary(folder)), runfiles.read_config(folder).seed
         test = summary["test"]
         results.append({"seed": seed, "exported": folder.resolve() == run_dir.resolve(),
                         **{k: test[k] for k in SUMMARY_KEYS}, "kl": test["ldl"]["kl"],
@@ -103,7 +103,7 @@ def hf_config(run: TrainedRun, include_backbone: bool) -> dict[str, Any]:
     """``config.json``: what rebuilds the model (no local paths: the directory may be published)."""
     cfg, identity = run.cfg, run.backbone.identity
     weights = identity["weights"]
-    summary = runfiles.read_summary(run.run_dir)
+    summary = runfiles.tested(run.run_dir, runfiles.read_summary(run.run_dir))
     size = run.backbone.preprocess_cfg.size
     return {
         "format": HF_FORMAT, "hclafter_version": __version__,

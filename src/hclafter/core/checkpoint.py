@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from .config import RUN_NEUTRAL
 from .files import RunError, atomic_write_bytes, read_json, write_json
 from .integrity import file_digests, sha256_file, verify_files
 
@@ -160,11 +161,13 @@ def saved_fingerprint(checkpoints: Path) -> dict:
     return saved_state(checkpoints)[1]["fingerprint"]
 
 
-def config_differences(before: dict, after: dict) -> list[str]:
-    """``key: old → new`` for every setting that differs between two config dicts."""
+def config_differences(before: dict, after: dict, ignored: Sequence[str] = RUN_NEUTRAL) -> list[str]:
+    """``key: old → new`` for every setting that differs between two config dicts, but those of the
+    ``ignored`` sections (by default the ones that never change what a run computes)."""
     flat_before, flat_after = _flatten(before), _flatten(after)
     return [f"{k}: {flat_before.get(k, '(unset)')!r} → {flat_after.get(k, '(unset)')!r}"
-            for k in sorted(set(flat_before) | set(flat_after)) if flat_before.get(k) != flat_after.get(k)]
+            for k in sorted(set(flat_before) | set(flat_after))
+            if flat_before.get(k) != flat_after.get(k) and k.split(".")[0] not in ignored]
 
 
 def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:

@@ -5,9 +5,12 @@ config file or an override fails before any data is read or model built.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import itertools
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -224,6 +227,44 @@ class TrainConfig:
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
+@dataclass
+class SearchRange:
+    """One tuned setting: a numeric range (``low`` to ``high``, on a log scale with ``log``), or a
+    list of ``choices``. ``key`` is the setting as an override names it (``train.lr.prompts``)."""
+
+    key: str = "???"
+    low: Optional[float] = None
+    high: Optional[float] = None
+    log: bool = False
+    choices: Optional[list[float]] = None
+
+
+def _hybrid_space() -> list[SearchRange]:
+    lr = [SearchRange(f"train.lr.{group}", 1e-5, 1e-2, True) for group in
+          ("prompts", "layernorms", "classifier", "stage_adapters")]
+    return [*lr, SearchRange("train.lr.fusion", 1e-4, 1e-1, True), SearchRange("train.lr.nga", 1e-5, 1e-1, True),
+            SearchRange("train.weight_decay", 1e-4, 1e-1, True), SearchRange("train.loss.lam", 0.0, 1.0),
+            SearchRange("train.loss.temperature", 0.5, 4.0, True), SearchRange("train.consistency_weight", 0.0, 1.0),
+            SearchRange("model.prompt_tokens", choices=[10, 25, 50])]
+
+
+@dataclass
+class TuneConfig:
+    """``hclafter tune`` (Optuna): what it searches and what it maximises. A method config declares
+    its own ``space`` (a list, so a later file's replaces an earlier one's; the default is the
+    hybrid's); the validation split is the only one a trial is scored on."""
+
+    objective: str = "accuracy"  # the validation figure maximised: accuracy | macro_f1
+    space: list[SearchRange] = field(default_factory=_hybrid_space)
+    # Trials sampled at random before TPE models the space, and finished before the pruner compares a trial's
+    # validations with theirs.
+    startup_trials: int = 5
+    pruner: str = "median"  # median: stop a trial whose validation is below the median of earlier ones at that step
+    warmup_validations: int = 1  # validations of a trial before the pruner may stop it
+    # Finished trials before the report estimates parameter importances (fANOVA): fewer give noise.
+    importance_trials: int = 10
+
+
 def phase_steps(train: TrainConfig, steps_per_epoch: int) -> list[int]:
     """Optimizer steps of each phase: its epochs times ``steps_per_epoch``, or, with ``train.steps``,
     the budget split in proportion to the phases' epochs. Phase k then ends at step
@@ -270,6 +311,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 class ConfigError(ValueError):
@@ -357,6 +399,12 @@ def _check_indices(node: Any, key: str) -> None:
             return
 
 
+@functools.cache
+def _defaults() -> DictConfig:
+    """The typed defaults, built once: OmegaConf takes about 60 ms to build them, 8 to copy them."""
+    return OmegaConf.structured(Config)
+
+
 def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
     """Merge YAML files (later ones win) and ``key.sub=value`` overrides onto the defaults; an
     override may name a list entry by its index (``train.phases.0.epochs=1``).
@@ -364,7 +412,7 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     Relative paths (``PATH_KEYS``) are relative to the config file that sets them, and to the
     working directory on the command line; the config returned holds absolute paths. Every problem
     is one ConfigError line that names the file or the override (key and value)."""
-    merged = OmegaConf.structured(Config)
+    merged = copy.deepcopy(_defaults())
     required: set[str] = set()  # keys a file marks '???': the user must supply them
     for path in _with_includes(paths):
         try:
@@ -409,6 +457,7 @@ CHOICES = {
     "train.loss.name": ("ce", "ls_ce", "dual_task"), "train.on_nonfinite": ("stop", "skip"),
     "data.emotion6_label": ("folder", "argmax"), "data.ties": ("skip", "first"),
     "data.distribution.source": ("wheel", "dataset"), "data.train_augment": ("none", "crop_flip"),
+    "tune.objective": ("accuracy", "macro_f1"), "tune.pruner": ("median", "none"),
 }
 SEEDS = 2**32 - 1  # NumPy's generators take seeds below 2**32
 # Every numeric setting: key (``*``: every entry of a mapping or list) → (lowest allowed, whether it is
@@ -440,7 +489,18 @@ RANGES: dict[str, tuple[float, bool, Optional[float], bool]] = {
     "train.distill.temperature": (0, False, None, True), "train.checkpoint_every_steps": (0, True, None, True),
     "train.loss.lam": (0, True, 1, True), "train.loss.temperature": (0, False, None, True),
     "train.loss.label_smoothing": (0, True, 1, False), "train.pseudo_threshold": (0, True, 1, True),
+    # A search range's bounds and choices lie within the tuned setting's own range: checked in validate.
+    "tune.space.*.low": (-math.inf, False, None, True), "tune.space.*.high": (-math.inf, False, None, True),
+    "tune.space.*.choices.*": (-math.inf, False, None, True),
+    "tune.startup_trials": (0, True, 100_000, True), "tune.warmup_validations": (0, True, None, True),
+    "tune.importance_trials": (2, True, None, True),
 }
+# Sections that never change what a run computes (what hclafter tune searches, and how): a run's recorded settings
+# are compared without them, so a run made before they existed, or under another search space, is the same run.
+RUN_NEUTRAL = ("tune",)
+# What a trial may change: how a method is built and trained, not the data (which images are validation), the
+# seeds or the backbone.
+TUNABLE = ("model.", "text.", "train.", "data.batch_size", "data.distribution.")
 
 
 def _get(cfg: Config, key: str) -> Any:
@@ -466,7 +526,76 @@ def values_at(node: Any, key: str, prefix: str = "") -> Iterator[tuple[str, Any]
 
 
 def range_text(low: float, low_in: bool, high: Optional[float], high_in: bool) -> str:
-    return f"{'[' if low_in else '('}{low}, {'∞)' if high is None else f'{high}' + (']' if high_in else ')')}"
+    start = "-∞" if low == -math.inf else low
+    return f"{'[' if low_in else '('}{start}, {'∞)' if high is None else f'{high}' + (']' if high_in else ')')}"
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def setting_kind(cfg: Config, key: str) -> Optional[type]:
+    """int or float for a key that names a numeric setting of ``cfg`` (mapping entries and list
+    indices included: ``train.lr.prompts``, ``train.phases.0.epochs``), else None."""
+    node: Any = cfg
+    hint: Any = Config
+    for part in key.split("."):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) is typing.Union and len(options) == 1:
+            hint = options[0]
+        origin = typing.get_origin(hint)
+        if dataclasses.is_dataclass(hint) and part in {f.name for f in dataclasses.fields(hint)}:
+            hint, node = _type_hints(hint)[part], getattr(node, part)
+        elif origin is dict and isinstance(node, dict) and part in node:
+            hint, node = typing.get_args(hint)[1], node[part]
+        elif origin is list and part.isdigit() and int(part) < len(node or []):
+            hint, node = typing.get_args(hint)[0], node[int(part)]
+        else:
+            return None
+    options = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(options) == 1:
+        hint = options[0]
+    return hint if hint in (int, float) else None
+
+
+def _range_of(key: str) -> tuple[float, bool, Optional[float], bool]:
+    parts = key.split(".")
+    return next(bounds for pattern, bounds in RANGES.items() if len(pattern.split(".")) == len(parts)
+                and all(p in ("*", k) for p, k in zip(pattern.split("."), parts)))
+
+
+def _check_space(cfg: Config) -> None:
+    """Every search range names a numeric setting a trial may change, once, with bounds (or choices)
+    inside that setting's own range."""
+    seen: set[str] = set()
+    for i, entry in enumerate(cfg.tune.space):
+        where = f"tune.space.{i} ({entry.key})"
+        kind = setting_kind(cfg, entry.key)
+        if kind is None or not entry.key.startswith(TUNABLE):
+            raise ConfigError(f"{where}: not a numeric setting a trial may change; tune one under model., text. or "
+                              "train. (or data.batch_size, data.distribution.*), e.g. train.lr.prompts")
+        if entry.key in seen:
+            raise ConfigError(f"{where}: tuned twice; keep one range for it")
+        seen.add(entry.key)
+        if entry.choices is not None:
+            if entry.low is not None or entry.high is not None or entry.log or not entry.choices:
+                raise ConfigError(f"{where}: give either a non-empty list of choices or low and high (and log)")
+            values = entry.choices
+        else:
+            if entry.low is None or entry.high is None or entry.low >= entry.high:
+                raise ConfigError(f"{where}: needs low < high (or a list of choices), got low={entry.low}, "
+                                  f"high={entry.high}")
+            if entry.log and entry.low <= 0:
+                raise ConfigError(f"{where}: a log scale needs low > 0, got {entry.low}")
+            values = [entry.low, entry.high]
+        low, low_in, high, high_in = bounds = _range_of(entry.key)
+        for value in values:
+            if kind is int and not float(value).is_integer():
+                raise ConfigError(f"{where}: {entry.key} is a whole number; {value} is not")
+            if value < low or (value == low and not low_in) or \
+                    (high is not None and (value > high or (value == high and not high_in))):
+                raise ConfigError(f"{where}: {value} is outside {entry.key}'s range {range_text(*bounds)}")
 
 
 def validate(cfg: Config) -> None:
@@ -514,6 +643,7 @@ def validate(cfg: Config) -> None:
     unknown_trackers = sorted(set(cfg.train.log_with) - set(TRACKERS))
     if unknown_trackers:
         raise ConfigError(f"train.log_with: unknown trackers {unknown_trackers}; valid: {list(TRACKERS)} (or [] for none)")
+    _check_space(cfg)
     ratios = cfg.data.split_ratios
     if len(ratios) != 3 or abs(sum(ratios) - 1) > 1e-6 or ratios[1] <= 0:
         raise ConfigError(f"data.split_ratios must be 3 non-negative fractions summing to 1 with val > 0, got {ratios}")

@@ -43,20 +43,21 @@ def frozen_classifier(cfg: Config, backbone: Backbone, wheel: Wheel, runtime: Ru
 
 
 def evaluate_frozen(cfg: Config, out_dir: Path, backbone: Backbone, data: DatasetSplits, runtime: Runtime,
-                    cache: Path, show: bool, started: float) -> dict:
-    """A zero-shot or text-only run: val and test metrics and predictions, no training."""
+                    cache: Path, show: bool, started: float, evaluate_test: bool = True) -> dict:
+    """A zero-shot or text-only run: val and test (unless ``evaluate_test`` is false) metrics and
+    predictions, no training."""
     classify, stage1 = frozen_classifier(cfg, backbone, data.wheel, runtime, cache)
     loaders = {split: eval_loader(make_dataset(data[split], data.wheel, backbone.preprocess, cfg.data), cfg.data,
-                                  runtime) for split in ("val", "test")}
+                                  runtime) for split in _evaluated(evaluate_test)}
     return _write_run(cfg, out_dir, backbone, data, runtime, show, started, classify, loaders, classify,
                       {"stage1": stage1, "parameters": {"trained": 0, "added": 0, "by_group": {}}})
 
 
 def fit_frozen(cfg: Config, out_dir: Path, backbone: Backbone, data: DatasetSplits, runtime: Runtime, cache: Path,
-               show: bool, started: float) -> dict:
+               show: bool, started: float, evaluate_test: bool = True) -> dict:
     """A run of a method without gradient steps (``trained_by_gradient`` False): stage 1, the model's
     ``fit`` on the cached features of the training split with its choices made on validation (recorded
-    in summary.json as ``selection``), then val and test as any run."""
+    in summary.json as ``selection``), then val and test (unless ``evaluate_test`` is false) as any run."""
     text_weight, stage1 = train_stage1(backbone, data.wheel, cfg.text, cfg.seed, cache, runtime.device)
     model = build_run_model(backbone, data.wheel, cfg, text_weight)
     inputs = training_inputs(cfg, backbone, data, model, runtime, cache, show)
@@ -75,7 +76,7 @@ def fit_frozen(cfg: Config, out_dir: Path, backbone: Backbone, data: DatasetSpli
             out = model(batch, return_stages=True, from_features=from_features)
         return out.logits, out.stage_logits
 
-    loaders = {split: eval_loader(inputs.datasets[split], cfg.data, runtime) for split in ("val", "test")}
+    loaders = {split: eval_loader(inputs.datasets[split], cfg.data, runtime) for split in _evaluated(evaluate_test)}
     return _write_run(cfg, out_dir, backbone, data, runtime, show, started, classify, loaders,
                       lambda images: classify(images, from_features=False),
                       {"stage1": stage1, "parameters": trained_parameters(model, param_groups(model), cfg),
@@ -83,24 +84,29 @@ def fit_frozen(cfg: Config, out_dir: Path, backbone: Backbone, data: DatasetSpli
                       extraction_layers=model.extraction_layers, stages=model.stages)
 
 
+def _evaluated(evaluate_test: bool) -> tuple[str, ...]:
+    return ("val", "test") if evaluate_test else ("val",)
+
+
 def _write_run(cfg: Config, out_dir: Path, backbone: Backbone, data: DatasetSplits, runtime: Runtime, show: bool,
                started: float, classify: Classify, loaders: dict[str, DataLoader], on_images: Classify, results: dict,
                **info) -> dict:
-    """Val and test predictions of ``classify`` over ``loaders``, then the run's files: predictions, run.json
+    """Val and test predictions of ``classify`` over ``loaders`` (test only if it has one), then the run's files:
+    predictions, run.json
     (the efficiency of ``on_images`` on test images, and ``info``) and, last, summary.json (the metrics,
     ``results``, and what every run's summary says of its data)."""
     wheel = data.wheel
     preds = {split: predict(classify, loaders[split], runtime, desc=f"eval {split}", progress=show)
-             for split in ("val", "test")}
+             for split in loaders}
     images = torch.stack([make_dataset(data["test"][:8], wheel, backbone.preprocess, cfg.data)[i]["image"]
                           for i in range(min(8, len(data["test"])))]).to(runtime.device)
-    summary = {"val": compute_metrics(preds["val"], wheel), "test": compute_metrics(preds["test"], wheel),
-               **results, "epochs": 0, "num_samples": {s: len(data[s]) for s in SPLITS},
-               "absent_classes": data.absent_classes(), "skipped": data.skipped_summary()}
+    summary = {**{split: compute_metrics(p, wheel) for split, p in preds.items()}, **results, "epochs": 0,
+               "num_samples": {s: len(data[s]) for s in SPLITS}, "absent_classes": data.absent_classes(),
+               "skipped": data.skipped_summary()}
     if runtime.is_main_process:
         with writing(out_dir):
-            runfiles.write_predictions(out_dir, "test", preds["test"], data["test"], wheel)
-            runfiles.write_predictions(out_dir, "val", preds["val"], data["val"], wheel)
+            for split, p in preds.items():
+                runfiles.write_predictions(out_dir, split, p, data[split], wheel)
         runfiles.write_info(out_dir, cfg, wheel, backbone.identity, started, hardware=tracking.hardware(runtime),
                             efficiency=efficiency(on_images, images), **info)
         runfiles.write_summary(out_dir, summary)

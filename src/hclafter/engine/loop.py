@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from accelerate import skip_first_batches
@@ -204,6 +204,8 @@ def end_round(state: TrainState, r: Round, train_stats: dict[str, float], second
             f"{rec['val_loss']:.4f} acc {rec['val_accuracy']:.4f} macro-F1 {rec['val_macro_f1']:.4f} | {seconds:.1f} s"
             + ("  (best so far)" if best else ""))
     log_round(state.runtime, p.global_step, p.records[-1], sigmas(state.groups["nga"].items()))
+    if state.on_validation is not None:
+        state.on_validation(r.end, val)
 
 
 # --- what the loop works on ---------------------------------------------------------------------
@@ -252,6 +254,8 @@ class TrainState:
     pseudo: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (teacher label, kept) per training image
     teacher: Optional[torch.Tensor] = None  # a finished run's logits per training image (train.distill)
     show: bool = True  # progress bars and evaluation lines
+    # Told (step, validation metrics) after each round, once its state is saved (a tuner's pruner: it may raise).
+    on_validation: Optional[Callable[[int, dict], None]] = None
     progress: Progress = field(default_factory=Progress)
     resumed: bool = False  # the progress was loaded from a saved state
     # The selected weights' validation predictions, while this process has them (not after a resume).

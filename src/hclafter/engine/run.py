@@ -45,25 +45,31 @@ __all__ = ["Figures", "RunError", "TrainingInterrupted", "train_run"]
 
 # Draws a finishing run's figures from its files and summary; returns the PNGs by name.
 Figures = Callable[[Path, dict], dict[str, Path]]
+# Called after every validation of the loop with (step, validation metrics); may raise to stop the run.
+OnValidation = Callable[[int, dict], None]
 
 
 def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False,
-              figures: Optional[Figures] = None) -> dict:
+              figures: Optional[Figures] = None, on_validation: Optional[OnValidation] = None,
+              evaluate_test: bool = True) -> dict:
     """Stage 1 + stage 2 on the configured data (or a frozen baseline, by ``cfg.mode``); writes the
     run directory and returns the summary. ``figures`` draws the run's figures before its summary
     is written (the CLI passes ``reporting.report.write_run_figures``; without it ``hclafter report``
-    draws them later). The directory is locked while the run writes it: a second process that
-    tries fails at once (RunError naming the holder)."""
+    draws them later). ``on_validation`` sees every validation as it happens (a tuner's pruner);
+    ``evaluate_test=False`` never predicts the test split (a tuning trial: its summary has no
+    ``test``, so nothing chosen from it can have read test labels). The directory is locked while
+    the run writes it: a second process that tries fails at once (RunError naming the holder)."""
     check_config(cfg)
     out_dir = Path(out_dir)
     if resume and not out_dir.is_dir():
         raise RunError(f"{out_dir}: nothing to resume (no such directory); start it without --resume")
     # One process of a multi-process run holds the lock; the others follow it.
     with run_lock(out_dir) if os.environ.get("RANK", "0") == "0" else nullcontext():
-        return _train_run(cfg, out_dir, progress, resume, figures)
+        return _train_run(cfg, out_dir, progress, resume, figures, on_validation, evaluate_test)
 
 
-def _train_run(cfg: Config, out_dir: Path, progress: bool, resume: bool, figures: Optional[Figures]) -> dict:
+def _train_run(cfg: Config, out_dir: Path, progress: bool, resume: bool, figures: Optional[Figures],
+               on_validation: Optional[OnValidation], evaluate_test: bool) -> dict:
     started = time.time()
     resolve_paths(cfg)
     cfg = _prepare_out_dir(cfg, out_dir, resume)
@@ -80,12 +86,13 @@ def _train_run(cfg: Config, out_dir: Path, progress: bool, resume: bool, figures
         # Every run, new or resumed, trains on its saved lists (the same numbers either way).
         data = load_run_splits(out_dir / "splits", cfg.data, cache)
     if cfg.mode != "train":
-        return evaluate_frozen(cfg, out_dir, backbone, data, runtime, cache, show, started)
+        return evaluate_frozen(cfg, out_dir, backbone, data, runtime, cache, show, started, evaluate_test)
     if not method_class(cfg.model.method).trained_by_gradient:
-        return fit_frozen(cfg, out_dir, backbone, data, runtime, cache, show, started)
+        return fit_frozen(cfg, out_dir, backbone, data, runtime, cache, show, started, evaluate_test)
 
     text_weight, stage1 = _stage1(cfg, out_dir, backbone, data.wheel, runtime, cache, resume)
     state, images = _prepare_training(cfg, out_dir, backbone, data, runtime, cache, text_weight, show)
+    state.on_validation = on_validation
     text_only = clip_classifier(backbone.model, text_weight, 1.0, runtime)
     if cfg.train.supervision == "pseudo":
         state.pseudo = _teacher_labels(text_only, data, backbone, cfg, runtime, show)
@@ -96,7 +103,7 @@ def _train_run(cfg: Config, out_dir: Path, progress: bool, resume: bool, figures
         text_only_metrics = stage1.pop("text_only")
     else:
         text_only_metrics = {}
-        for split in ("val", "test"):
+        for split in ("val", "test") if evaluate_test else ("val",):
             metrics = evaluate_classifier(text_only, images[split], cfg.data, data.wheel, runtime, show,
                                           f"text-only {split}")
             text_only_metrics[split] = {k: metrics[k] for k in HEADLINE}
@@ -113,7 +120,7 @@ def _train_run(cfg: Config, out_dir: Path, progress: bool, resume: bool, figures
     try:
         with _stop_requests() as stop:
             fit(state, stop)
-        return _finish(state, data, stage1, text_only_metrics, images, started, resume, figures)
+        return _finish(state, data, stage1, text_only_metrics, images, started, resume, figures, evaluate_test)
     finally:
         tracking.finish(runtime)
 
@@ -273,24 +280,28 @@ def _stop_requests() -> Iterator[dict]:
 
 
 def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metrics: dict, images: dict,
-            started: float, resume: bool, figures: Optional[Figures]) -> dict:
-    """Test the selected (best on val) weights, and the last ones where they differ; judge convergence
-    from the validation curve; write the predictions, the figures and, last, the summary (the mark
-    of a finished run: a kill before it leaves a run that --resume finishes)."""
+            started: float, resume: bool, figures: Optional[Figures], evaluate_test: bool) -> dict:
+    """Test the selected (best on val) weights, and the last ones where they differ (unless
+    ``evaluate_test`` is false); judge convergence from the validation curve; write the predictions,
+    the figures and, last, the summary (the mark of a finished run: a kill before it leaves a run
+    that --resume finishes)."""
     p, cfg, out_dir = state.progress, state.cfg, state.out_dir
     state.save_weights("last.safetensors")
-    test_last = None
-    if p.best_step != state.total_steps:  # else the selected weights are the last ones
+    test_last = test = preds = None
+    if evaluate_test and p.best_step != state.total_steps:  # else the selected weights are the last ones
         test_last, _ = state.evaluate("test")
+    if p.best_step != state.total_steps:
         state.runtime.wait_for_everyone()
         load_weights(state.plain, out_dir / "model.safetensors", state.identity)
-    test, preds = state.evaluate("test")
+    if evaluate_test:
+        test, preds = state.evaluate("test")
     # The selected weights' validation predictions are kept from their round, unless a resume lost them.
     val_preds = state.best_val_predictions
     if val_preds is None:
         val_preds = state.evaluate("val")[1]
+    tested = {"test": test, "test_last": test if test_last is None else test_last} if evaluate_test else {}
     summary = {
-        "val": p.best_val, "test": test, "test_last": test if test_last is None else test_last, "text_only": text_only_metrics,
+        "val": p.best_val, **tested, "text_only": text_only_metrics,
         "best_epoch": p.best_epoch, "best_step": p.best_step, "epochs": state.epochs_of(state.total_steps),
         "steps": state.total_steps,
         "convergence": convergence([(r["step"], r["val_accuracy"]) for r in p.records], state.total_steps),
@@ -303,7 +314,7 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
     }
     if p.best_selection:
         summary["selection"] = p.best_selection
-    weights = _image_fusion_weights(state, data.wheel)
+    weights = _image_fusion_weights(state, data.wheel) if evaluate_test else None
     if weights is not None:
         summary["image_fusion_weights"] = weights
     if state.main:
@@ -314,7 +325,8 @@ def _finish(state: TrainState, data: DatasetSplits, stage1: dict, text_only_metr
                             efficiency=efficiency(lambda x: state.classify(x, images=True),
                                                   sample.to(state.runtime.device)))
         with writing(out_dir, out_dir):
-            runfiles.write_predictions(out_dir, "test", preds, data["test"], data.wheel)
+            if preds is not None:
+                runfiles.write_predictions(out_dir, "test", preds, data["test"], data.wheel)
             runfiles.write_predictions(out_dir, "val", val_preds, data["val"], data.wheel)
             if figures is not None:
                 tracking.log_figures(state.runtime, figures(out_dir, summary), p.global_step)

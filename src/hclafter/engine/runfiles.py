@@ -157,6 +157,14 @@ def read_summary(run_dir: Path) -> dict:
     return read_json(checked(run_dir, SUMMARY))
 
 
+def tested(run_dir: Path, summary: dict) -> dict:
+    """``summary`` if its run predicted test; a tuning trial's (scored on validation only) is refused by name."""
+    if "test" not in summary:
+        raise RunError(f"{run_dir} is a tuning trial, scored on validation only: its test split was never predicted; "
+                       f"evaluate it with hclafter eval {run_dir}, or use the study's best/seedK runs")
+    return summary
+
+
 # --- metrics.jsonl -----------------------------------------------------------------------------
 
 

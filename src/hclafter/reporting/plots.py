@@ -405,3 +405,37 @@ def plot_learned_weights(weights: dict[str, dict], path: Path) -> None:
                            color="white" if value < 0.6 else "black")
     fig.colorbar(image, ax=ax_fusion, fraction=0.08)
     save_figure(fig, path)
+
+
+def plot_study_history(trials: list[dict], path: Path, ylabel: str) -> None:
+    """A tuning study's trials in order: each finished trial's value, each pruned one's last validation
+    (a cross), and the best value so far as a step line, on 0–1."""
+    fig, ax = plt.subplots(figsize=(WIDTH, 4.0))
+    finished = [(t["number"], t["value"]) for t in trials if t["state"] == "COMPLETE"]
+    pruned = [(t["number"], t["last_validation"]) for t in trials
+              if t["state"] == "PRUNED" and t["last_validation"] is not None]
+    if finished:
+        numbers, values = zip(*finished)
+        ax.scatter(numbers, values, color="tab:blue", zorder=3, label="finished trial")
+        ax.step(numbers, np.maximum.accumulate(values), where="post", color="tab:red", label="best so far")
+    if pruned:
+        ax.scatter(*zip(*pruned), marker="x", color="grey", zorder=3, label="pruned (last validation)")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    save_figure(fig, path)
+
+
+def plot_importances(importances: dict[str, float], path: Path) -> None:
+    """Each tuned setting's importance for the objective as a horizontal bar, the largest on top."""
+    names = sorted(importances, key=importances.get)
+    fig, ax = plt.subplots(figsize=(WIDTH, 1.0 + 0.4 * len(names)))
+    bars = ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.bar_label(bars, fmt="%.2f", fontsize=9, padding=2)
+    ax.set_xlabel("importance (fANOVA, sums to 1)")
+    ax.set_xlim(0, 1)
+    ax.grid(True, axis="x", alpha=0.3)
+    save_figure(fig, path)

@@ -52,7 +52,7 @@ class RunFiles:
         if not (run_dir / runfiles.INFO).is_file():
             raise not_a_run(run_dir, runfiles.INFO)
         info = runfiles.read_info(run_dir)
-        summary = summary if summary is not None else runfiles.read_summary(run_dir)
+        summary = runfiles.tested(run_dir, summary if summary is not None else runfiles.read_summary(run_dir))
         records, test = runfiles.read_records(run_dir), runfiles.read_predictions(run_dir, "test", info["classes"])
         # eval and predict refuse an edited config.yaml or split list: so does the report of its figures
         verify_run_files(run_dir, info, to_dict(runfiles.read_config(run_dir)))
