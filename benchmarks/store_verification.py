@@ -70,7 +70,7 @@ def main() -> None:
             epochs = []
             for repeat in range(args.epochs):
                 cfg = demo_config(Path(tmp), device="cpu")
-                cfg.train.phases, cfg.train.log_with = [PhaseConfig(1, groups)], []
+                cfg.train.phases, cfg.train.steps, cfg.train.log_with = [PhaseConfig(1, groups)], None, []
                 run = Path(tmp) / "runs" / f"{name}-{repeat}"
                 train_run(cfg, run, progress=False)
                 epochs.append(runfiles.read_records(run)[0]["time_s"])  # the epoch's steps, not its validation
