@@ -54,6 +54,7 @@ def method_row(method: MethodRuns, classes: Optional[Sequence[str]] = None) -> t
                  "test_images": sorted({len(p.labels) for p in preds}),
                  "trained": summaries[0]["parameters"]["trained"], "added": summaries[0]["parameters"]["added"],
                  "frozen": summaries[0].get("epochs", 0) == 0, "still_improving": still_improving(summaries)}
+    row["val_accuracy"] = mean_std([s["val"]["accuracy"] for s in summaries])  # of the selected weights
     row["accuracy"] = mean_std([s["test"]["accuracy"] for s in summaries])
     row["macro_f1"] = mean_std([s["test"]["macro_f1"] for s in summaries])
     for key in ("kl", "kl_calibrated", "ece", "ece_calibrated", "temperature"):
