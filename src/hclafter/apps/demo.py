@@ -279,7 +279,7 @@ def run_demo(out: Path, device: str = "auto", progress: bool = True, weights: Op
     report = write_demo_report(out, rows, chance, info)
     results = {"rows": rows, "chance": chance, **info}
     write_json(out / "results.json", results)
-    _say("\n" + format_table(rows, chance) + "\n" + "\n".join(verdicts(rows)))
+    _say("\n" + format_table(rows, chance) + "\n" + "\n".join(textwrap.fill(v, 116) for v in verdicts(rows)))
     _say(f"\nreport: {report}   ({info['time_s']:.0f}s in all)")
     return results
 
