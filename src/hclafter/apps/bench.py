@@ -353,11 +353,11 @@ SCHEDULE_STEPS_PER_EPOCH = 1000
 
 
 class BareViT(nn.Module):
-    """The open_clip image tower with visual prompts and a linear head, written the plain way (no
-    hclafter module on its path): patch embedding, class token, positions and ``ln_pre``, the
-    prompt tokens between the class token and the patches (where LaFTer and the hybrid put them),
-    the tower's own ``transformer``, ``ln_post`` and ``proj`` of the final CLS token, the head.
-    What a run's training step is measured against (``step_vs_bare``)."""
+    """The open_clip image tower with visual prompts and a linear head, written the plain way: patch
+    embedding, class token, positions and ``ln_pre``, the prompt tokens between the class token and
+    the patches (where LaFTer and the hybrid put them), the tower's own ``transformer`` (its blocks'
+    attention through SDPA, as ``load_backbone`` sets every tower up), ``ln_post`` and ``proj`` of
+    the final CLS token, the head. What a run's training step is measured against (``step_vs_bare``)."""
 
     def __init__(self, visual: nn.Module, prompts: torch.Tensor, classes: int) -> None:
         super().__init__()
