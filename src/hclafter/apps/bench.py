@@ -1,5 +1,6 @@
 """Speed, memory and FLOP benchmarks: HybridCascade-LaFTer against plain LaFTer (same backbone
-and prompts) and the Cascade-CLIP baseline, measured side by side in one process.
+and prompts), the Cascade-CLIP baseline, and a run's training step against a bare PyTorch step of
+the same prompted tower, measured side by side in one process.
 
 Single timings on a shared machine drift by ±10 % and more, so the two sides of every ratio are
 interleaved and repeated, and their minima are compared: the workload is deterministic, so the
@@ -26,18 +27,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
-from ..core.config import DataConfig
-from ..core.emotions import MIKELS8
-from ..core.runtime import DTYPES, lower_frozen
+from ..core.config import Config, DataConfig, load_config, phase_groups, tuned_groups
+from ..core.emotions import MIKELS8, strategy1
+from ..core.runtime import DTYPES, lower_frozen, make_runtime
 from ..core.timing import interleaved, timing_noise
 from ..data import EmotionImages, Sample, make_loader
 from ..data.store import stored_datasets
 from ..engine import runfiles
 from ..engine.evaluation import count_gflops
-from ..engine.optim import param_groups
+from ..engine.inference import build_run_model
+from ..engine.loop import TrainState, train_step
+from ..engine.optim import build_optimizer, param_groups, schedule_length, set_trainable, warmup_cosine
 from ..models import CascadeCLIPClassifier, HybridCascadeLaFTer
-from ..models.backbone import load_backbone
+from ..models.backbone import backbone_from_config, load_backbone
 from ..models.vit import project, tap_cls
 
 
@@ -214,7 +218,8 @@ def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: 
     ``_from_parts``: the models run the same embedding and blocks and differ only in the tail
     after them (milliseconds; Cascade-CLIP's decoders: tenths of a second), which is timed in
     20 × ``repeats`` interleaved rounds (4 × for Cascade-CLIP) and added to the directly measured
-    time of the other side."""
+    time of the other side. Last, the run's training step against a bare PyTorch step of the same
+    tower, prompts and batch (``step_vs_bare``, ``repeats`` rounds)."""
     pair, backbone, cascade = _models(device, batch, prompts, repeats, name, precision, model_cfg)
     dev = pair.device
     out: dict = {"device": _device_name(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -237,6 +242,8 @@ def run_bench(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: 
     lap("cache")
     _cascade_ratios(pair, cascade, out)
     lap("cascadeclip")
+    _bare_ratio(step_vs_bare(device, batch, prompts, repeats, name, precision, model_cfg), out)
+    lap("vs_bare")
     out.update(data_rates(backbone.preprocess, backbone.preprocess_cfg, batch))
     lap("data")
     out["seconds"] = seconds  # where the bench's own time goes
@@ -341,6 +348,139 @@ def _cascade_ratios(pair: _Pair, cascade: CascadeCLIPClassifier, out: dict) -> N
     out["cascadeclip_over_hybrid_flops"] = out["gflops_per_image"]["cascadeclip"] / out["gflops_per_image"]["hybrid"]
 
 
+# The schedule a benchmarked run step follows, in steps per epoch: it sets learning rates, never the work.
+SCHEDULE_STEPS_PER_EPOCH = 1000
+
+
+class BareViT(nn.Module):
+    """The open_clip image tower with visual prompts and a linear head, written the plain way: patch
+    embedding, class token, positions and ``ln_pre``, the prompt tokens between the class token and
+    the patches (where LaFTer and the hybrid put them), the tower's own ``transformer`` (its blocks'
+    attention through SDPA, as ``load_backbone`` sets every tower up), ``ln_post`` and ``proj`` of
+    the final CLS token, the head. What a run's training step is measured against (``step_vs_bare``)."""
+
+    def __init__(self, visual: nn.Module, prompts: torch.Tensor, classes: int) -> None:
+        super().__init__()
+        self.visual = visual
+        self.prompts = nn.Parameter(prompts.detach().clone())
+        self.head = nn.Linear(visual.output_dim, classes, device=prompts.device)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] → the final CLS token in the joint space: [B, D]."""
+        v = self.visual
+        x = v.conv1(images).flatten(2).transpose(1, 2)
+        x = torch.cat([v.class_embedding.to(x.dtype).expand(len(x), 1, -1), x], dim=1)
+        x = v.ln_pre(x + v.positional_embedding.to(x.dtype))
+        x = torch.cat([x[:, :1], self.prompts.to(x.dtype).expand(len(x), -1, -1), x[:, 1:]], dim=1)
+        return v.ln_post(v.transformer(x)[:, 0]) @ v.proj
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def bare_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cast: Callable[[], Any],
+              lr: float) -> Callable[[], None]:
+    """The plain training step of ``model`` (a ``BareViT``, compiled or not): cross-entropy, backward,
+    AdamW over every parameter that requires grad."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def run() -> None:
+        with cast():
+            loss = F.cross_entropy(model(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return run
+
+
+def run_step(cfg: Config, batch_size: int) -> tuple[Callable[[], dict], TrainState, dict]:
+    """The hybrid's training step as a run takes it (``loop.train_step``, with ``train.compile``
+    when set), its state and its batch: the run's model on a stage-1 classifier (random rows: the
+    values cost nothing), its trained groups and frozen weights as ``run._prepare_training`` sets
+    them, the run's AdamW groups and schedule, prepared by accelerate; the last phase of the
+    schedule (every group trained, the consistency loss on); random images of the tower's size,
+    labels round the wheel and their label-derived distributions, as the loaders give them."""
+    runtime = make_runtime(cfg)
+    backbone = backbone_from_config(cfg.backbone)
+    wheel = MIKELS8
+    text_weight = F.normalize(torch.randn(wheel.num_classes, backbone.model.visual.output_dim), dim=-1)
+    model = build_run_model(backbone, wheel, cfg, text_weight)
+    groups = param_groups(model)
+    tuned = tuned_groups(cfg.train)
+    set_trainable(model, groups, tuned)
+    runtime.lower_frozen(model, [p for g in tuned for p in groups[g].values()])
+    optimizer = build_optimizer(groups, cfg)
+    scheduler = warmup_cosine(optimizer, *schedule_length(cfg.train, SCHEDULE_STEPS_PER_EPOCH, runtime.num_processes))
+    prepared, optimizer, scheduler = runtime.prepare(model, optimizer, scheduler)
+    plain = runtime.unwrap_model(prepared).train()
+    phase = cfg.train.phases[-1]
+    set_trainable(plain, groups, phase_groups(phase, cfg.train.train_backbone), phase.stages)
+    state = TrainState(cfg=cfg, out_dir=Path(), runtime=runtime, plain=plain, groups=groups, saved_names=[],
+                       model=torch.compile(prepared, backend=cfg.train.compile) if cfg.train.compile else prepared,
+                       optimizer=optimizer, scheduler=scheduler, loaders={}, train_sampler=None, train_paths=[],
+                       wheel=wheel, identity=backbone.identity, fingerprint={})
+    size = plain.visual.image_size
+    labels = torch.arange(batch_size) % wheel.num_classes
+    distributions = torch.from_numpy(np.stack([strategy1(wheel, int(y)) for y in labels])).float()
+    batch = {"image": torch.randn(batch_size, 3, *size), "label": labels, "distribution": distributions,
+             "index": torch.arange(batch_size)}
+    batch = {k: v.to(runtime.device) if k != "index" else v for k, v in batch.items()}
+    return lambda: train_step(state, batch, phase), state, batch
+
+
+def step_vs_bare(device: str = "cpu", batch: int = 32, prompts: int = 50, repeats: int = 5, name: str = "ViT-B-32",
+                 precision: str = "fp32", model_cfg: Optional[dict] = None, backend: Optional[str] = None) -> dict:
+    """The hybrid's training step as a run takes it (``run_step``) against the bare step of the same
+    tower (the same module: the same weights and frozen parts), the same prompts (the run's initial
+    ones, copied), the same batch and the same trained tower parameters (its LayerNorms), in
+    ``repeats`` interleaved rounds after a warm-up: ``ratio`` compares minima, ``ratio_per_round``
+    is the median of the ratios within a round. Either is what the hybrid adds to a plain
+    prompted-ViT step: its head (NGA over the CLS tokens of 8 layers, stage adapters, three stages'
+    classifier, fusion), its losses (dual-task, stage consistency) and the run's machinery
+    (accelerate, AdamW's groups, the schedule, the finite checks). With ``backend``
+    both are compiled (``torch.compile``) and the seconds of their first steps, which compile, are
+    reported."""
+    overrides = [f"device={device}", f"precision={precision}", f"backbone.name={name}", "backbone.random_init=true",
+                 f"model.prompt_tokens={prompts}", f"train.compile={backend or 'null'}"]
+    if model_cfg is not None:
+        overrides.append(f"backbone.model_cfg={json.dumps(model_cfg)}")
+    cfg = load_config([], overrides)
+    torch.manual_seed(0)
+    hybrid, state, data = run_step(cfg, batch)
+    plain, runtime = state.plain, state.runtime
+    bare = BareViT(plain.visual, plain.prompts.tokens, len(state.wheel.classes))
+    forward = torch.compile(bare, backend=backend) if backend else bare
+    steps = [hybrid, bare_step(forward, data["image"], data["label"], runtime.autocast, cfg.train.lr["prompts"])]
+    out: dict = {"trained_parameters": {"hybrid": sum(p.numel() for p in plain.parameters() if p.requires_grad),
+                                        "bare": sum(p.numel() for p in bare.parameters() if p.requires_grad)}}
+    if backend:
+        out["compile_s"] = {}
+        for label, step in zip(("hybrid", "bare"), steps):
+            start = time.perf_counter()
+            step()
+            out["compile_s"][label] = time.perf_counter() - start
+    times = interleaved(steps, repeats, runtime.device)
+    out["step_ms"] = {"hybrid": 1000 * min(times[0]), "bare": 1000 * min(times[1])}
+    out["ratio"] = min(times[0]) / min(times[1])
+    # The two steps of a round run next to each other, under the same load: on a loaded host the median
+    # of the within-round ratios moves less than the ratio of minima, which may come from different moments.
+    out["ratio_per_round"] = statistics.median(h / b for h, b in zip(*times))
+    out["timing_noise"] = timing_noise(times)
+    return out
+
+
+def _bare_ratio(measured: dict, out: dict, prefix: str = "train_step") -> None:
+    """``step_vs_bare``'s row among the bench's: the ratio, both steps' milliseconds and trained
+    parameters, its timing noise (and compile seconds where compiled)."""
+    out[f"{prefix}_vs_bare"] = measured["ratio"]
+    out[f"{prefix}_vs_bare_per_round"] = measured["ratio_per_round"]
+    out[f"{prefix}_vs_bare_ms"] = measured["step_ms"]
+    out[f"{prefix}_vs_bare_trained_parameters"] = measured["trained_parameters"]
+    if "compile_s" in measured:
+        out[f"{prefix}_vs_bare_compile_s"] = measured["compile_s"]
+    out.setdefault("timing_noise", {})["vs_bare"] = measured["timing_noise"]
+
+
 def _cache_speedup(model: HybridCascadeLaFTer, images: torch.Tensor, repeats: int,
                    device: torch.device) -> tuple[float, float]:
     """Step time of head training on re-encoded images / on cached layer features (what an epoch
@@ -430,7 +570,8 @@ def compile_rates(backend: str = "inductor", device: str = "cuda", batch: int = 
                   repeats: int = 5, name: str = "ViT-B-32", precision: str = "bf16",
                   model_cfg: Optional[dict] = None) -> dict:
     """Eval and training-step images/s of HybridCascade and LaFTer under ``torch.compile(backend)``
-    (interleaved minima after compiling; compile seconds apart) and their ratios."""
+    (interleaved minima after compiling; compile seconds apart) and their ratios; and a run's
+    compiled training step against the compiled bare step (``step_vs_bare``)."""
     pair, _, _ = _models(device, batch, prompts, repeats, name, precision, model_cfg)
     images, dev = pair.images, pair.device
     optimizers = [_train_all_but_backbone(m) for m in (pair.hybrid, pair.lafter)]
@@ -448,6 +589,7 @@ def compile_rates(backend: str = "inductor", device: str = "cuda", batch: int = 
         out[f"{mode}_images_per_s"] = {"hybrid": batch / min(times[0]), "lafter": batch / min(times[1])}
         out[f"{mode}_ratio"] = min(times[0]) / min(times[1])
         out[f"{mode}_timing_noise"] = timing_noise(times)
+    _bare_ratio(step_vs_bare(device, batch, prompts, pair.fewer, name, precision, model_cfg, backend), out, "train")
     return out
 
 
@@ -534,6 +676,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = onnx_latency(args.batch, args.prompts, args.repeats)
     elif args.epoch:
         result = epoch_rates(args.device, args.precision, args.batch, args.epoch, prompts=args.prompts)
+    elif args.step:
+        result = step_vs_bare(args.device, args.batch, args.prompts, args.repeats, precision=args.precision,
+                              backend=args.compile)
     elif args.compile:
         result = compile_rates(args.compile, args.device, args.batch, args.prompts, args.repeats,
                                precision=args.precision)

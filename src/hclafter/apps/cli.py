@@ -216,6 +216,9 @@ def _add_bench(sub: Subparsers) -> None:
                    help="the model timings' precision (bf16: autocast over the tower's frozen weights in bf16)")
     p.add_argument("--compile", metavar="BACKEND",
                    help="instead: both models' eval and training step under torch.compile (e.g. inductor)")
+    p.add_argument("--step", action="store_true",
+                   help="instead: only the hybrid's training step as a run takes it against a bare PyTorch step of "
+                        "the same tower, prompts and batch (with --compile BACKEND: both compiled)")
     p.add_argument("--epoch", type=int, metavar="IMAGES",
                    help="instead: end-to-end training images/s over IMAGES synthetic 640x480 JPEGs, decoded in "
                         "every epoch vs read from the image store")
