@@ -280,6 +280,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return cluster_sweep(Path(args.sweep), Path(args.out), args.overrides, launcher=args.launcher, wait=args.wait,
                              rerun_changed=args.rerun_changed)
     run_sweep(Path(args.sweep), Path(args.out), args.overrides, progress=not args.quiet,
-              rerun_changed=args.rerun_changed)
+              rerun_changed=args.rerun_changed, workers=args.workers)
     print(f"results: {Path(args.out) / 'results.md'} and results.csv; plots in {Path(args.out) / 'plots'}")
     return 0
