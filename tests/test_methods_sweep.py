@@ -205,3 +205,37 @@ def test_a_phase_that_trains_nothing_of_the_method_is_rejected():
     check_config(adapter)
     assert adapter.train.phases[0].train == ["stage_adapters"]
     check_config(load_config([TINY_CONFIG, lafter], ["mode=textonly", "train.phases=[{epochs: 1, train: [fusion]}]"]))
+
+
+def test_a_parallel_sweep_gives_the_runs_of_a_sequential_one(tmp_path, cache_dir):
+    """--workers 2 runs each run whole in one of two processes: the same files as one process with
+    the same torch thread count (recorded in run.json), and a second call skips every finished run."""
+    import torch
+
+    from hclafter.apps.sweep import execute, run_status
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base": [str(TINY_CONFIG)], "methods": {"textonly": str(METHODS / "textonly.yaml"),
+                                                "hybrid": str(METHODS / "hybrid.yaml")},
+        "overrides": [*SHORT, ONE_EPOCH, f"cache_dir={cache_dir}"], "seeds": [0]}))
+    parallel = plan(sweep, tmp_path / "parallel").runs
+    execute(parallel, progress=False, workers=2, figures=False)
+    threads = {json.loads((r.out / "run.json").read_text())["hardware"]["torch_threads"] for r in parallel}
+    assert len(threads) == 1
+    sequential = plan(sweep, tmp_path / "sequential").runs
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads.pop())
+    try:
+        execute(sequential, progress=False, figures=False)
+    finally:
+        torch.set_num_threads(before)
+    for p, s in zip(parallel, sequential):
+        for name in ("predictions.csv", "predictions_val.csv"):
+            assert (p.out / name).read_bytes() == (s.out / name).read_bytes(), (p.method, name)
+        assert json.loads((p.out / "summary.json").read_text())["test"] == \
+            json.loads((s.out / "summary.json").read_text())["test"]
+    execute(parallel, progress=False, workers=2, figures=False)  # nothing left to do
+    assert all(run_status(r) == "done" for r in parallel)
+    with pytest.raises(ConfigError, match="--workers 0"):
+        execute(parallel, workers=0)

@@ -33,6 +33,9 @@ examples:
 
 # Options that mean the same in every command, explained once: an option of a command registered
 # elsewhere (demo, describe) without its own help gets this one.
+# hclafter demo's local worker processes: two one-thread processes beat one two-thread process on
+# 2 CPU cores (the toy CLIP's steps are small; BENCHMARKS.md, 2026-12-05).
+DEMO_WORKERS = 2
 COMMON_HELP = {
     "--device": "where to compute: auto (a GPU if there is one), cpu or cuda",
     "--precision": "numeric precision of the forward pass (bf16/fp16: autocast); default: the run's own",
@@ -166,6 +169,9 @@ def _add_sweep(sub: Subparsers) -> None:
     p.add_argument("--rerun-changed", action="store_true",
                    help="run again from scratch the runs made with other settings than the sweep now plans "
                         "(otherwise they are refused by name)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="run the runs in N local processes, each with 1/N of the torch threads (default 1; on CPU "
+                        "with a small backbone 2 is faster on 2 cores, see BENCHMARKS.md; not with --launcher)")
     p.set_defaults(func=("launchers", "cmd_sweep"))
 
 
@@ -268,6 +274,9 @@ def _add_demo(sub: Subparsers) -> None:
     p.add_argument("--world", default=None,
                    help="the synthetic world: the name of a file of configs/worlds/ (default: the demo's, which it "
                         "names as it starts)")
+    p.add_argument("--workers", type=int, default=DEMO_WORKERS, metavar="N",
+                   help=f"runs in N local processes, each with 1/N of the torch threads (default {DEMO_WORKERS}: the "
+                        "fastest on 2 CPU cores, see BENCHMARKS.md; a run's threads are in its run.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=("demo", "cmd_demo"))
 

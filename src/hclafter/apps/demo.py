@@ -223,7 +223,8 @@ Example test images, one emotion per row ({', '.join(info['classes'])}):
 
 ![world samples](plots/world_samples.png)
 
-Runs (configs, metrics per epoch, predictions, confusion matrices, curves): `runs/{world}/<method>/seed<k>/`.
+Runs (configs, metrics per epoch, predictions): `runs/{world}/<method>/seed<k>/`; `hclafter report` on one
+draws its confusion matrices and curves.
 
 Re-run: `hclafter demo --out {out} --world {world} --seeds {info['seeds']}`; other worlds:
 {', '.join(info['worlds'])}; train on real data: see README ("Running on real data").
@@ -250,9 +251,11 @@ def _say(message: str) -> None:
 
 
 def run_demo(out: Path, device: str = "auto", progress: bool = True, weights: Optional[Path] = None, seeds: int = 3,
-             world: str = DEFAULT_WORLD) -> dict:
+             world: str = DEFAULT_WORLD, workers: int = 1) -> dict:
     """Everything ``hclafter demo`` does; returns the results (also written to ``out/results.json``).
-    Finished runs of an earlier demo with the same settings are reused.
+    Finished runs of an earlier demo with the same settings are reused. The runs go through
+    ``workers`` local processes and draw no figures of their own (the report needs none of them;
+    ``hclafter report RUN`` draws a run's).
 
     ``weights``: another toy-CLIP weights file (e.g. one written by ``scripts/train_toy_clip.py``).
     """
@@ -266,7 +269,7 @@ def run_demo(out: Path, device: str = "auto", progress: bool = True, weights: Op
     data = load_splits(cfg.data, cfg.seed, cache_dir_of(cfg))
     _say(" / ".join(f"{len(data[s])} {s}" for s in ("train", "val", "test")) + " images")
     runs = demo_plan(out, seeds, world, weights, device)
-    execute(runs, progress)
+    execute(runs, progress, workers=workers, figures=False)
     methods = [MethodRuns(m, next(r.name for r in runs if r.method == m), [r.out for r in runs if r.method == m])
                for m in METHODS]
     rows = comparison_rows(methods, HEADLINE, REFERENCE)
@@ -286,5 +289,5 @@ def run_demo(out: Path, device: str = "auto", progress: bool = True, weights: Op
 
 def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(Path(args.out), device=args.device, progress=not args.quiet, seeds=args.seeds,
-             world=args.world or DEFAULT_WORLD)
+             world=args.world or DEFAULT_WORLD, workers=args.workers)
     return 0

@@ -277,9 +277,11 @@ def cluster_sweep(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = ()
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     if args.launcher or args.collect or args.wait:
+        if args.workers != 1:
+            raise ConfigError("--workers runs the sweep here; with --launcher, --wait or --collect the cluster runs it")
         return cluster_sweep(Path(args.sweep), Path(args.out), args.overrides, launcher=args.launcher, wait=args.wait,
                              rerun_changed=args.rerun_changed)
     run_sweep(Path(args.sweep), Path(args.out), args.overrides, progress=not args.quiet,
-              rerun_changed=args.rerun_changed)
+              rerun_changed=args.rerun_changed, workers=args.workers)
     print(f"results: {Path(args.out) / 'results.md'} and results.csv; plots in {Path(args.out) / 'plots'}")
     return 0

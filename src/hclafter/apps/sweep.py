@@ -18,8 +18,13 @@ sweep now plans (its file changed) is refused by name, or run again with ``--rer
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
 import itertools
+import multiprocessing
+import signal
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -39,6 +44,7 @@ from ..reporting.evidence import (MethodRuns, comparison_rows, pair_cells, pair_
 from ..reporting.format import markdown_table
 from ..reporting.report import write_sweep_figures, write_sweep_report
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies (Linux)
 LDL = ("kl", "chebyshev", "clark", "canberra", "cosine", "intersection")
 
 
@@ -158,32 +164,85 @@ def changed_runs(runs: Sequence[SweepRun], rerun_changed: bool = False) -> set[P
     return set(changed)
 
 
-def execute(runs: Sequence[SweepRun], progress: bool = True, rerun_changed: bool = False) -> None:
+def execute(runs: Sequence[SweepRun], progress: bool = True, rerun_changed: bool = False, workers: int = 1,
+            figures: bool = True) -> None:
     """Run every run not finished yet: finished ones are skipped, interrupted ones resumed, each run's
-    directory locked while this process decides about it and runs it."""
+    directory locked while a process decides about it and runs it. ``workers`` > 1 runs them in that
+    many local processes (:func:`worker_pool`), each run whole in one of them; ``figures`` false leaves
+    the runs' figures to ``hclafter report RUN``."""
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: give 1 or more processes")
+    changed = changed_runs(runs, rerun_changed)
+    jobs = [(f"[{i}/{len(runs)}] {run.dataset} / {run.method}{' / ' + run.variant if run.variant else ''} / "
+             f"seed {run.seed}", run, run.out in changed, progress, figures) for i, run in enumerate(runs, start=1)]
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            _execute_one(*job)
+        return
+    teachers = [r.out for r in runs if load_config(r.configs, r.overrides).train.distill.teacher not in (None, "fused")]
+    if teachers:
+        raise ConfigError(f"--workers {workers}: {len(teachers)} run(s) distil from another run (e.g. {teachers[0]}), "
+                          "which must finish first; run this sweep with --workers 1")
+    _prepare_data(runs)
+    with worker_pool(min(workers, len(jobs))) as pool:
+        for done in [pool.submit(_execute_one, *job) for job in jobs]:
+            done.result()
+
+
+def _execute_one(name: str, run: SweepRun, changed: bool, progress: bool, figures: bool) -> None:
     from .runs import train
 
-    changed = changed_runs(runs, rerun_changed)
-    for i, run in enumerate(runs, start=1):
-        name = f"[{i}/{len(runs)}] {run.dataset} / {run.method}{' / ' + run.variant if run.variant else ''} / seed {run.seed}"
-        with run_lock(run.out):
-            status = "new" if run.out in changed else run_status(run)
-            if status == "done":
-                print(f"{name}: done earlier, skipped", flush=True)
-                continue
-            if status == "new":
-                clear_run_dir(run.out)  # never reached a saved state, or made with other settings: nothing to keep
-            again = " again (its settings changed)" if run.out in changed else ""
-            print(f"{name}: {'resuming' if status == 'resume' else 'running' + again}", flush=True)
-            train(load_config(run.configs, run.overrides), run.out, progress=progress, resume=status == "resume")
+    with run_lock(run.out):
+        status = "new" if changed else run_status(run)
+        if status == "done":
+            print(f"{name}: done earlier, skipped", flush=True)
+            return
+        if status == "new":
+            clear_run_dir(run.out)  # never reached a saved state, or made with other settings: nothing to keep
+        again = " again (its settings changed)" if changed else ""
+        print(f"{name}: {'resuming' if status == 'resume' else 'running' + again}", flush=True)
+        train(load_config(run.configs, run.overrides), run.out, progress=progress, resume=status == "resume",
+              figures=figures)
+
+
+def _prepare_data(runs: Sequence[SweepRun]) -> None:
+    """Each dataset's images (a synthetic world is drawn on first use) made once, here, before the
+    workers start, so that no two of them write the same data folder."""
+    from ..core.runtime import cache_dir_of
+    from ..data import load_splits
+
+    firsts = {}
+    for run in runs:
+        cfg = load_config(run.configs, run.overrides)
+        firsts.setdefault(repr((cfg.data, cfg.seed, cfg.cache_dir)), cfg)
+    for cfg in firsts.values():
+        load_splits(cfg.data, cfg.seed, cache_dir_of(cfg))
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """``workers`` local processes (spawned, so nothing is inherited from this one), each with an
+    equal share of this machine's torch threads: the toy CLIP's small steps are bound by per-op
+    overhead, so two one-thread processes outrun one two-thread process on 2 cores (BENCHMARKS.md).
+    A worker is sent SIGTERM when this process dies, so its run stops at a saved state, resumable."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
+                               initargs=(workers,))
+
+
+def _worker_start(workers: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def run_sweep(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), progress: bool = True,
-              rerun_changed: bool = False) -> list[dict]:
-    """Run (or finish) every run of the sweep, then write the results tables and plots."""
+              rerun_changed: bool = False, workers: int = 1) -> list[dict]:
+    """Run (or finish) every run of the sweep (in ``workers`` local processes), then write the
+    results tables and plots."""
     out_dir = Path(out_dir)
     sweep = plan(sweep_file, out_dir, overrides)
-    execute(sweep.runs, progress, rerun_changed)
+    execute(sweep.runs, progress, rerun_changed, workers)
     return write_results(sweep, out_dir)
 
 

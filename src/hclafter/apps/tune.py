@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -45,6 +43,7 @@ from ..reporting.format import markdown_table
 from ..reporting.html import Figure, Section, Table, write_html
 from ..reporting.plots import plot_importances, plot_study_history
 from .runs import train
+from .sweep import worker_pool
 
 STUDY_NAME = "hclafter-tune"
 JOURNAL_SUFFIXES = (".log", ".jsonl")  # a --storage value ending so is a journal file, else an SQLAlchemy URL
@@ -127,12 +126,8 @@ def _objective(trial: Any, configs: Sequence[str], overrides: Sequence[str], out
 
 
 def _run_trials(configs: Sequence[str], overrides: Sequence[str], out: Path, storage: Optional[str], name: str,
-                trials: int, worker: int, workers: int, progress: bool) -> None:
-    """``trials`` trials of the study in this process (one of ``workers``, sharing the storage)."""
-    if workers > 1:
-        import torch
-
-        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+                trials: int, worker: int, progress: bool) -> None:
+    """``trials`` trials of the study in this process (worker number ``worker``, sharing the storage)."""
     study = load_study(load_config(configs, overrides), storage, out, name, worker)
     study.optimize(lambda trial: _objective(trial, configs, overrides, out, progress), n_trials=trials,
                    catch=(RunError,))
@@ -241,13 +236,13 @@ def tune(configs: Sequence[str | Path], overrides: Sequence[str], out: str | Pat
         _retry_killed(study)
         todo = max(0, budget - _spent(study))
         shares = [todo // workers + (w < todo % workers) for w in range(workers)]
-        args = [(configs, overrides, out, storage, study_name, n, w, workers, progress)
+        args = [(configs, overrides, out, storage, study_name, n, w, progress)
                 for w, n in enumerate(shares) if n]
         if workers == 1 or len(args) == 1:
             for a in args:
                 _run_trials(*a)
         else:
-            with ProcessPoolExecutor(len(args), mp_context=multiprocessing.get_context("spawn")) as pool:
+            with worker_pool(len(args)) as pool:
                 for done in [pool.submit(_run_trials, *a) for a in args]:
                     done.result()
         study = load_study(cfg, storage, out, study_name)

@@ -9,25 +9,28 @@ methods fitted without gradient steps) are in ``frozen.py``; the loop is ``loop.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from accelerate.utils import set_seed
 
-from ..core.checkpoint import (config_differences, load_checkpoint, load_weights, run_fingerprint, save_checkpoint,
-                               saved_fingerprint)
+from ..core.checkpoint import (config_differences, content_hash, load_checkpoint, load_weights, run_fingerprint,
+                               save_checkpoint, saved_fingerprint)
 from ..core.config import Config, to_dict, tuned_groups
 from ..core.emotions import Wheel
 from ..core.files import RunError, read_json, run_lock, write_json, writing
+from ..core.integrity import rebuild_warning
 from ..core.metrics import HEADLINE, convergence
 from ..core.runtime import Runtime, cache_dir_of, make_runtime
-from ..data import SPLITS, DatasetSplits, eval_loader, load_splits, make_dataset, make_loader
+from ..data import SPLITS, DatasetSplits, EmotionImages, Sample, eval_loader, load_splits, make_dataset, make_loader
 from ..data.splits import load_run_splits, save_run_splits
 from ..models import check_config, method_class
 from ..models.backbone import Backbone, backbone_from_config
@@ -102,11 +105,9 @@ def _train_run(cfg: Config, out_dir: Path, progress: bool, resume: bool, figures
         state.load()
         text_only_metrics = stage1.pop("text_only")
     else:
-        text_only_metrics = {}
-        for split in ("val", "test") if evaluate_test else ("val",):
-            metrics = evaluate_classifier(text_only, images[split], cfg.data, data.wheel, runtime, show,
-                                          f"text-only {split}")
-            text_only_metrics[split] = {k: metrics[k] for k in HEADLINE}
+        text_only_metrics = {split: _text_only_metrics(text_only, text_weight, images[split], data[split], cfg,
+                                                       data.wheel, runtime, cache, show, split)
+                             for split in (("val", "test") if evaluate_test else ("val",))}
         if runtime.is_main_process:
             with writing(out_dir):
                 save_checkpoint(out_dir / "text_classifier.safetensors", {"weight": text_weight}, backbone.identity)
@@ -188,6 +189,28 @@ def _stage1(cfg: Config, out_dir: Path, backbone: Backbone, wheel: Wheel, runtim
         return weight, read_json(out_dir / "checkpoints" / "stage1.json")
     with runtime.main_process_first():
         return train_stage1(backbone, wheel, cfg.text, cfg.seed, cache, runtime.device)
+
+
+def _text_only_metrics(text_only: Classify, text_weight: torch.Tensor, images: EmotionImages, samples: Sequence[Sample],
+                       cfg: Config, wheel: Wheel, runtime: Runtime, cache: Path, show: bool, split: str) -> dict:
+    """The stage-1 classifier's headline metrics on a split, computed once for every run that shares
+    the classifier, the images and how they are evaluated (the runs of a sweep's methods at one
+    seed): kept in the cache, keyed by all of that and the torch thread count."""
+    files = [(s.path, s.label, os.stat(s.path).st_size, os.stat(s.path).st_mtime_ns) for s in samples]
+    blob = [content_hash({"weight": text_weight}), files, to_dict(cfg.data), runtime.precision, str(runtime.device),
+            torch.get_num_threads()]
+    key = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = cache / "text_only" / f"{key}.json"
+    if path.is_file():
+        try:
+            return read_json(path)
+        except RunError as e:
+            rebuild_warning(path, f"text-only metrics unreadable ({e})")
+    metrics = evaluate_classifier(text_only, images, cfg.data, wheel, runtime, show, f"text-only {split}")
+    headline = {k: metrics[k] for k in HEADLINE}
+    if runtime.is_main_process:
+        write_json(path, headline)
+    return headline
 
 
 def _prepare_training(cfg: Config, out_dir: Path, backbone: Backbone, data: DatasetSplits, runtime: Runtime,

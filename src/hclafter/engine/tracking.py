@@ -129,7 +129,8 @@ def sigmas(named: Sequence[tuple[str, Any]]) -> dict[str, float]:
 
 
 def hardware(runtime: Any) -> dict[str, Any]:
-    """Where a run computed, for its report: device and its name, processes, CPU cores, platform."""
+    """Where a run computed, for its report: device and its name, processes, CPU cores, platform, and
+    torch's thread count (on CPU it changes the order of float sums, so the last digits of a run)."""
     device = runtime.device
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -137,7 +138,8 @@ def hardware(runtime: Any) -> dict[str, Any]:
         name = _cpu_model() or platform.processor() or platform.machine()
     return {"device": str(device), "device_name": name, "processes": runtime.num_processes,
             "cpu_cores": os.cpu_count(), "precision": runtime.precision, "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__}
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
 
 
 def _cpu_model() -> Optional[str]:

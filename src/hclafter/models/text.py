@@ -5,6 +5,7 @@ text encoding and its cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from importlib import resources
@@ -193,5 +194,28 @@ def train_stage1(backbone: Backbone, wheel: Wheel, cfg: TextConfig, seed: int, c
     texts, labels = class_texts(wheel, load_descriptions(wheel, cfg.descriptions), load_templates(wheel, cfg.templates),
                                 backbone.tokenizer, cfg.descriptions or f"shipped {wheel.name} descriptions")
     features = encode_texts(backbone, texts, cache_dir, cfg.batch_size, device)
+    key = stage1_key(backbone, texts, labels, cfg, seed)
+    cache = cache_dir / "stage1" / f"{key}.safetensors" if cache_dir is not None else None
+    if cache is not None and cache.is_file():
+        try:
+            saved = load_checkpoint(cache, backbone.identity)
+            loss = saved["final_loss"].tolist()
+            return saved["weight"], {"texts": len(texts), "steps": cfg.steps, "final_loss": loss[0] if loss else None}
+        except CheckpointError as e:
+            rebuild_warning(cache, f"stage-1 cache entry unusable ({str(e).removeprefix(f'{cache}: ')})")
     weight, history = train_text_classifier(features, torch.tensor(labels), wheel.num_classes, cfg, seed)
+    if cache is not None:
+        save_checkpoint(cache, {"weight": weight, "final_loss": torch.tensor(history[-1:], dtype=torch.float64)},
+                        backbone.identity)
     return weight, {"texts": len(texts), "steps": cfg.steps, "final_loss": history[-1] if history else None}
+
+
+def stage1_key(backbone: Backbone, texts: Sequence[str], labels: Sequence[int], cfg: TextConfig, seed: int) -> str:
+    """What stage 1's result depends on: the backbone, the texts and labels, the text settings and
+    the seed (and torch's thread count, which changes the order of float sums). Every run of a sweep
+    sharing them reads one cached classifier instead of training it again (stage 1 draws from its own
+    generator, so the runs' random streams are unchanged)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("descriptions", "templates")}
+    return hashlib.sha256(json.dumps([backbone.identity, list(texts), list(labels), settings, seed,
+                                      torch.get_num_threads()],
+                                     sort_keys=True, default=str).encode()).hexdigest()[:24]
