@@ -203,14 +203,23 @@ def _text_only_metrics(text_only: Classify, text_weight: torch.Tensor, images: E
     path = cache / "text_only" / f"{key}.json"
     if path.is_file():
         try:
-            return read_json(path)
+            saved = read_json(path)
+            if isinstance(saved, dict) and saved.get("sha256") == _metrics_digest(saved.get("metrics")):
+                return saved["metrics"]
+            rebuild_warning(path, "text-only metrics fail verification (changed on disk)")
         except RunError as e:
             rebuild_warning(path, f"text-only metrics unreadable ({e})")
     metrics = evaluate_classifier(text_only, images, cfg.data, wheel, runtime, show, f"text-only {split}")
     headline = {k: metrics[k] for k in HEADLINE}
     if runtime.is_main_process:
-        write_json(path, headline)
+        write_json(path, {"metrics": headline, "sha256": _metrics_digest(headline)})
     return headline
+
+
+def _metrics_digest(metrics: object) -> str:
+    """The sha256 of the metrics as canonical JSON: a byte changed in the file, which may still parse,
+    is caught."""
+    return hashlib.sha256(json.dumps(metrics, sort_keys=True).encode()).hexdigest()
 
 
 def _prepare_training(cfg: Config, out_dir: Path, backbone: Backbone, data: DatasetSplits, runtime: Runtime,
