@@ -3,7 +3,9 @@
 of the demo that trains, on the demo world, seed 0, **validation split only** (no run predicts
 test), and the rule that turns the curves into the budgets of ``resources/demo_budgets.yaml``.
 
-    .venv/bin/python scripts/budget_study.py --out runs/budget_study   # resumable: finished runs are kept
+    .venv/bin/python scripts/budget_study.py --out runs/budget_study --budgets 100 200 400 --extend-to 800
+
+(the study behind ``resources/demo_budgets.yaml``, run on 2026-12-05; resumable: finished runs are kept)
 
 Each method trains once per budget of ``--budgets`` (separate runs: the cosine schedule ends at the
 budget, so a long run's early validations are not what a short run reaches). The rule, fixed before
