@@ -48,11 +48,11 @@ def has_nuisance(world: World) -> bool:
     return dosed(world.conditions, 0.5) != world.conditions
 
 
-def write_world(path: Path, world: World, conditions: Conditions, why: str) -> None:
+def write_world(path: Path, world: World, conditions: Conditions, description: str, why: str) -> None:
     changed = {f.name: getattr(conditions, f.name) for f in dataclasses.fields(Conditions)
                if getattr(conditions, f.name) != f.default}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"description": world.description, "why": why, "hurts": world.hurts,
+    path.write_text(yaml.safe_dump({"description": description, "why": why, "hurts": world.hurts,
                                     "conditions": {k: round(v, 4) for k, v in changed.items()}},
                                    sort_keys=False, width=100), encoding="utf-8")
 
@@ -82,7 +82,7 @@ def calibrate(name: str, out: Path) -> tuple[dict, Optional[float]]:
     figures = {}
     for dose in DOSES:
         world_file = out / "worlds" / f"{name}_d{dose:g}.yaml"
-        write_world(world_file, world, dosed(world.conditions, dose), f"{name} at dose {dose:g}")
+        write_world(world_file, world, dosed(world.conditions, dose), world.description, f"{name} at dose {dose:g}")
         figures[dose] = {m: val_accuracy(m, world_file, out) for m in FIGURES}
         print(f"{name} dose {dose:g}: " + ", ".join(f"{FIGURES[m]} {100 * a:.1f} %" for m, a in figures[dose].items()),
               flush=True)
@@ -94,7 +94,9 @@ def calibrate(name: str, out: Path) -> tuple[dict, Optional[float]]:
                f"{date.today().isoformat()}), the smallest dose of the grid whose linear-probe validation accuracy "
                f"is at most {100 * PROBE_BAND[1]:.0f} % (configs/worlds/README.md, 'Calibrated worlds'). Validation "
                f"accuracies by dose: {table}. Original: {world.why}")
-        write_world(worlds_dir() / f"{name}{SUFFIX}.yaml", world, dosed(world.conditions, dose), why)
+        description = (f"The world {name} with every nuisance at {dose:g} times its dose, calibrated on validation "
+                       "figures (configs/worlds/README.md).")
+        write_world(worlds_dir() / f"{name}{SUFFIX}.yaml", world, dosed(world.conditions, dose), description, why)
     return figures, dose
 
 

@@ -237,7 +237,7 @@ def _study(configs: Sequence[str], overrides: Sequence[str], out: Path, trials: 
     todo = max(0, budget - _spent(study))
     shares = [todo // workers + (w < todo % workers) for w in range(workers)]
     args = [(configs, overrides, out, storage, study_name, n, w, progress) for w, n in enumerate(shares) if n]
-    if workers == 1 or len(args) == 1:
+    if workers == 1 or len(args) <= 1:  # a finished study has nothing left to run
         for a in args:
             _run_trials(*a)
     else:
