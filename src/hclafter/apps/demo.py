@@ -32,8 +32,9 @@ from ..engine import runfiles
 from ..reporting.evidence import (MethodRuns, comparison_rows, convergence_note, holm_correct, holm_note, marked,
                                   random_backbone, table_cells, table_notes)
 from ..reporting.format import difference, markdown_table, pm
-from ..reporting.html import Figure, Section, Table, write_html
+from ..reporting.html import Figure, Section, write_html
 from ..reporting.plots import plt, save_figure
+from ..reporting.report import comparison_tables
 from .sweep import SweepRun, execute
 
 # Zero-shot accuracy of the shipped toy CLIP on the demo's test split of the "wild" world (the data
@@ -242,14 +243,10 @@ Re-run: `hclafter demo --out {out} --world {world} --seeds {info['seeds']}`; oth
 """
     path = out / "report.md"
     atomic_write_text(path, text)
-    # The page shows the table in two halves, each of which fits its width; report.md keeps one table.
-    split = header.index("KL ↓ raw")
     intro, notes = text.split("\n\n| method")[0].split("\n", 2)[2], _notes(rows, info)
     write_html(out / "report.html", "hclafter demo report", [
         Section("Results", [*intro.split("\n\n"),
-                            Table(header[:split], [c[:split] for c in cells], f"Test split, world {world}: accuracy"),
-                            Table([header[0], *header[split:]], [[c[0], *c[split:]] for c in cells],
-                                  "The same runs: predicted distributions and trained parameters"),
+                            *comparison_tables(header, cells, f"Test split, world {world}"),
                             *notes.split("\n\n"), *verdicts(rows),
                             f"Chance accuracy: {100 * chance:.1f} %. The table claims nothing beyond these images and "
                             "this backbone."]),
