@@ -3,9 +3,10 @@
 of the demo that trains, on the demo world, seed 0, **validation split only** (no run predicts
 test), and the rule that turns the curves into the budgets of ``resources/demo_budgets.yaml``.
 
-    .venv/bin/python scripts/budget_study.py --out runs/budget_study --budgets 100 200 400 --extend-to 800
+    .venv/bin/python scripts/budget_study.py --out runs/budget_study --budgets 100 200 400 --extend-to 3200
 
-(the study behind ``resources/demo_budgets.yaml``, run on 2026-12-05; resumable: finished runs are kept)
+(the study behind ``resources/demo_budgets.yaml``, run on 2026-12-05 with the toy CLIP in 8-pixel patches, first
+with ``--extend-to 1600``, then 3200 since four methods were still best at 1600; resumable: finished runs are kept)
 
 Each method trains once per budget of ``--budgets`` (separate runs: the cosine schedule ends at the
 budget, so a long run's early validations are not what a short run reaches). The rule, fixed before

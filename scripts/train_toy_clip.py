@@ -5,7 +5,7 @@
     .venv/bin/python scripts/train_toy_clip.py --out /tmp/toy_clip  # a copy elsewhere
 
 The model is an ordinary open_clip CLIP (12 image blocks, so the default HybridCascade stages
-apply; 32-pixel images in 4-pixel patches; a 2-layer text tower with open_clip's own BPE
+apply; 32-pixel images in 8-pixel patches, 16 per image; a 2-layer text tower with open_clip's own BPE
 vocabulary). It learns from clean ``world.generate`` images paired with ``world.caption`` captions
 (several per image, one drawn per epoch) with the symmetric InfoNCE loss of CLIP. Everything is
 seeded: the same seed gives the same weights on the same machine (and, as measured, the same
@@ -13,8 +13,9 @@ zero-shot accuracy on another machine with other torch/numpy versions).
 
 Writes ``toy_clip.safetensors`` (fp16), ``config.json`` (the open_clip model config, for
 ``backbone.model_cfg``) and ``training.json`` (settings, timings and the zero-shot accuracy on the
-demo's test split, which is generated from another seed than the pre-training images).
-About 160 s on 2 dedicated CPU cores (longer on a busy machine: ``--threads 1`` then helps).
+"wild" world's test split at 150 images per class, generated from another seed than the
+pre-training images).
+About 2 minutes with ``--threads 1`` on a quiet CPU core (2026-12-05).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from hclafter.data import world
 
 MODEL_CFG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 64, "layers": 12, "head_width": 32, "mlp_ratio": 2.0},
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 12, "head_width": 32, "mlp_ratio": 2.0},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2, "mlp_ratio": 2.0},
 }
 # Seed-sequence keys that keep the pre-training images apart from any ``generate_synthetic`` data
@@ -148,13 +149,15 @@ def train(args) -> tuple[open_clip.CLIP, dict]:
     return model, info
 
 
-def demo_zeroshot(weights: Path) -> dict:
-    """Zero-shot accuracy of ``weights`` on the demo's test split, as ``hclafter demo`` measures it."""
+def wild_zeroshot(weights: Path) -> dict:
+    """Zero-shot accuracy of ``weights`` on the test split of the "wild" world at 150 images per
+    class, as the demo's settings make it: the figure ``TOY_CLIP_ZEROSHOT_ACCURACY`` documents."""
     from hclafter.engine.frozen import zeroshot_eval
     from hclafter.apps.demo import demo_config
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = demo_config(Path(tmp), weights=weights, device="cpu")
+        cfg = demo_config(Path(tmp), weights=weights, device="cpu", world="wild")
+        cfg.data.synthetic.per_class = 150
         metrics = zeroshot_eval(cfg, "test", progress=False)
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
 
@@ -179,10 +182,10 @@ def main(argv=None) -> int:
     weights = args.out / "toy_clip.safetensors"
     save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(weights))
     (args.out / "config.json").write_text(json.dumps(MODEL_CFG, indent=2) + "\n", encoding="utf-8")
-    info["demo_test_zeroshot"] = demo_zeroshot(weights)
+    info["wild_test_zeroshot"] = wild_zeroshot(weights)
     (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {weights} ({weights.stat().st_size / 1e6:.1f} MB) in {info['train_s']:.0f}s of training; zero-shot "
-          f"accuracy on the demo test split: {info['demo_test_zeroshot']['accuracy']:.4f}")
+          f"accuracy on the wild world's test split: {info['wild_test_zeroshot']['accuracy']:.4f}")
     return 0
 
 

@@ -145,7 +145,10 @@ def test_sweep_tables_and_restart_after_a_kill(tmp_path, cache_dir, monkeypatch)
     zeroshot_row = next(line for line in evidence.splitlines() if line.startswith("| zero-shot CLIP |"))
     kls = [json.loads((out / "runs" / "default" / "zeroshot" / "default" / f"seed{k}" / "summary.json").read_text())
            ["test"]["ldl"]["kl"] for k in (0, 1)]
-    assert float(zeroshot_row.split(" | ")[7].split(" ±")[0]) == pytest.approx(sum(kls) / 2, abs=6e-4)
+    assert float(zeroshot_row.split(" | ")[8].split(" ±")[0]) == pytest.approx(sum(kls) / 2, abs=6e-4)
+    # One family for Holm: every row against the headline and the pair (3 comparisons), stated with the tables.
+    assert "| McNemar p | Holm p | verdict |" in evidence and "Holm's step-down over the 3 comparison(s)" in evidence
+    assert "No method was tuned" in evidence
     # A pair compares its two methods the other way round: the same difference, negated.
     lafter_row = next(line for line in evidence.splitlines() if re.match(r"\| LaFTer-sup \(last block\)( †)? \|", line))
     delta = float(lafter_row.split(" | ")[4].split(" [")[0])

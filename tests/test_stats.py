@@ -139,3 +139,26 @@ def test_compare_runs_pools_seeds():
         stats.compare_runs(head, {"x": other[:1]})
     with pytest.raises(ValueError, match="not aligned"):
         stats.compare_runs(head, {"x": [(labels[::-1], right), other[1]]})
+
+
+def test_holm_adjusts_by_rank_keeps_order_and_caps_at_one():
+    from hclafter.core.stats import holm
+
+    # sorted: 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06, 0.04·1 = 0.04 → raised to 0.06 (monotone)
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0] and holm([]) == [] and holm([0.2]) == [0.2]
+
+
+def test_holm_correction_turns_a_lone_significant_verdict_into_not_distinguishable():
+    from hclafter.reporting.evidence import holm_correct
+
+    family = [{"p_value": 0.02, "ci": [0.01, 0.05], "verdict": "better"},
+              {"p_value": 0.001, "ci": [-0.09, -0.02], "verdict": "worse"},
+              {"p_value": 0.3, "ci": [-0.01, 0.03], "verdict": "not distinguishable at 95 %"}]
+    holm_correct(family)
+    assert [c["p_holm"] for c in family] == pytest.approx([0.04, 0.003, 0.3])
+    assert [c["verdict"] for c in family] == ["better", "worse", "not distinguishable at 95 %"]
+    family = [{"p_value": 0.03, "ci": [0.01, 0.05], "verdict": "better"},
+              {"p_value": 0.04, "ci": [0.01, 0.05], "verdict": "better"}]
+    holm_correct(family)  # 0.03·2 = 0.06: no longer below 0.05
+    assert [c["verdict"] for c in family] == ["not distinguishable at 95 %"] * 2

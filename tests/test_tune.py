@@ -149,3 +149,39 @@ def test_the_command_reports_bad_settings_and_a_missing_optuna_in_one_line(tmp_p
     monkeypatch.setitem(sys.modules, "optuna", None)  # as if not installed
     assert main(args) == 2
     assert capsys.readouterr().err.strip() == "error: hclafter tune needs Optuna: pip install 'hclafter[tune]'"
+
+
+def test_a_tuning_sweep_gives_every_method_the_same_trials_before_its_seeds(tmp_path, cache_dir):
+    """Issue 25, point 2: ``tune: {trials: N}`` in a sweep file tunes each method with a search space
+    on validation with N trials, on one split per dataset that every run then reads; the tables say so."""
+    import yaml
+
+    from hclafter.apps.sweep import plan, run_sweep
+    from hclafter.core.files import read_json
+
+    methods = ROOT / "configs" / "methods"
+    sweep, out = tmp_path / "sweep.yaml", tmp_path / "out"
+    spec = {"base": [str(TINY_CONFIG)], "methods": {"zeroshot": str(methods / "zeroshot.yaml"),
+                                                    "hybrid": str(methods / "hybrid.yaml")},
+            "overrides": micro(cache_dir), "headline": "hybrid", "seeds": [0, 1], "tune": {"trials": 2}}
+    sweep.write_text(yaml.safe_dump(spec, sort_keys=False))
+    run_sweep(sweep, out, progress=False)
+    study = out / "tuning" / "default" / "hybrid" / "default"
+    found = read_json(study / "search.json")
+    assert found["budget"] == 2 and found["counts"]["COMPLETE"] + found["counts"]["PRUNED"] == 2
+    assert not (out / "tuning" / "default" / "zeroshot").exists()  # nothing to tune
+    splits = str((out / "tuning" / "default" / "splits").resolve())
+    for seed in (0, 1):
+        hybrid = load_config([out / "runs" / "default" / "hybrid" / "default" / f"seed{seed}" / "config.yaml"])
+        zeroshot = load_config([out / "runs" / "default" / "zeroshot" / "default" / f"seed{seed}" / "config.yaml"])
+        assert hybrid.data.splits_dir == zeroshot.data.splits_dir == splits  # seeds vary training alone
+        assert hybrid.train.loss.lam == pytest.approx(found["best"]["params"]["train.loss.lam"])
+        assert hybrid.seed == seed
+    assert "the same 2 trial(s)" in (out / "results.md").read_text()
+    trials = sorted((study / "trials").iterdir())
+    run_sweep(sweep, out, progress=False, workers=2)  # again: the study is complete, nothing runs twice
+    assert sorted((study / "trials").iterdir()) == trials
+    for bad in ({"trials": 0}, {"trials": "2"}, {"trial": 2}, 3):
+        sweep.write_text(yaml.safe_dump({**spec, "tune": bad}))
+        with pytest.raises(ConfigError, match=r"tune: .*write tune: \{trials: N\}"):
+            plan(sweep, out)

@@ -150,3 +150,33 @@ def test_loader_lists_worlds_on_an_unknown_name():
 def test_loader_errors_name_the_file_and_key(tmp_path, text, message):
     with pytest.raises(worlds.WorldError, match=message):
         worlds.load_world(_write(tmp_path, text))
+
+
+def _calibration_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("calibrate_worlds", ROOT / "scripts" / "calibrate_worlds.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_a_dose_scales_every_nuisance_and_keeps_the_class_signal():
+    dosed = _calibration_script().dosed
+    base = world.Conditions(mix_rate=0.7, cue_keep=0.9, clutter=0.5, colour_cast=0.1, exposure=0.2, light=0.5, gamma=1.5,
+                      blur=1.0, noise=0.4)
+    twice = dosed(base, 2.0)
+    assert (twice.clutter, twice.colour_cast, twice.exposure, twice.blur) == pytest.approx((1.0, 0.2, 0.4, 2.0))
+    assert twice.light == pytest.approx(0.25) and twice.gamma == pytest.approx(2.25)  # two stops; 1.5²
+    assert twice.noise == pytest.approx(0.8) and (twice.mix_rate, twice.cue_keep, twice.swap) == (0.7, 0.9, 0.0)
+    assert dosed(base, 4.0).clutter == 1.0 and dosed(base, 4.0).noise == 1.0  # clipped to their ranges
+    assert dosed(world.Conditions(), 4.0) == world.Conditions()  # clean has nothing to dose
+
+
+def test_the_calibrated_dose_is_the_smallest_within_the_band():
+    choose = _calibration_script().choose
+    fig = lambda probe, zeroshot=0.5: {"linear_probe": probe, "zeroshot": zeroshot}
+    assert choose({0.5: fig(0.95), 1.0: fig(0.85), 2.0: fig(0.75)}) == 1.0  # 85 % is inside the band
+    assert choose({0.5: fig(0.9), 1.0: fig(0.6)}) is None  # jumped below 70 %: no calibrated world
+    assert choose({0.5: fig(0.9), 1.0: fig(0.8, zeroshot=0.2)}) is None  # the text side no longer reads the images
+    assert choose({0.5: fig(0.9), 1.0: fig(0.88)}) is None  # never inside the band

@@ -258,11 +258,12 @@ def _add_serve(sub: Subparsers) -> None:
 
 def _add_demo(sub: Subparsers) -> None:
     p = sub.add_parser("demo", help="every method, control and ablation on a synthetic emotion world with the "
-                                    "shipped toy CLIP, over seeds (no download; about 6 minutes on 2 CPU cores with "
-                                    "3 seeds)",
-                       description="The demo is a sweep: zero-shot CLIP, the text-only classifier, LaFTer (label-free), "
-                                   "LaFTer-sup, the capacity-matched control LaFTer-sup + adapter, HybridCascade-LaFTer, "
-                                   "two of its ablations and the Cascade-CLIP-style baseline, each with its own method "
+                                    "shipped toy CLIP, over seeds (no download; about 18 minutes on 2 CPU cores with "
+                                    "3 seeds, 6 with --seeds 1)",
+                       description="The demo is a sweep: zero-shot CLIP, the text-only classifier, the linear probe, Tip-Adapter-F, "
+                                   "CLIP-Adapter, CoOp, LaFTer (label-free), LaFTer-sup, the capacity-matched control "
+                                   "LaFTer-sup + adapter, HybridCascade-LaFTer, two of its ablations and the "
+                                   "Cascade-CLIP-style baseline, each with its own method "
                                    "config and the shipped toy CLIP, on a named synthetic world. It prints the table "
                                    "(mean ± std over seeds, paired differences with the headline method, verdicts) and "
                                    "writes a Markdown and an HTML report. Nothing is downloaded. The world is "

@@ -258,6 +258,10 @@ def cluster_sweep(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = ()
     """``hclafter sweep --launcher slurm [--wait] [--rerun-changed]``, and ``--collect`` (no launcher);
     ``cluster`` replaces the launcher's submitit cluster (``local``: subprocesses on this machine)."""
     if launcher is not None:
+        if plan(sweep_file, out_dir, overrides).tune_trials:
+            raise LaunchError(f"{sweep_file} tunes every method first (tune:), which runs here: hclafter sweep "
+                              f"{sweep_file} --out {out_dir} [--workers N]; or tune each method with hclafter tune (--storage "
+                              "lets many workers share a study) and list each OUT/best.yaml in a sweep without tune:")
         jobs = submit(sweep_file, out_dir, overrides, cluster or launcher, rerun_changed)
         if not wait:
             if jobs:

@@ -9,6 +9,7 @@ A sweep file (YAML; paths relative to it)::
     overrides: [data.root=/data/FI]      # optional, every run
     grid: {train.loss.lam: [0.5, 0.8]}   # optional, a cartesian product of overrides
     seeds: [0, 1, 2]
+    tune: {trials: 20}                   # optional: every method tuned on validation, 20 trials each, first
     slurm: {partition: gpu, gpus_per_run: 1}  # optional, for --launcher slurm (see launchers.py)
 
 Finished runs (with a summary.json) are skipped and interrupted ones resumed, so starting an
@@ -18,14 +19,9 @@ sweep now plans (its file changed) is refused by name, or run again with ``--rer
 from __future__ import annotations
 
 import csv
-import ctypes
 import io
 import itertools
-import multiprocessing
-import signal
-import sys
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -39,12 +35,14 @@ from ..core.metrics import HEADLINE
 from ..core.stats import mean_std
 from ..engine import runfiles
 from ..models import check_config
-from ..reporting.evidence import (MethodRuns, comparison_rows, pair_cells, pair_rows, random_backbone, results_cells,
-                                  still_improving, sweep_convergence_note, table_cells, table_notes)
+from ..reporting.evidence import (MethodRuns, comparison_rows, holm_correct, holm_note, pair_cells, pair_rows,
+                                  random_backbone, results_cells, still_improving, sweep_convergence_note, table_cells,
+                                  table_notes)
 from ..reporting.format import markdown_table
 from ..reporting.report import write_sweep_figures, write_sweep_report
+from .tune import as_overrides, fixed_split, search
+from .workers import worker_pool
 
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies (Linux)
 LDL = ("kl", "chebyshev", "clark", "canberra", "cosine", "intersection")
 
 
@@ -70,12 +68,14 @@ class Sweep:
     headline: Optional[str] = None
     reference: Optional[str] = None
     pairs: Sequence[Sequence[str]] = ()
+    tune_trials: Optional[int] = None  # every method's trials on validation before its seeds (``tuned``)
 
     def name_of(self, method: Optional[str]) -> Optional[str]:
         return next((r.name for r in self.runs if r.method == method), None)
 
 
-SWEEP_KEYS = ("base", "methods", "datasets", "overrides", "grid", "seeds", "headline", "reference", "pairs", "slurm")
+SWEEP_KEYS = ("base", "methods", "datasets", "overrides", "grid", "seeds", "headline", "reference", "pairs", "tune",
+              "slurm")
 
 
 def _paths(base: Path, value: Any, key: str) -> list[Path]:
@@ -112,6 +112,10 @@ def plan(sweep_file: Path, out_dir: Path, extra: Sequence[str] = ()) -> Sweep:
     for pair in spec.get("pairs") or []:
         if not (isinstance(pair, list) and len(pair) == 2 and all(m in methods for m in pair)):
             raise ConfigError(f"{sweep_file}: pairs: {pair!r} is not a pair [A, B] of the methods {list(methods)}")
+    tune = spec.get("tune")
+    if tune is not None and not (isinstance(tune, dict) and set(tune) == {"trials"} and isinstance(tune["trials"], int)
+                                 and not isinstance(tune["trials"], bool) and tune["trials"] >= 1):
+        raise ConfigError(f"{sweep_file}: tune: {tune!r}; write tune: {{trials: N}}, N >= 1 trials for every method")
     grid = spec.get("grid") or {}
     variants = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
     runs = []
@@ -128,7 +132,36 @@ def plan(sweep_file: Path, out_dir: Path, extra: Sequence[str] = ()) -> Sweep:
                     folder = out_dir / "runs" / dataset / method / (tag or "default") / f"seed{seed}"
                     runs.append(SweepRun(dataset, method, cfg.name or method, tag, int(seed), configs, overrides,
                                          folder))
-    return Sweep(runs, spec.get("headline"), spec.get("reference"), spec.get("pairs") or [])
+    return Sweep(runs, spec.get("headline"), spec.get("reference"), spec.get("pairs") or [],
+                 tune["trials"] if tune else None)
+
+
+def tuned(sweep: Sweep, out_dir: Path, workers: int = 1, progress: bool = False) -> Sweep:
+    """The sweep's runs with each method's settings tuned on validation first, every method with the
+    same number of trials (``tune.trials``): one study per (dataset, method, variant) in
+    ``OUT/tuning/<dataset>/<method>/<variant>`` (resumable; ``apps.tune.search``), its best settings
+    added to that method's runs. Every run of a dataset, trial or seed, reads one split
+    (``OUT/tuning/<dataset>/splits``): the seeds vary the training alone, and no image a trial trained
+    or was scored on is a test image of any run. A method with an empty search space, or that trains
+    nothing, runs as configured (the probes choose C, Tip-Adapter α and β inside the run, on validation)."""
+    runs: list[SweepRun] = []
+    splits: dict[str, list[str]] = {}
+    for (dataset, method, variant), group in itertools.groupby(sweep.runs, lambda r: (r.dataset, r.method, r.variant)):
+        group = list(group)
+        first = group[0]
+        if dataset not in splits:
+            splits[dataset] = fixed_split([str(c) for c in first.configs], first.overrides,
+                                          out_dir / "tuning" / dataset / "splits")
+        extra = list(splits[dataset])
+        cfg = load_config(first.configs, [*first.overrides, *extra])
+        if cfg.mode == "train" and cfg.tune.space:
+            print(f"tuning {dataset} / {method}{' / ' + variant if variant else ''}: {sweep.tune_trials} trial(s) on "
+                  "validation", flush=True)
+            found = search(first.configs, [*first.overrides, *extra], out_dir / "tuning" / dataset / method /
+                           (variant or "default"), sweep.tune_trials, workers, progress)
+            extra += as_overrides(found["best"]["params"])
+        runs += [replace(r, overrides=[*r.overrides, *extra]) for r in group]
+    return replace(sweep, runs=runs)
 
 
 def run_status(run: SweepRun) -> str:
@@ -219,29 +252,14 @@ def _prepare_data(runs: Sequence[SweepRun]) -> None:
         load_splits(cfg.data, cfg.seed, cache_dir_of(cfg))
 
 
-def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """``workers`` local processes (spawned, so nothing is inherited from this one), each with an
-    equal share of this machine's torch threads: the toy CLIP's small steps are bound by per-op
-    overhead, so two one-thread processes outrun one two-thread process on 2 cores (BENCHMARKS.md).
-    A worker is sent SIGTERM when this process dies, so its run stops at a saved state, resumable."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
-                               initargs=(workers,))
-
-
-def _worker_start(workers: int) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads() // workers))
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def run_sweep(sweep_file: Path, out_dir: Path, overrides: Sequence[str] = (), progress: bool = True,
               rerun_changed: bool = False, workers: int = 1) -> list[dict]:
     """Run (or finish) every run of the sweep (in ``workers`` local processes), then write the
     results tables and plots."""
     out_dir = Path(out_dir)
     sweep = plan(sweep_file, out_dir, overrides)
+    if sweep.tune_trials:
+        sweep = tuned(sweep, out_dir, workers, progress)
     execute(sweep.runs, progress, rerun_changed, workers)
     return write_results(sweep, out_dir)
 
@@ -285,28 +303,45 @@ def _method_groups(runs: Sequence[SweepRun]) -> Iterator[tuple[str, list[SweepRu
                 for m in dict.fromkeys(r.method for r in group)])
 
 
+def tuning_note(sweep: Sweep) -> str:
+    """What a table says about the tuning its rows had: the equal budget, or that there was none."""
+    if not sweep.tune_trials:
+        return "\nNo method was tuned: every row runs its config's settings.\n"
+    return (f"\nTuning budget: every method with a search space was tuned on validation with the same "
+            f"{sweep.tune_trials} trial(s) (Optuna TPE, seeded; median pruner; its config's objective) before its "
+            "seeds ran (`tuning/`); the others choose their settings on validation inside each run (C, α, β, "
+            "ratio) or have none. Every run of a dataset reads one split: the seeds vary the training alone.\n")
+
+
 def evidence_tables(sweep: Sweep) -> list[tuple[str, list[str], list[list[str]], str]]:
     """The comparison tables of the evidence protocol as (title, header, cells, notes): one per
-    dataset and variant against the headline method (if any), then one of the sweep's ``pairs``."""
+    dataset and variant against the headline method (if any), then one of the sweep's ``pairs``.
+    Every comparison of all the tables is one family for Holm's correction (``holm_correct``)."""
     tables, pair_rows_by_title = [], {}
     for title, group, methods in _method_groups(sweep.runs):
         if sweep.headline:
-            rows = comparison_rows(methods, sweep.headline, sweep.reference)
-            names = {m.key: m.name for m in methods}
-            tables.append((title, *table_cells(rows, names[sweep.headline], names.get(sweep.reference)),
-                           table_notes(rows, random_backbone(group[0].out))))
+            tables.append((title, comparison_rows(methods, sweep.headline, sweep.reference), methods, group))
         if sweep.pairs:
             pair_rows_by_title[title] = pair_rows(methods, sweep.pairs)
+    family = [r["comparison"] for _, rows, _, _ in tables for r in rows if r["comparison"] is not None]
+    family += [r for rows in pair_rows_by_title.values() for r in rows]
+    holm_correct(family)
+    corrected = f"\n{holm_note(len(family))}\n"
+    out = []
+    for title, rows, methods, group in tables:
+        names = {m.key: m.name for m in methods}
+        out.append((title, *table_cells(rows, names[sweep.headline], names.get(sweep.reference)),
+                    table_notes(rows, random_backbone(group[0].out)) + corrected + tuning_note(sweep)))
     if sweep.pairs:
-        tables.append(("Pairwise comparisons", *pair_cells(pair_rows_by_title),
-                       "Each pair as in the tables above, with A in the headline's place: Δ is A minus B, pooled "
-                       "over seeds, 95 % paired-bootstrap CI over test images; McNemar's exact p; the last column "
-                       "says whether A is better, worse or not distinguishable from B at 95 %."
-                       + (" † marks a method with runs still improving when training ended (best validation accuracy in "
-                          "the last 20 % of the steps more than 0.5 points above the best before)."
-                          if any(r["still_improving"] for rows in pair_rows_by_title.values() for r in rows) else "")
-                       + "\n"))
-    return tables
+        out.append(("Pairwise comparisons", *pair_cells(pair_rows_by_title),
+                    "Each pair as in the tables above, with A in the headline's place: Δ is A minus B, pooled "
+                    "over seeds, 95 % paired-bootstrap CI over test images; McNemar's exact p; the last column "
+                    "says whether A is better, worse or not distinguishable from B at 95 %."
+                    + (" † marks a method with runs still improving when training ended (best validation accuracy in "
+                       "the last 20 % of the steps more than 0.5 points above the best before)."
+                       if any(r["still_improving"] for rows in pair_rows_by_title.values() for r in rows) else "")
+                    + "\n" + corrected))
+    return out
 
 
 def write_results(sweep: Sweep, out_dir: Path) -> list[dict]:
@@ -315,7 +350,7 @@ def write_results(sweep: Sweep, out_dir: Path) -> list[dict]:
     plots and report.html; returns the results rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_sweep_file(out_dir, sweep)
-    done = Sweep([r for r in sweep.runs if runfiles.is_finished(r.out)], sweep.headline, sweep.reference, sweep.pairs)
+    done = replace(sweep, runs=[r for r in sweep.runs if runfiles.is_finished(r.out)])
     rows = summarise(done.runs, done.reference)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else [])
@@ -329,6 +364,7 @@ def write_results(sweep: Sweep, out_dir: Path) -> list[dict]:
     atomic_write_text(out_dir / "results.md", "# Sweep results (test split, mean ± std over seeds)\n\n" +
                       markdown_table(*results_cells(rows, reference)) +
                       (f"\n{note}\n" if (note := sweep_convergence_note(rows)) else "") +
+                      tuning_note(done) +
                       "\nPlots: `plots/accuracy.png`, `plots/train_loss.png`, `plots/learned_weights.png`; all of it "
                       "with every run in `report.html`.\n\n" + comparisons)
     write_sweep_figures(out_dir, rows, done.runs)
@@ -343,7 +379,7 @@ SWEEP_FILE = "sweep.json"
 
 def write_sweep_file(out_dir: Path, sweep: Sweep) -> None:
     write_json(out_dir / SWEEP_FILE, {"headline": sweep.headline, "reference": sweep.reference,
-                                      "pairs": [list(p) for p in sweep.pairs],
+                                      "pairs": [list(p) for p in sweep.pairs], "tune_trials": sweep.tune_trials,
                                       "runs": [{**asdict(r), "configs": [str(c) for c in r.configs],
                                                 "out": str(r.out)} for r in sweep.runs]})
 
@@ -355,7 +391,7 @@ def read_sweep_file(out_dir: Path) -> Sweep:
     try:
         runs = [SweepRun(**{**r, "configs": [Path(c) for c in r["configs"]], "out": Path(r["out"])})
                 for r in data["runs"]]
-        return Sweep(runs, data["headline"], data["reference"], data["pairs"])
+        return Sweep(runs, data["headline"], data["reference"], data["pairs"], data.get("tune_trials"))
     except (KeyError, TypeError) as e:
         raise RunError(f"{path}: not a sweep file of this version of hclafter ({e}); run the sweep command again "
                        "(finished runs are kept) to rewrite it") from None

@@ -43,7 +43,7 @@ from ..reporting.format import markdown_table
 from ..reporting.html import Figure, Section, Table, write_html
 from ..reporting.plots import plot_importances, plot_study_history
 from .runs import train
-from .sweep import worker_pool
+from .workers import worker_pool
 
 STUDY_NAME = "hclafter-tune"
 JOURNAL_SUFFIXES = (".log", ".jsonl")  # a --storage value ending so is a journal file, else an SQLAlchemy URL
@@ -150,12 +150,12 @@ def _retry_killed(study: Any) -> None:
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
 
 
-def _study_splits(cfg: Config, configs: Sequence[str], overrides: Sequence[str], out: Path) -> list[str]:
-    """The override that makes every run of the study read one split, written once to ``OUT/splits``
-    (before polarity labels: each run derives them itself); none when the config names its own."""
+def fixed_split(configs: Sequence[str], overrides: Sequence[str], folder: Path) -> list[str]:
+    """The override that makes a run read one fixed split, written once to ``folder`` (before
+    polarity labels: each run derives them itself); none when the config names its own."""
+    cfg = load_config(configs, overrides)
     if cfg.data.splits_dir is not None:
         return []
-    folder = out / "splits"
     if not (folder / "test.csv").is_file():
         raw = load_config(configs, [*overrides, "data.polarity=false"])
         save_run_splits(folder, load_splits(raw.data, raw.seed, cache_dir_of(raw)))
@@ -211,6 +211,69 @@ def _importances(study: Any, cfg: Config) -> tuple[dict[str, float], str]:
     return {k: float(v) for k, v in importances.items()}, ""
 
 
+def _check(configs: Sequence[str], overrides: Sequence[str], **counts: int) -> Config:
+    for flag, value in counts.items():
+        if value < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {value}")
+    cfg = load_config(configs, overrides)
+    check_config(cfg)
+    if cfg.mode != "train":
+        raise ConfigError(f"mode={cfg.mode} trains nothing, so there is nothing to tune; run it with hclafter train")
+    return cfg
+
+
+def _study(configs: Sequence[str], overrides: Sequence[str], out: Path, trials: int, storage: Optional[str],
+           workers: int, study_name: str, progress: bool) -> tuple[Config, Any, int, Any]:
+    """Under OUT's lock: the trials the study still lacks of ``trials`` in all, in ``workers`` local
+    processes; writes ``OUT/best.yaml``. Returns the study's config (its split fixed), the study, its
+    budget and its best trial."""
+    optuna = _optuna()
+    overrides = [*overrides, *fixed_split(configs, overrides, out / "splits")]
+    cfg = load_config(configs, overrides)
+    study = load_study(cfg, storage, out, study_name)
+    _check_same_study(study, cfg)
+    budget = trials if cfg.tune.space else 1  # nothing to search: one trial is the method's own choice
+    _retry_killed(study)
+    todo = max(0, budget - _spent(study))
+    shares = [todo // workers + (w < todo % workers) for w in range(workers)]
+    args = [(configs, overrides, out, storage, study_name, n, w, progress) for w, n in enumerate(shares) if n]
+    if workers == 1 or len(args) <= 1:  # a finished study has nothing left to run
+        for a in args:
+            _run_trials(*a)
+    else:
+        with worker_pool(len(args)) as pool:
+            for done in [pool.submit(_run_trials, *a) for a in args]:
+                done.result()
+    study = load_study(cfg, storage, out, study_name)
+    if not study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        errors = [t.user_attrs["error"] for t in study.trials if "error" in t.user_attrs]
+        raise RunError(f"{out}: no trial finished" + (f"; the first error: {errors[0]}" if errors else ""))
+    best = study.best_trial
+    best_cfg = load_config(configs, [*overrides, *as_overrides(best.params)])
+    atomic_write_text(out / "best.yaml", f"# chosen by hclafter tune on validation {cfg.tune.objective}: trial "
+                                         f"{best.number}, {best.value:.4f}\n"
+                                         + OmegaConf.to_yaml(OmegaConf.structured(best_cfg)))
+    return cfg, study, budget, best
+
+
+def search(configs: Sequence[str | Path], overrides: Sequence[str], out: str | Path, trials: int,
+           workers: int = 1, progress: bool = False) -> dict:
+    """The study alone, without a test run: what a sweep that tunes every method with the same
+    budget runs before its seeds (``apps.sweep``). Resumable like :func:`tune`; writes
+    ``OUT/best.yaml`` and ``OUT/search.json`` and returns what the latter holds: the budget, the
+    trials' states, the best trial's number, validation value and settings."""
+    configs, out = [str(c) for c in configs], Path(out)
+    _check(configs, overrides, trials=trials, workers=workers)
+    with run_lock(out):
+        cfg, study, budget, best = _study(configs, overrides, out, trials, None, workers, STUDY_NAME, progress)
+        states = [t.state.name for t in study.trials]
+        record = {"objective": cfg.tune.objective, "budget": budget,
+                  "counts": {s: states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL")},
+                  "best": {"trial": best.number, "value": best.value, "params": best.params}}
+        write_json(out / "search.json", record)
+    return record
+
+
 def tune(configs: Sequence[str | Path], overrides: Sequence[str], out: str | Path, trials: int, seeds: int = 1,
          storage: Optional[str] = None, workers: int = 1, study_name: str = STUDY_NAME, progress: bool = False,
          figures: bool = True) -> dict:
@@ -218,43 +281,10 @@ def tune(configs: Sequence[str | Path], overrides: Sequence[str], out: str | Pat
     trials the study still lacks of ``trials`` in all, in ``workers`` local processes; then train and
     test the chosen configuration over ``seeds`` seeds (the config's seed and the next ones; their
     figures unless ``figures`` is false). Returns what ``OUT/tune.json`` holds."""
-    for flag, value in (("--trials", trials), ("--seeds", seeds), ("--workers", workers)):
-        if value < 1:
-            raise ConfigError(f"{flag} must be at least 1, got {value}")
     configs, out = [str(c) for c in configs], Path(out)
-    cfg = load_config(configs, overrides)
-    check_config(cfg)
-    if cfg.mode != "train":
-        raise ConfigError(f"mode={cfg.mode} trains nothing, so there is nothing to tune; run it with hclafter train")
-    optuna = _optuna()
+    _check(configs, overrides, trials=trials, seeds=seeds, workers=workers)
     with run_lock(out):
-        overrides = [*overrides, *_study_splits(cfg, configs, overrides, out)]
-        cfg = load_config(configs, overrides)
-        study = load_study(cfg, storage, out, study_name)
-        _check_same_study(study, cfg)
-        budget = trials if cfg.tune.space else 1  # nothing to search: one trial is the method's own choice
-        _retry_killed(study)
-        todo = max(0, budget - _spent(study))
-        shares = [todo // workers + (w < todo % workers) for w in range(workers)]
-        args = [(configs, overrides, out, storage, study_name, n, w, progress)
-                for w, n in enumerate(shares) if n]
-        if workers == 1 or len(args) == 1:
-            for a in args:
-                _run_trials(*a)
-        else:
-            with worker_pool(len(args)) as pool:
-                for done in [pool.submit(_run_trials, *a) for a in args]:
-                    done.result()
-        study = load_study(cfg, storage, out, study_name)
-        if not study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
-            errors = [t.user_attrs["error"] for t in study.trials if "error" in t.user_attrs]
-            raise RunError(f"{out}: no trial finished" + (f"; the first error: {errors[0]}" if errors else ""))
-        best = study.best_trial
-        chosen = [*overrides, *as_overrides(best.params)]
-        best_cfg = load_config(configs, chosen)
-        atomic_write_text(out / "best.yaml", f"# chosen by hclafter tune on validation {cfg.tune.objective}: trial "
-                                             f"{best.number}, {best.value:.4f}\n"
-                                             + OmegaConf.to_yaml(OmegaConf.structured(best_cfg)))
+        cfg, study, budget, best = _study(configs, overrides, out, trials, storage, workers, study_name, progress)
         summaries = _test_best([str(out / "best.yaml")], [], out, range(cfg.seed, cfg.seed + seeds), progress,
                                figures)
         record = _record(study, cfg, budget, best, summaries, storage, out)

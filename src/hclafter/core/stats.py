@@ -106,6 +106,18 @@ def verdict(diff_ci: tuple[float, float], p: float, alpha: float = 0.05) -> str:
     return f"not distinguishable at {100 * (1 - alpha):g} %"
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order: the k-th smallest of m is multiplied
+    by m − k + 1, made non-decreasing in that order and capped at 1. Rejecting where the adjusted p
+    is below α keeps the family-wise error rate at α over all m comparisons."""
+    m = len(p_values)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 # --- calibration -----------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 from ..core.metrics import STILL_IMPROVING, ldl_metrics
 from ..core.stats import (Comparison, RunPredictions, compare_runs, expected_calibration_error, fit_temperature,
-                          mean_std, scaled_probabilities)
+                          holm, mean_std, scaled_probabilities, verdict)
 from ..engine import runfiles
 from .format import difference, pm
 
@@ -133,12 +133,29 @@ def pair_rows(methods: Sequence[MethodRuns], pairs: Sequence[Sequence[str]], n_b
     return rows
 
 
+def holm_correct(comparisons: Sequence[dict]) -> None:
+    """Holm's correction over a family of comparisons (each a dict with ``p_value``, ``ci`` and
+    ``verdict``, as the rows above carry them): adds ``p_holm`` and makes the verdict read it, so
+    better/worse needs the CI on that side and an adjusted p below 0.05. The CIs stay per comparison."""
+    for c, adjusted in zip(comparisons, holm([c["p_value"] for c in comparisons])):
+        c["p_holm"] = adjusted
+        c["verdict"] = verdict(tuple(c["ci"]), adjusted)
+
+
+def holm_note(count: int) -> str:
+    return (f"Verdicts are corrected for multiple comparisons: Holm's step-down over the {count} comparison(s) of "
+            "this report (column 'Holm p'); better/worse needs the 95 % CI on that side and a Holm p below 0.05. "
+            "The CIs are not adjusted.")
+
+
 def pair_cells(rows_by_dataset: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]]:
     """The pairwise comparisons of every dataset as text cells (header, rows), for Markdown and HTML."""
+    adjusted = any("p_holm" in r for rows in rows_by_dataset.values() for r in rows)
     header = ["dataset", "method A", "method B", "A accuracy %", "B accuracy %", "Δ A − B (95 % CI)", "McNemar p",
-              "A is"]
+              *(["Holm p"] if adjusted else []), "A is"]
     cells = [[dataset, r["a"], r["b"], pm(r["accuracy_a"], 100), pm(r["accuracy_b"], 100),
-              difference(r["difference"], r["ci"]), f"{r['p_value']:.3g}", r["verdict"]]
+              difference(r["difference"], r["ci"]), f"{r['p_value']:.3g}",
+              *([f"{r['p_holm']:.3g}"] if adjusted else []), r["verdict"]]
              for dataset, rows in rows_by_dataset.items() for r in rows]
     return header, cells
 
@@ -147,16 +164,18 @@ def table_cells(rows: Sequence[dict], headline_name: str,
                 reference_name: Optional[str] = None) -> tuple[list[str], list[list[str]]]:
     """The comparison table as text cells (header, rows), for Markdown and HTML alike."""
     # The comparison beside the accuracy it is about; distribution and size columns after it.
+    adjusted = any(r["comparison"] is not None and "p_holm" in r["comparison"] for r in rows)
     header = ["method", "seeds", "accuracy %", "macro-F1 %", f"Δ accuracy vs {headline_name} (95 % CI)",
-              "McNemar p", "verdict", "KL ↓ raw", "KL ↓ calibrated", "ECE ↓ raw", "ECE ↓ calibrated",
-              "trained params", f"added vs {reference_name or 'reference'}"]
+              "McNemar p", *(["Holm p"] if adjusted else []), "verdict", "KL ↓ raw", "KL ↓ calibrated", "ECE ↓ raw",
+              "ECE ↓ calibrated", "trained params", f"added vs {reference_name or 'reference'}"]
     cells = []
     for r in rows:
         c = r["comparison"]
         diff = "—" if c is None else difference(c["difference"], c["ci"])
         added = "–" if r["added_vs_reference"] is None else f"+{r['added_vs_reference']:,d}"
+        holm_cell = ["—" if c is None else f"{c['p_holm']:.3g}"] if adjusted else []
         cells.append([marked(r["method"], r), str(r["seeds"]), pm(r["accuracy"], 100), pm(r["macro_f1"], 100), diff,
-                      "—" if c is None else f"{c['p_value']:.3g}", "(headline)" if c is None else c["verdict"],
+                      "—" if c is None else f"{c['p_value']:.3g}", *holm_cell, "(headline)" if c is None else c["verdict"],
                       pm(r["kl"], 1, 3), pm(r["kl_calibrated"], 1, 3), pm(r["ece"], 1, 3),
                       pm(r["ece_calibrated"], 1, 3), f"{r['trained']:,d}", added])
     return header, cells

@@ -299,6 +299,18 @@ def write_report(run_dir: Path, redraw: bool = True) -> Path:
 # --- the sweep report --------------------------------------------------------------------------
 
 
+def comparison_tables(header: Sequence[str], cells: Sequence[Sequence[str]], title: str) -> list[Table]:
+    """A comparison table (``evidence.table_cells``) for a page, in two halves that each fit its
+    width: accuracy and the verdicts, then the distributions and sizes, the method first in both.
+    A table without the distribution columns (the pairwise one) stays whole."""
+    if "KL ↓ raw" not in header:
+        return [Table(header, cells, title)]
+    split = list(header).index("KL ↓ raw")
+    return [Table(header[:split], [c[:split] for c in cells], f"{title}: accuracy and verdicts"),
+            Table([header[0], *header[split:]], [[c[0], *c[split:]] for c in cells],
+                  f"{title}: predicted distributions and trained parameters")]
+
+
 def write_sweep_report(out_dir: Path, rows: Sequence[dict], runs: Sequence[Any], reference: Optional[str] = None,
                        comparisons: Sequence[tuple[str, Sequence[str], Sequence[Sequence[str]], str]] = ()) -> Path:
     """``report.html`` of a sweep: the mean ± std table, the comparison tables (title, header,
@@ -331,7 +343,8 @@ def write_sweep_report(out_dir: Path, rows: Sequence[dict], runs: Sequence[Any],
             *([note] if (note := sweep_convergence_note(rows)) else []),
             Figure(plots / "accuracy.svg", "Test accuracy per method, mean ± std over seeds.")]),
         *([Section("Comparisons", [block for title, header, cells, notes in comparisons
-                                   for block in (Table(header, cells, title), *notes.strip().split("\n\n"))])]
+                                   for block in (*comparison_tables(header, cells, title),
+                                                 *notes.strip().split("\n\n"))])]
           if comparisons else []),
         Section("Training", [Figure(plots / "train_loss.svg", "Training and validation loss and validation "
                                                               "accuracy per epoch (first seed of each method).")]),
