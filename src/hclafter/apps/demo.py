@@ -220,8 +220,8 @@ working end to end; they say nothing about real photographs.
 Dataset: {n['train']} train / {n['val']} val / {n['test']} test images, {len(info['classes'])} classes
 ({', '.join(info['classes'])}); checkpoints selected on val; {info['seeds']} training seeds (the images fixed).
 Headline method: {names[HEADLINE]}; parameters added are counted against {names[REFERENCE]}.
-Time: {info['time_s']:.0f} s for this invocation; the runs' own wall times add up to {info['runs_wall_s']:.0f} s
-({info['workers']} process(es); a run finished by an earlier invocation is reused, not re-timed).
+Time: {info['time_s']:.0f} s for this invocation (runs finished by an earlier one are reused, not run again);
+the runs' own wall times add up to {info['runs_wall_s']:.0f} s, in {info['workers']} process(es).
 
 {markdown_table(header, cells)}
 {_notes(rows, info)}

@@ -211,7 +211,8 @@ def _importances(study: Any, cfg: Config) -> tuple[dict[str, float], str]:
     return {k: float(v) for k, v in importances.items()}, ""
 
 
-def _check(configs: Sequence[str], overrides: Sequence[str], **counts: int) -> Config:
+def _check(configs: Sequence[str], overrides: Sequence[str], **counts: int) -> None:
+    """The command's numbers and the config checked before the study's lock is taken."""
     for flag, value in counts.items():
         if value < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {value}")
@@ -219,7 +220,10 @@ def _check(configs: Sequence[str], overrides: Sequence[str], **counts: int) -> C
     check_config(cfg)
     if cfg.mode != "train":
         raise ConfigError(f"mode={cfg.mode} trains nothing, so there is nothing to tune; run it with hclafter train")
-    return cfg
+
+
+def _counts(states: Sequence[str]) -> dict[str, int]:
+    return {s: list(states).count(s) for s in ("COMPLETE", "PRUNED", "FAIL")}
 
 
 def _study(configs: Sequence[str], overrides: Sequence[str], out: Path, trials: int, storage: Optional[str],
@@ -266,9 +270,8 @@ def search(configs: Sequence[str | Path], overrides: Sequence[str], out: str | P
     _check(configs, overrides, trials=trials, workers=workers)
     with run_lock(out):
         cfg, study, budget, best = _study(configs, overrides, out, trials, None, workers, STUDY_NAME, progress)
-        states = [t.state.name for t in study.trials]
         record = {"objective": cfg.tune.objective, "budget": budget,
-                  "counts": {s: states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL")},
+                  "counts": _counts([t.state.name for t in study.trials]),
                   "best": {"trial": best.number, "value": best.value, "params": best.params}}
         write_json(out / "search.json", record)
     return record
@@ -298,13 +301,12 @@ def tune(configs: Sequence[str | Path], overrides: Sequence[str], out: str | Pat
 def _record(study: Any, cfg: Config, budget: int, best: Any, summaries: dict[int, dict], storage: Optional[str],
             out: Path) -> dict:
     rows = _trial_rows(study)
-    states = [r["state"] for r in rows]
     test = {}
     for metric in HEADLINE:
         mean, std = mean_std([s["test"][metric] for s in summaries.values()])
         test[metric] = {"mean": mean, "std": None if math.isnan(std) else std}
     return {"study": study.study_name, "storage": storage or str(out / "study.db"), "objective": cfg.tune.objective,
-            "budget": budget, "counts": {s: states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL")},
+            "budget": budget, "counts": _counts([r["state"] for r in rows]),
             "best": {"trial": best.number, "value": best.value, "params": best.params, "config": "best.yaml"},
             "test": {"seeds": sorted(summaries), **test,
                      "per_seed": {str(seed): {k: s["test"][k] for k in HEADLINE} for seed, s in summaries.items()}},
