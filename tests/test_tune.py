@@ -109,7 +109,9 @@ def test_the_permutation_test_fails_if_trials_are_scored_on_test(tmp_path, cache
     monkeypatch.setattr(tune_module, "train_run", lambda *a, **k: train_run(*a, **{**k, "evaluate_test": True}))
     monkeypatch.setattr(tune_module, "trial_value", lambda summary, objective: summary["test"][objective])
     plain, permuted = _split_folders(tmp_path, cache_dir)
-    values = [_trials(tmp_path, cache_dir, splits, name, 1)[0] for splits, name in ((plain, "a"), (permuted, "b"))]
+    # two trials: the first is the config's own settings, on which the tiny random model may predict one
+    # class for every image, an accuracy that permuting the labels cannot move
+    values = [_trials(tmp_path, cache_dir, splits, name, 2)[0] for splits, name in ((plain, "a"), (permuted, "b"))]
     assert values[0] != values[1]
 
 
@@ -185,3 +187,16 @@ def test_a_tuning_sweep_gives_every_method_the_same_trials_before_its_seeds(tmp_
         sweep.write_text(yaml.safe_dump({**spec, "tune": bad}))
         with pytest.raises(ConfigError, match=r"tune: .*write tune: \{trials: N\}"):
             plan(sweep, out)
+
+
+def test_a_new_study_starts_from_the_configured_settings(tmp_path, cache_dir):
+    """The first trial is the config's own values of the searched settings (those inside the space),
+    so tuning cannot choose worse on validation than where it started; one outside its range is sampled."""
+    overrides = [*micro(cache_dir), "train.loss.lam=0.3", "train.lr.stage_adapters=0.5"]  # 0.5: above the space's 1e-1
+    cfg = load_config([TINY_CONFIG], overrides)
+    assert tune_module.configured(cfg) == {"train.loss.lam": 0.3}
+    tune_module.search([TINY_CONFIG], overrides, tmp_path / "study", trials=1)
+    study = optuna.load_study(study_name="hclafter-tune", storage=f"sqlite:///{tmp_path / 'study' / 'study.db'}")
+    first = study.trials[0]
+    assert first.params["train.loss.lam"] == 0.3 and first.user_attrs["configured"] is True
+    assert 1e-4 <= first.params["train.lr.stage_adapters"] <= 1e-1

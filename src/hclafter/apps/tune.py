@@ -97,6 +97,21 @@ def _suggest(trial: Any, entry: SearchRange, kind: type) -> float:
     return trial.suggest_float(entry.key, entry.low, entry.high, log=entry.log)
 
 
+def configured(cfg: Config) -> dict[str, Any]:
+    """The config's own value of every searched setting that lies in its range or among its choices:
+    a new study's first trial, so that the chosen settings are never worse on validation than those
+    tuning started from. A setting outside its space is left to the sampler."""
+    tree, start = to_dict(cfg), {}
+    for entry in cfg.tune.space:
+        node: Any = tree
+        for part in entry.key.split("."):
+            node = node[int(part)] if isinstance(node, list) else node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, (int, float)) and not isinstance(node, bool) and (
+                node in entry.choices if entry.choices is not None else entry.low <= node <= entry.high):
+            start[entry.key] = node
+    return start
+
+
 def as_overrides(params: dict[str, Any]) -> list[str]:
     return [f"{key}={value!r}" for key, value in params.items()]
 
@@ -236,6 +251,8 @@ def _study(configs: Sequence[str], overrides: Sequence[str], out: Path, trials: 
     cfg = load_config(configs, overrides)
     study = load_study(cfg, storage, out, study_name)
     _check_same_study(study, cfg)
+    if not study.trials and configured(cfg):
+        study.enqueue_trial(configured(cfg), user_attrs={"configured": True})
     budget = trials if cfg.tune.space else 1  # nothing to search: one trial is the method's own choice
     _retry_killed(study)
     todo = max(0, budget - _spent(study))
