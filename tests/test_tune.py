@@ -14,7 +14,7 @@ import pytest
 from hclafter.apps import tune as tune_module
 from hclafter.apps.cli import main
 from hclafter.core.checkpoint import config_differences
-from hclafter.core.config import ConfigError, load_config, to_dict
+from hclafter.core.config import ConfigError, TuneConfig, load_config, to_dict
 from hclafter.core.runtime import cache_dir_of
 from hclafter.data.splits import load_splits, save_run_splits
 from hclafter.engine import runfiles
@@ -200,3 +200,17 @@ def test_a_new_study_starts_from_the_configured_settings(tmp_path, cache_dir):
     first = study.trials[0]
     assert first.params["train.loss.lam"] == 0.3 and first.user_attrs["configured"] is True
     assert 1e-4 <= first.params["train.lr.stage_adapters"] <= 1e-1
+
+
+def test_the_pruner_waits_for_the_warmup_share_of_a_runs_steps():
+    """A converged run validates hundreds of times and its first phases train part of the model: a trial
+    below the median is stopped only once ``tune.warmup`` of its steps are done, and then it is."""
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    earlier = study.ask()
+    for step in (10, 20, 30):
+        earlier.report(0.9, step)
+    study.tell(earlier, 0.9)
+    report = tune_module.pruning(study.ask(), TuneConfig(warmup=0.5))
+    report(10, 40, {"accuracy": 0.1})  # a quarter of the way, far below the median: kept
+    with pytest.raises(optuna.TrialPruned):
+        report(20, 40, {"accuracy": 0.1})

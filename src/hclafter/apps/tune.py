@@ -22,15 +22,14 @@ retried with the same settings.
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import OmegaConf
 
 from ..core.checkpoint import config_differences
-from ..core.config import Config, ConfigError, SearchRange, load_config, setting_kind, to_dict
+from ..core.config import Config, ConfigError, SearchRange, TuneConfig, load_config, setting_kind, to_dict
 from ..core.files import RunError, atomic_write_text, run_lock, write_json
 from ..core.metrics import HEADLINE
 from ..core.runtime import cache_dir_of
@@ -81,8 +80,8 @@ def load_study(cfg: Config, storage: Optional[str], out: Path, name: str = STUDY
     number, so parallel workers do not draw the same settings) and the configured pruner."""
     optuna = _optuna()
     t = cfg.tune
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=t.startup_trials, n_warmup_steps=t.warmup_validations) \
-        if t.pruner == "median" else optuna.pruners.NopPruner()
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=t.startup_trials) if t.pruner == "median" \
+        else optuna.pruners.NopPruner()
     return optuna.create_study(storage=open_storage(storage, out), study_name=name, direction="maximize",
                                load_if_exists=True, pruner=pruner,
                                sampler=optuna.samplers.TPESampler(seed=(cfg.seed + worker) % 2**32,
@@ -119,25 +118,30 @@ def as_overrides(params: dict[str, Any]) -> list[str]:
 def _objective(trial: Any, configs: Sequence[str], overrides: Sequence[str], out: Path, progress: bool) -> float:
     """One trial: settings drawn from the space, a run in ``OUT/trials/NNNN`` that never predicts test,
     each validation told to the pruner."""
-    optuna = _optuna()
     base = load_config(configs, overrides)
     params = {e.key: _suggest(trial, e, setting_kind(base, e.key)) for e in base.tune.space}
     cfg = load_config(configs, [*overrides, *as_overrides(params)])
     folder = out / "trials" / f"{trial.number:04d}"
     trial.set_user_attr("run", str(folder.relative_to(out)))
-    validations = itertools.count(1)
-
-    def report(step: int, val: dict) -> None:
-        trial.report(val[cfg.tune.objective], next(validations))
-        if trial.should_prune():
-            raise optuna.TrialPruned()
-
     try:
-        summary = train_run(cfg, folder, progress, on_validation=report, evaluate_test=False)
+        summary = train_run(cfg, folder, progress, on_validation=pruning(trial, cfg.tune), evaluate_test=False)
     except RunError as e:  # e.g. a learning rate that diverges: the trial failed, the study goes on
         trial.set_user_attr("error", str(e))
         raise
     return trial_value(summary, cfg.tune.objective)
+
+
+def pruning(trial: Any, tune: TuneConfig) -> Callable[[int, int, dict], None]:
+    """A run's validation callback for ``trial``: each validation's objective is reported at its optimizer
+    step, and once ``tune.warmup`` of the steps are done the pruner may stop the run (TrialPruned)."""
+    optuna = _optuna()
+
+    def report(step: int, total: int, val: dict) -> None:
+        trial.report(val[tune.objective], step)
+        if step >= tune.warmup * total and trial.should_prune():
+            raise optuna.TrialPruned()
+
+    return report
 
 
 def _run_trials(configs: Sequence[str], overrides: Sequence[str], out: Path, storage: Optional[str], name: str,

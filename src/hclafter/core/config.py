@@ -260,7 +260,9 @@ class TuneConfig:
     # validations with theirs.
     startup_trials: int = 5
     pruner: str = "median"  # median: stop a trial whose validation is below the median of earlier ones at that step
-    warmup_validations: int = 1  # validations of a trial before the pruner may stop it
+    # Share of a trial's optimizer steps before the pruner may stop it: a run validates every pass over the
+    # training set (hundreds of times in a converged run), and its first phases train only part of the model.
+    warmup: float = 0.5
     # Finished trials before the report estimates parameter importances (fANOVA): fewer give noise.
     importance_trials: int = 10
 
@@ -492,7 +494,7 @@ RANGES: dict[str, tuple[float, bool, Optional[float], bool]] = {
     # A search range's bounds and choices lie within the tuned setting's own range: checked in validate.
     "tune.space.*.low": (-math.inf, False, None, True), "tune.space.*.high": (-math.inf, False, None, True),
     "tune.space.*.choices.*": (-math.inf, False, None, True),
-    "tune.startup_trials": (0, True, 100_000, True), "tune.warmup_validations": (0, True, None, True),
+    "tune.startup_trials": (0, True, 100_000, True), "tune.warmup": (0, True, 1, True),
     "tune.importance_trials": (2, True, None, True),
 }
 # Sections that never change what a run computes (what hclafter tune searches, and how): a run's recorded settings

@@ -205,7 +205,7 @@ def end_round(state: TrainState, r: Round, train_stats: dict[str, float], second
             + ("  (best so far)" if best else ""))
     log_round(state.runtime, p.global_step, p.records[-1], sigmas(state.groups["nga"].items()))
     if state.on_validation is not None:
-        state.on_validation(r.end, val)
+        state.on_validation(r.end, state.rounds[-1].end, val)
 
 
 # --- what the loop works on ---------------------------------------------------------------------
@@ -254,8 +254,9 @@ class TrainState:
     pseudo: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (teacher label, kept) per training image
     teacher: Optional[torch.Tensor] = None  # a finished run's logits per training image (train.distill)
     show: bool = True  # progress bars and evaluation lines
-    # Told (step, validation metrics) after each round, once its state is saved (a tuner's pruner: it may raise).
-    on_validation: Optional[Callable[[int, dict], None]] = None
+    # Told (steps done, steps in all, validation metrics) after each round, once its state is saved (a tuner's
+    # pruner: it may raise).
+    on_validation: Optional[Callable[[int, int, dict], None]] = None
     progress: Progress = field(default_factory=Progress)
     resumed: bool = False  # the progress was loaded from a saved state
     # The selected weights' validation predictions, while this process has them (not after a resume).

@@ -48,8 +48,9 @@ __all__ = ["Figures", "RunError", "TrainingInterrupted", "train_run"]
 
 # Draws a finishing run's figures from its files and summary; returns the PNGs by name.
 Figures = Callable[[Path, dict], dict[str, Path]]
-# Called after every validation of the loop with (step, validation metrics); may raise to stop the run.
-OnValidation = Callable[[int, dict], None]
+# Called after every validation of the loop with (steps done, steps in all, validation metrics); may raise to
+# stop the run.
+OnValidation = Callable[[int, int, dict], None]
 
 
 def train_run(cfg: Config, out_dir: Path, progress: bool = True, resume: bool = False,
