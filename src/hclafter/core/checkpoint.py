@@ -170,6 +170,13 @@ def config_differences(before: dict, after: dict, ignored: Sequence[str] = RUN_N
             if flat_before.get(k) != flat_after.get(k) and k.split(".")[0] not in ignored]
 
 
+def file_differences(recorded: dict, loaded: dict) -> list[str]:
+    """:func:`config_differences` between the config a run recorded when it wrote its config.yaml and
+    that file as loaded now: whole, run-neutral sections too (a cut in them is damage all the same),
+    but those a record from before they existed lacks."""
+    return config_differences(recorded, loaded, [s for s in RUN_NEUTRAL if s not in recorded])
+
+
 def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
     """Dotted keys as overrides name them: lists of mappings or lists by entry (``train.phases.0.epochs``)."""
     flat: dict[str, Any] = {}
@@ -188,7 +195,7 @@ def verify_run_files(run_dir: Path, info: dict, config: dict) -> None:
     records: an edited or damaged config would rebuild another model, or the same one with other
     settings, silently. Runs from before run.json recorded them pass."""
     if "config" in info:
-        changed = config_differences(info["config"], config)
+        changed = file_differences(info["config"], config)
         if changed:
             raise CheckpointError(f"{run_dir / 'config.yaml'} is not the config the run was made with "
                                   f"({'; '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}): it was edited or "

@@ -22,8 +22,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from accelerate.utils import set_seed
 
-from ..core.checkpoint import (config_differences, content_hash, load_checkpoint, load_weights, run_fingerprint,
-                               save_checkpoint, saved_fingerprint)
+from ..core.checkpoint import (config_differences, content_hash, file_differences, load_checkpoint, load_weights,
+                               run_fingerprint, save_checkpoint, saved_fingerprint)
 from ..core.config import Config, to_dict, tuned_groups
 from ..core.emotions import Wheel
 from ..core.files import RunError, read_json, run_lock, write_json, writing
@@ -164,7 +164,7 @@ def _check_unchanged_since_checkpoint(out_dir: Path, saved: Config, fingerprint:
     """The run's config.yaml and split lists must be those its last checkpoint was saved with
     (``fingerprint``): another ``data.root`` or edited splits would continue the run on other data,
     silently."""
-    changed = config_differences(fingerprint["config"], to_dict(saved))
+    changed = file_differences(fingerprint["config"], to_dict(saved))
     if changed:
         raise RunError(f"{out_dir / runfiles.CONFIG} was changed after the run's last checkpoint "
                        f"({_listed(changed)}); the saved state belongs to the settings it was trained with: restore "
