@@ -214,3 +214,14 @@ def test_the_pruner_waits_for_the_warmup_share_of_a_runs_steps():
     report(10, 40, {"accuracy": 0.1})  # a quarter of the way, far below the median: kept
     with pytest.raises(optuna.TrialPruned):
         report(20, 40, {"accuracy": 0.1})
+
+
+def test_two_workers_run_the_configured_first_trial_once(tmp_path, cache_dir):
+    """Both processes of a new study ask for a trial at the same moment; the queued configured trial
+    must go to one of them (SQLite has no row locks: without the ask lock both ran it, and the second
+    failed on the first's run lock, spending a trial of the budget)."""
+    out = tmp_path / "study"
+    tune_module.search([TINY_CONFIG], micro(cache_dir), out, trials=2, workers=2)
+    study = optuna.load_study(study_name="hclafter-tune", storage=f"sqlite:///{out / 'study.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert [t.user_attrs.get("configured", False) for t in study.trials] == [True, False]

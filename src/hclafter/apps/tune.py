@@ -26,6 +26,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from filelock import FileLock
 from omegaconf import OmegaConf
 
 from ..core.checkpoint import config_differences
@@ -45,6 +46,7 @@ from .runs import train
 from .workers import worker_pool
 
 STUDY_NAME = "hclafter-tune"
+ASK_LOCK = ".hclafter.ask.lock"  # in OUT: one process at a time draws a trial (``_run_trials``)
 JOURNAL_SUFFIXES = (".log", ".jsonl")  # a --storage value ending so is a journal file, else an SQLAlchemy URL
 
 
@@ -125,7 +127,7 @@ def _objective(trial: Any, configs: Sequence[str], overrides: Sequence[str], out
     trial.set_user_attr("run", str(folder.relative_to(out)))
     try:
         summary = train_run(cfg, folder, progress, on_validation=pruning(trial, cfg.tune), evaluate_test=False)
-    except RunError as e:  # e.g. a learning rate that diverges: the trial failed, the study goes on
+    except RunError as e:
         trial.set_user_attr("error", str(e))
         raise
     return trial_value(summary, cfg.tune.objective)
@@ -146,10 +148,24 @@ def pruning(trial: Any, tune: TuneConfig) -> Callable[[int, int, dict], None]:
 
 def _run_trials(configs: Sequence[str], overrides: Sequence[str], out: Path, storage: Optional[str], name: str,
                 trials: int, worker: int, progress: bool) -> None:
-    """``trials`` trials of the study in this process (worker number ``worker``, sharing the storage)."""
+    """``trials`` trials of the study in this process (worker number ``worker``, sharing the storage). A
+    trial is drawn under ``OUT/ASK_LOCK``: SQLite has no row locks, so two processes asking at once would
+    both pop the queued trial (the configured one, a retried one) and run it twice. A trial this process
+    leaves unfinished (interrupted, killed) stays running, and the next start retries its settings."""
+    optuna = _optuna()
+    states = optuna.trial.TrialState
     study = load_study(load_config(configs, overrides), storage, out, name, worker)
-    study.optimize(lambda trial: _objective(trial, configs, overrides, out, progress), n_trials=trials,
-                   catch=(RunError,))
+    for _ in range(trials):
+        with FileLock(str(out / ASK_LOCK)):
+            trial = study.ask()
+        try:
+            value = _objective(trial, configs, overrides, out, progress)
+        except optuna.TrialPruned:
+            study.tell(trial, state=states.PRUNED)
+        except RunError:  # e.g. a learning rate that diverges: the trial failed, the study goes on
+            study.tell(trial, state=states.FAIL)
+        else:
+            study.tell(trial, value)
 
 
 def _spent(study: Any) -> int:
