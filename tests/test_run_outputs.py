@@ -140,3 +140,28 @@ def test_a_finished_run_is_not_overwritten_and_resume_is_not_advised(logged_run,
     assert main(["train", "-c", str(TINY_CONFIG), "--out", str(logged_run[0])]) == 2
     err = capsys.readouterr().err
     assert "holds a finished run; choose another --out" in err and "--resume" not in err
+
+
+@pytest.mark.parametrize("every", ["1e9", "0"])
+def test_the_state_is_saved_at_phase_ends_and_improvements_or_on_the_clock(every, tmp_path, cache_dir, monkeypatch):
+    """A save costs about what a validation does: with ``train.state_every_s`` not yet elapsed, a round's end
+    saves only where a phase ends or validation improves (the best weights are written then); with 0, always."""
+    from hclafter.engine.loop import TrainState
+
+    saved, original = [], TrainState.save
+    monkeypatch.setattr(TrainState, "save", lambda self: saved.append(self.progress.global_step) or original(self))
+    out = tmp_path / "run"
+    assert main(["train", "-c", str(TINY_CONFIG), "--out", str(out), "--quiet", f"cache_dir={cache_dir}",
+                 "text.steps=100", f"train.state_every_s={every}", "train.log_with=[]", "train.lr.fusion=1e-12",
+                 "train.phases=[{epochs: 3, train: [fusion]}, {epochs: 1, train: [fusion]}]"]) == 0  # flat
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    best, due = 0.0, []
+    for i, r in enumerate(records):
+        phase_ends = i == len(records) - 1 or records[i + 1]["phase"] != r["phase"]
+        if r["val_accuracy"] > best or phase_ends or every == "0":
+            due.append(r["step"])
+        best = max(best, r["val_accuracy"])
+    assert saved == [0, *due] and len(records) == 4  # 0: the state before the first step
+    assert every == "0" or len(due) < len(records)  # the run must have a round that saves nothing
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())["folder"]
+    assert latest == f"step-{records[-1]['step']:08d}"

@@ -20,7 +20,7 @@ Runs keep the sweep's skip/resume behaviour: finished runs are not submitted, ru
 running from an earlier submission are not submitted twice, runs made with other settings than the
 sweep now plans are refused (or, with ``--rerun-changed``, submitted afresh), and a job starts a run
 afresh or resumes it from its last saved state. A job that reaches its time limit is requeued by submitit and
-resumes where the run last saved (every epoch, or ``train.checkpoint_every_steps``).
+resumes where the run last saved (``train.state_every_s``, ``train.checkpoint_every_steps``).
 """
 from __future__ import annotations
 

@@ -205,7 +205,10 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     consistency_weight: float = 0.1
     distill: DistillConfig = field(default_factory=DistillConfig)
-    # Resumable state is saved after every epoch and, if > 0, every this many steps.
+    # The resumable state is saved at the end of a phase, when validation improves (the best weights are written
+    # then), at a round's end once this many seconds have passed since the last save (0: after every round: a
+    # save costs about as much as a validation), on SIGINT/SIGTERM and, if > 0, every checkpoint_every_steps steps.
+    state_every_s: float = 60.0
     checkpoint_every_steps: int = 0
     on_nonfinite: str = "stop"  # stop: keep the last good state and exit; skip: skip the batch and count it
     # labels: supervised by the dataset's labels (and distributions). pseudo: LaFTer's label-free mode,
@@ -489,6 +492,7 @@ RANGES: dict[str, tuple[float, bool, Optional[float], bool]] = {
     "train.steps": (1, True, 10_000_000, True),
     "train.consistency_weight": (0, True, None, True), "train.distill.weight": (0, True, None, True),
     "train.distill.temperature": (0, False, None, True), "train.checkpoint_every_steps": (0, True, None, True),
+    "train.state_every_s": (0, True, None, True),
     "train.loss.lam": (0, True, 1, True), "train.loss.temperature": (0, False, None, True),
     "train.loss.label_smoothing": (0, True, 1, False), "train.pseudo_threshold": (0, True, 1, True),
     # A search range's bounds and choices lie within the tuned setting's own range: checked in validate.

@@ -5,8 +5,10 @@ resumable state. A round is the training between two validations (``optim.traini
 epoch when the budget is in epochs; with ``train.steps``, cut also at phase ends and every tenth
 of the budget. Everything the loop reads and updates is one :class:`TrainState`.
 
-The state is saved atomically after every round and every ``train.checkpoint_every_steps`` steps;
-a resumed run continues from it and ends with the same summary as an uninterrupted one.
+The state is saved atomically at phase ends, when validation improves, at a round's end once
+``train.state_every_s`` seconds have passed since the last save, every ``train.checkpoint_every_steps``
+steps and on a signal; a resumed run continues from it and ends with the same summary as an
+uninterrupted one (the rounds after the saved state are trained again, identically).
 """
 from __future__ import annotations
 
@@ -196,7 +198,8 @@ def end_round(state: TrainState, r: Round, train_stats: dict[str, float], second
         state.best_val_predictions = val_preds
         state.save_weights("model.safetensors")
     p.rounds_done, p.step_in_round, p.sums = p.rounds_done + 1, 0, dict.fromkeys(SUM_KEYS, 0.0)
-    state.save()
+    if best or state.save_due(r):
+        state.save()
     if state.main:
         append_record(state.out_dir, p.records[-1])
         rec = p.records[-1]
@@ -261,6 +264,7 @@ class TrainState:
     resumed: bool = False  # the progress was loaded from a saved state
     # The selected weights' validation predictions, while this process has them (not after a resume).
     best_val_predictions: Optional[Predictions] = None
+    saved_at: float = field(default_factory=time.monotonic)  # when the state was last saved (or the loop set up)
 
     @property
     def main(self) -> bool:
@@ -318,8 +322,16 @@ class TrainState:
             command += f" (through the same launcher, with {self.runtime.num_processes} processes)"
         return command
 
+    def save_due(self, r: Round) -> bool:
+        """Whether the state is saved at the end of round ``r`` (besides an improvement on validation):
+        at the end of its phase, or once ``train.state_every_s`` have passed since the last save."""
+        done = self.progress.rounds_done
+        phase_ends = done == len(self.rounds) or self.rounds[done].phase_no != r.phase_no
+        return phase_ends or time.monotonic() - self.saved_at >= self.cfg.train.state_every_s
+
     def save(self) -> None:
         """The resumable state, written by the first process while the others wait."""
+        self.saved_at = time.monotonic()
         if self.main:
             with writing(self.out_dir / "checkpoints", self.out_dir):
                 save_state(self.out_dir / "checkpoints", self.progress.global_step, self.plain, self.saved_names,

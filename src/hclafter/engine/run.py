@@ -1,7 +1,7 @@
 """A run end to end: set-up → stage 1 → the stage-2 loop → finish, in a crash-safe run directory.
 
 A run's resumable state (weights, optimizer, scheduler, epoch and step, every random stream) is
-saved atomically after every epoch and every ``train.checkpoint_every_steps`` steps, in
+saved atomically at phase ends, on improvements, every ``train.state_every_s`` seconds (see ``loop.py``), in
 ``checkpoints/step-N/`` with ``checkpoints/latest.json`` pointing at the newest complete one;
 ``train_run(..., resume=True)`` continues from it and ends with the same summary as an
 uninterrupted run. The baselines without a loop (zero-shot CLIP, the text-only classifier, the
