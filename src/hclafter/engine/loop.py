@@ -48,7 +48,7 @@ RESUME_READS = ("model.safetensors", "text_classifier.safetensors", "checkpoints
 
 
 def fit(state: TrainState, stop: dict) -> None:
-    """Train every remaining round; after each, validate, keep the best weights (on val) and save.
+    """Train every remaining round; after each, validate, keep the best weights (on val) and save when due.
     ``stop["signum"]``, set by a signal handler, ends the run at the next step with its state saved."""
     rounds, p = state.rounds, state.progress
     if state.resumed and state.main:
@@ -179,7 +179,7 @@ def _backward(state: TrainState, loss: torch.Tensor) -> Optional[str]:
 
 
 def end_round(state: TrainState, r: Round, train_stats: dict[str, float], seconds: float) -> None:
-    """Validate, log the round, keep the weights if they are the best on val so far, save the state."""
+    """Validate, log the round, keep the weights if they are the best on val so far, save the state when due."""
     p = state.progress
     # What the model's predictions mix (Tip-Adapter-F's α, β; CLIP-Adapter's ratio), chosen on val first.
     chosen = state.plain.select(state.val_features) if state.val_features is not None else {}
@@ -257,8 +257,8 @@ class TrainState:
     pseudo: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (teacher label, kept) per training image
     teacher: Optional[torch.Tensor] = None  # a finished run's logits per training image (train.distill)
     show: bool = True  # progress bars and evaluation lines
-    # Told (steps done, steps in all, validation metrics) after each round, once its state is saved (a tuner's
-    # pruner: it may raise).
+    # Told (steps done, steps in all, validation metrics) after each round (a tuner's pruner: it may raise; a
+    # pruned trial is never resumed, so the saved state may be older).
     on_validation: Optional[Callable[[int, int, dict], None]] = None
     progress: Progress = field(default_factory=Progress)
     resumed: bool = False  # the progress was loaded from a saved state
