@@ -7,7 +7,9 @@ features. They are stored on disk instead, keyed by backbone identity, extractio
 transform and image file identity, and shared by every epoch and every run (of a sweep) with the
 same key (whether that holds is the method's answer: ``models.cache_applies``); each image's
 features carry a digest, checked whenever a run opens the file. The image store
-(``data/store.py``) holds decoded pixels for every other run.
+(``data/store.py``) holds decoded pixels for every other run. A phase that leaves a prompted
+tower's features unchanged reads them encoded once, in memory (``encode_split``; the loop's
+``TrainState.read_inputs_of``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 from tqdm.auto import tqdm
 
 from ..core.config import Config
@@ -161,6 +163,41 @@ class CachedFeatures(Dataset):
         return {"image": torch.from_numpy(np.array(self.features[self.rows[index]])),
                 "label": self.images.samples[index].label, "distribution": self.images.distributions[index],
                 "index": index}
+
+
+class EncodedSplit(Dataset):
+    """A split's batches as the loop reads them, each image replaced once by the model's
+    ``forward_features`` ([layers, D], under the same "image" key): the dataset of a phase whose
+    training leaves those features unchanged (``models.phase_reads_features``), held in memory."""
+
+    def __init__(self, items: dict[str, torch.Tensor]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items["image"])
+
+    def __getitem__(self, index: int) -> dict:
+        return {key: value[index] for key, value in self.items.items()}
+
+
+@torch.no_grad()
+def encode_split(model: StagedClassifier, dataset: Dataset, view: Optional[InputView], batch_size: int,
+                 runtime: Runtime) -> EncodedSplit:
+    """Every item of ``dataset`` in order, its image through ``view`` (image-store rows) and the
+    model's current ``forward_features``, in evaluation mode and the run's precision."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(dataset), batch_size):  # batched by hand: a DataLoader would draw from torch's RNG
+        batch = default_collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        images = batch["image"].to(runtime.device)
+        with runtime.autocast():
+            batch["image"] = model.forward_features(images if view is None else view(images, train=False))
+        batch["image"] = batch["image"].transpose(0, 1).float().cpu()
+        for key, value in batch.items():
+            parts.setdefault(key, []).append(value)
+    model.train(was_training)
+    return EncodedSplit({key: torch.cat(values) for key, values in parts.items()})
 
 
 def cached_datasets(model: torch.nn.Module, datasets: dict[str, EmotionImages], wheel: Wheel, backbone: Backbone,

@@ -33,10 +33,12 @@ from ..core.files import RunError, writing
 from ..core.metrics import HEADLINE
 from ..core.progress import bar, interactive, say
 from ..core.runtime import Runtime
+from ..data import make_loader
 from ..data.store import InputView
-from ..models import LabelledFeatures, StagedClassifier
+from ..models import LabelledFeatures, StagedClassifier, phase_reads_features
 from ..models.losses import stage_consistency_loss, stage_distillation_loss, task_loss
 from .evaluation import Predictions, compute_metrics, predict
+from .inputs import encode_split
 from .optim import Groups, Round, learning_rates, set_trainable, training_rounds
 from .runfiles import append_record, write_records
 from .tracking import log_round, log_step, sigmas
@@ -53,12 +55,17 @@ def fit(state: TrainState, stop: dict) -> None:
     rounds, p = state.rounds, state.progress
     if state.resumed and state.main:
         say(f"resuming {state.out_dir} at {_position(state)} ({p.global_step} steps done)")
-    while p.rounds_done < len(rounds):
-        r = rounds[p.rounds_done]
-        set_trainable(state.plain, state.groups, phase_groups(r.phase, state.cfg.train.train_backbone), r.phase.stages)
-        started = time.time()
-        train_stats = train_round(state, r, stop)
-        end_round(state, r, train_stats, time.time() - started)
+    try:
+        while p.rounds_done < len(rounds):
+            r = rounds[p.rounds_done]
+            groups = phase_groups(r.phase, state.cfg.train.train_backbone)
+            set_trainable(state.plain, state.groups, groups, r.phase.stages)
+            state.read_inputs_of(r.phase_no, groups)
+            started = time.time()
+            train_stats = train_round(state, r, stop)
+            end_round(state, r, train_stats, time.time() - started)
+    finally:
+        state.read_inputs_of(None)
 
 
 def train_round(state: TrainState, r: Round, stop: dict) -> dict[str, float]:
@@ -74,7 +81,7 @@ def train_round(state: TrainState, r: Round, stop: dict) -> dict[str, float]:
     batches = bar(itertools.islice(loader, r.steps - p.step_in_round), state.round_name(r), state.show,
                   total=r.steps, initial=p.step_in_round)
     for batch in batches:
-        if state.view is not None:
+        if state.view is not None and not state.from_features:
             batch["image"] = state.view(batch["image"], train=True)
         try:
             step = train_step(state, batch, r.phase)
@@ -265,6 +272,8 @@ class TrainState:
     # The selected weights' validation predictions, while this process has them (not after a resume).
     best_val_predictions: Optional[Predictions] = None
     saved_at: float = field(default_factory=time.monotonic)  # when the state was last saved (or the loop set up)
+    encoded_phase: Optional[int] = None  # the phase whose encoded images the train and val loaders give
+    image_inputs: Optional[tuple[dict[str, DataLoader], Any]] = None  # the image loaders and sampler meanwhile
 
     @property
     def main(self) -> bool:
@@ -294,10 +303,35 @@ class TrainState:
         steps = f"step {r.end}" if r.steps == 1 else f"steps {r.end - r.steps + 1}-{r.end}"
         return f"{steps} of {self.total_steps} (phase {r.phase_no})"
 
+    def read_inputs_of(self, phase_no: Optional[int], groups: frozenset[str] | set[str] = frozenset()) -> None:
+        """Make the loaders those of phase ``phase_no`` training ``groups`` (None: of the test after
+        training). A phase whose training leaves each image's features unchanged
+        (``models.phase_reads_features``) encodes the training and validation images once when it
+        starts, and its steps and validations read those features: the same numbers, without running
+        the image tower each time. Runs reading the feature cache already, and every other phase,
+        read what the run prepared."""
+        reads_images = self.encoded_phase is not None or not self.from_features
+        encode = phase_no is not None and reads_images and phase_reads_features(self.cfg, set(groups))
+        if (phase_no if encode else None) == self.encoded_phase:
+            return
+        if self.image_inputs is not None:
+            (self.loaders, self.train_sampler), self.image_inputs = self.image_inputs, None
+            self.from_features, self.encoded_phase = False, None
+        if encode:
+            self.image_inputs = (self.loaders, self.train_sampler)
+            data = self.cfg.data
+            train, val = (encode_split(self.plain, self.loaders[s].dataset, self.view, data.eval_batch_size,
+                                       self.runtime) for s in ("train", "val"))
+            train_loader = make_loader(train, data.batch_size, shuffle=True, seed=self.cfg.seed)
+            self.train_sampler = train_loader.sampler
+            self.loaders = {**self.loaders, "train": self.runtime.prepare_data_loader(train_loader),
+                            "val": self.runtime.prepare_data_loader(make_loader(val, data.eval_batch_size, False, 0))}
+            self.from_features, self.encoded_phase = True, phase_no
+
     def classify(self, inputs: torch.Tensor, images: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused and per-stage logits of the loaders' inputs, or of ``images`` when the loaders give
         cached features."""
-        if self.view is not None:
+        if self.view is not None and not (self.from_features and not images):
             inputs = self.view(inputs, train=False)
         with self.runtime.autocast():
             out = self.plain(inputs, return_stages=True, from_features=self.from_features and not images)

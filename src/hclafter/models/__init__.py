@@ -23,7 +23,8 @@ from .segmented import SegmentedLaFTer
 
 __all__ = ["METHODS", "NGA", "CLIPAdapter", "CascadeCLIPClassifier", "CoOp", "HybridCascadeLaFTer", "LabelledFeatures",
            "LinearProbe", "ModelOutput", "SegmentedLaFTer", "StagedClassifier", "TextAnchoredProbe", "TipAdapter",
-           "TipAdapterF", "build_model", "cache_applies", "check_config", "method_class", "run_groups"]
+           "TipAdapterF", "build_model", "cache_applies", "check_config", "method_class", "phase_reads_features",
+           "run_groups"]
 
 METHODS: dict[str, type[StagedClassifier]] = {
     "hybrid": HybridCascadeLaFTer,
@@ -75,8 +76,21 @@ def check_config(cfg: Config) -> None:
 def cache_applies(cfg: Config) -> bool:
     """Whether the image tower's output is fixed for the whole run, so that every image is encoded once
     into the feature cache (``engine/inputs.py``)."""
-    return (cfg.train.feature_cache and method_class(cfg.model.method).fixed_features(cfg.model, run_groups(cfg))
-            and cfg.train.supervision == "labels" and cfg.data.train_augment == "none")
+    return (_deterministic_inputs(cfg)
+            and method_class(cfg.model.method).fixed_features(cfg.model, run_groups(cfg)))
+
+
+def phase_reads_features(cfg: Config, groups: set[str]) -> bool:
+    """Whether a phase that trains ``groups`` sees each image's ``forward_features`` unchanged from its
+    first step to its last (the visual prompts at the values the phase starts with): then the phase
+    encodes every image once (``engine/loop.py``) instead of at every step and validation."""
+    method = method_class(cfg.model.method)
+    return _deterministic_inputs(cfg) and method.supports_feature_cache and not groups & method.feature_groups
+
+
+def _deterministic_inputs(cfg: Config) -> bool:
+    """Training images reach the tower the same way at every pass (no random view), and features may be reused."""
+    return cfg.train.feature_cache and cfg.train.supervision == "labels" and cfg.data.train_augment == "none"
 
 
 def run_groups(cfg: Config) -> set[str]:

@@ -45,6 +45,9 @@ class StagedClassifier(nn.Module):
     shared_classifier: ClassVar[bool] = True
     # Whether ``forward_features`` is a fixed function of the image when no tower part trains.
     supports_feature_cache: ClassVar[bool] = False
+    # The training groups that change what ``forward_features`` computes: the tower's own weights and,
+    # where the prompts are visual (placed in the image tower), the prompts.
+    feature_groups: ClassVar[frozenset[str]] = frozenset({"prompts", "layernorms", "backbone"})
     # False: no gradient step trains the model; ``fit`` sets its weights and the run has no stage-2 loop
     # (its phases do not apply), and ``fitted_groups`` are the groups the fit sets.
     trained_by_gradient: ClassVar[bool] = True
@@ -77,10 +80,11 @@ class StagedClassifier(nn.Module):
 
     @classmethod
     def fixed_features(cls, cfg: ModelConfig, tuned: set[str]) -> bool:
-        """Whether ``forward_features`` is a fixed function of the image while the groups ``tuned``
-        train, so that it can be cached: no visual prompts, no tuned part of the image tower."""
-        tower = {"prompts", "layernorms", "backbone"}
-        return cls.supports_feature_cache and cfg.prompt_tokens == 0 and not tuned & tower
+        """Whether ``forward_features`` is the same function of the image whatever the run's seed, while
+        the groups ``tuned`` train, so that it can be cached on disk: no visual prompts (their values are
+        the run's own), nothing in ``feature_groups`` tuned."""
+        return (cls.supports_feature_cache and not tuned & cls.feature_groups
+                and ("prompts" not in cls.feature_groups or cfg.prompt_tokens == 0))
 
     @classmethod
     def check_stages(cls, stages: Sequence[Sequence[int]], depth: int) -> list[list[int]]:

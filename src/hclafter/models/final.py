@@ -7,7 +7,6 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..core.config import ModelConfig
 from .backbone import Backbone
 from .base import ModelOutput, StagedClassifier
 from .vit import check_vit, cls_after_blocks, embed_patches, project
@@ -18,6 +17,7 @@ class FinalFeatureClassifier(StagedClassifier):
     (``classify``, in each subclass) maps a batch [B, D] to class scores."""
 
     supports_feature_cache = True
+    feature_groups = frozenset({"layernorms", "backbone"})  # no visual prompts here (CoOp's are in the text)
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -30,11 +30,6 @@ class FinalFeatureClassifier(StagedClassifier):
     def check_stages(cls, stages: Sequence[Sequence[int]], depth: int) -> list[list[int]]:
         """The final block alone: ``model.stages`` does not apply to these methods."""
         return [[depth]]
-
-    @classmethod
-    def fixed_features(cls, cfg: ModelConfig, tuned: set[str]) -> bool:
-        """No visual prompts here: fixed unless the tower's own weights train."""
-        return not tuned & {"layernorms", "backbone"}
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         return project(self.visual, cls_after_blocks(self.visual, embed_patches(self.visual, images), [self.depth]))
