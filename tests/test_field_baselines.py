@@ -120,6 +120,8 @@ def test_coop_context_changes_the_text_features_and_has_the_right_shapes(tiny_ba
         model.context.copy_(x.expand_as(model.context))
         written = clip.encode_text(tiny_backbone.tokenizer(prompts))
         assert model.class_features().shape == (8, 32)
+        # the tower runs up to the longest prompt's end token only: with its causal mask, the same features
+        assert model.tokens.shape[1] == int(tiny_backbone.tokenizer(prompts).argmax(dim=-1).max()) + 1 < 77
         assert torch.allclose(model.class_features(), written, atol=1e-5)
         assert model.classify(torch.randn(3, 32)).shape == (3, 8)
         before = model.class_features()

@@ -33,10 +33,24 @@ class TextTower(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Token embeddings [N, L, W] and the token ids they stand for [N, L] (which locate the end of
-        each text) → text features [N, D]."""
-        x = self.transformer(embeddings + self.positional_embedding.to(embeddings.dtype), attn_mask=self.attn_mask)
+        each text; L may stop short of the context length, see :func:`pooled_length`) → text features [N, D]."""
+        n = embeddings.shape[1]
+        mask = None if self.attn_mask is None else self.attn_mask[:n, :n]
+        x = self.transformer(embeddings + self.positional_embedding[:n].to(embeddings.dtype), attn_mask=mask)
         x = text_global_pool(self.ln_final(x), tokens, self.pool_type, eos_token_id=self.eos_id)
         return self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+
+
+def pooled_length(clip: nn.Module, tokens: torch.Tensor) -> int:
+    """The positions the pooled text features depend on: up to the last text's end token when the
+    tower's mask is causal (a position sees only those before it), so the padding after it need not
+    run through the tower at every step (about a quarter of the 77 positions for CoOp's prompts);
+    all of them otherwise."""
+    pool = clip.text_pool_type
+    if clip.attn_mask is None or pool not in ("argmax", "eos"):
+        return tokens.shape[1]
+    ends = tokens.argmax(dim=-1) if pool == "argmax" else (tokens == clip.text_eos_id).int().argmax(dim=-1)
+    return int(ends.max()) + 1
 
 
 class CoOp(FinalFeatureClassifier):
@@ -57,6 +71,7 @@ class CoOp(FinalFeatureClassifier):
             raise TextCorpusError(f"model.context_tokens={context_tokens}: the prompt {prompts[long[0]]!r} exceeds the "
                                   f"text context of {backbone.tokenizer.context_length} tokens; use fewer")
         tokens = backbone.tokenizer(prompts)
+        tokens = tokens[:, :pooled_length(clip, tokens)]
         with torch.no_grad():
             embedded = clip.token_embedding(tokens).float()
         self.text = TextTower(clip)
