@@ -242,3 +242,24 @@ def test_a_parallel_sweep_gives_the_runs_of_a_sequential_one(tmp_path, cache_dir
     assert all(run_status(r) == "done" for r in parallel)
     with pytest.raises(ConfigError, match="--workers 0"):
         execute(parallel, workers=0)
+
+
+def test_parallel_runs_start_with_the_largest_step_budget(tmp_path):
+    """Processes take the runs longest first, so that no long run starts while the others run out of work;
+    runs without a step budget keep their order after those with one."""
+    from hclafter.apps.sweep import longest_first
+
+    for steps in (10, 40):
+        (tmp_path / f"steps{steps}.yaml").write_text(f"train: {{steps: {steps}}}\n")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base": [str(TINY_CONFIG)], "seeds": [0, 1],
+        "methods": {"textonly": str(METHODS / "textonly.yaml"),
+                    "lafter": [str(METHODS / "lafter.yaml"), str(tmp_path / "steps40.yaml")],
+                    "hybrid": [str(METHODS / "hybrid.yaml"), str(tmp_path / "steps10.yaml")]}}))
+    runs = plan(sweep, tmp_path / "out").runs
+    planned = [(r.method, r.seed) for r in runs]
+    expected = ([m for m in planned if m[0] == "lafter"] + [m for m in planned if m[0] == "hybrid"]
+                + [m for m in planned if m[0] == "textonly"])
+    assert [(r.method, r.seed) for r in longest_first(runs)] == expected
+    assert planned != expected  # the plan itself starts elsewhere
