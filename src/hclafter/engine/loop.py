@@ -331,10 +331,11 @@ class TrainState:
     def classify(self, inputs: torch.Tensor, images: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused and per-stage logits of the loaders' inputs, or of ``images`` when the loaders give
         cached features."""
-        if self.view is not None and not (self.from_features and not images):
+        features = self.from_features and not images
+        if self.view is not None and not features:
             inputs = self.view(inputs, train=False)
         with self.runtime.autocast():
-            out = self.plain(inputs, return_stages=True, from_features=self.from_features and not images)
+            out = self.plain(inputs, return_stages=True, from_features=features)
         return out.logits, out.stage_logits
 
     def evaluate(self, split: str, progress: Optional[bool] = None) -> tuple[dict, Predictions]:
