@@ -272,8 +272,8 @@ class TrainState:
     # The selected weights' validation predictions, while this process has them (not after a resume).
     best_val_predictions: Optional[Predictions] = None
     saved_at: float = field(default_factory=time.monotonic)  # when the state was last saved (or the loop set up)
-    encoded_phase: Optional[int] = None  # the phase whose encoded images the train and val loaders give
-    image_inputs: Optional[tuple[dict[str, DataLoader], Any]] = None  # the image loaders and sampler meanwhile
+    # While the train and val loaders give a phase's encoded images: that phase, and the image loaders and sampler.
+    encoded: Optional[tuple[int, dict[str, DataLoader], Any]] = None
 
     @property
     def main(self) -> bool:
@@ -310,15 +310,15 @@ class TrainState:
         starts, and its steps and validations read those features: the same numbers, without running
         the image tower each time. Runs reading the feature cache already, and every other phase,
         read what the run prepared."""
-        reads_images = self.encoded_phase is not None or not self.from_features
+        reads_images = self.encoded is not None or not self.from_features
         encode = phase_no is not None and reads_images and phase_reads_features(self.cfg, set(groups))
-        if (phase_no if encode else None) == self.encoded_phase:
+        if (phase_no if encode else None) == (self.encoded[0] if self.encoded else None):
             return
-        if self.image_inputs is not None:
-            (self.loaders, self.train_sampler), self.image_inputs = self.image_inputs, None
-            self.from_features, self.encoded_phase = False, None
+        if self.encoded is not None:
+            (_, self.loaders, self.train_sampler), self.encoded = self.encoded, None
+            self.from_features = False
         if encode:
-            self.image_inputs = (self.loaders, self.train_sampler)
+            images = (self.loaders, self.train_sampler)
             data = self.cfg.data
             train, val = (encode_split(self.plain, self.loaders[s].dataset, self.view, data.eval_batch_size,
                                        self.runtime) for s in ("train", "val"))
@@ -326,7 +326,7 @@ class TrainState:
             self.train_sampler = train_loader.sampler
             self.loaders = {**self.loaders, "train": self.runtime.prepare_data_loader(train_loader),
                             "val": self.runtime.prepare_data_loader(make_loader(val, data.eval_batch_size, False, 0))}
-            self.from_features, self.encoded_phase = True, phase_no
+            self.from_features, self.encoded = True, (phase_no, *images)
 
     def classify(self, inputs: torch.Tensor, images: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused and per-stage logits of the loaders' inputs, or of ``images`` when the loaders give
