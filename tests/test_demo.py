@@ -14,7 +14,7 @@ from hclafter.engine.frozen import zeroshot_eval
 from hclafter.core.config import load_config
 from hclafter.data import load_splits
 from hclafter.apps.cli import build_parser, command
-from hclafter.apps.demo import (METHODS, TOY_CLIP_ZEROSHOT_ACCURACY, cmd_demo, demo_budgets, demo_config,
+from hclafter.apps.demo import (METHODS, TOY_CLIP_ZEROSHOT_ACCURACY, cmd_demo, demo_budgets, demo_config, demo_methods,
                                 demo_descriptions, demo_plan, format_table, plot_comparison, toy_clip_dir,
                                 toy_clip_model_cfg, verdicts, write_demo_report)
 from hclafter.core.emotions import MIKELS8
@@ -139,11 +139,24 @@ def test_demo_runs_every_method_with_its_own_schedule_and_the_demo_settings():
     plan = demo_plan(Path("/tmp/x"), 2, "clean")
     assert len(plan) == 2 * len(METHODS) and {r.seed for r in plan} == {0, 1}
     assert all(load_config(r.configs, r.overrides).data.synthetic.world == "clean" for r in plan[:2])
+    assert all(load_config(r.configs, r.overrides).train.log_with == [] for r in plan[:2])
+
+
+def test_the_ablations_are_rows_after_the_headline_only_when_asked_for():
+    assert "hybrid_no_adapters" not in METHODS and demo_methods() == METHODS
+    with_ablations = demo_methods(ablations=True)
+    at = with_ablations.index("hybrid")
+    assert with_ablations[at + 1:at + 3] == ("hybrid_no_adapters", "hybrid_shared_adapter")
+    assert [m for m in with_ablations if m in METHODS] == list(METHODS)
+    plan = demo_plan(Path("/tmp/x"), 1, "clean", methods=with_ablations)
+    assert [r.method for r in plan] == list(with_ablations)
+    assert build_parser().parse_args(["demo", "--ablations"]).ablations
+    assert not build_parser().parse_args(["demo"]).ablations
 
 
 def test_every_trained_demo_method_has_its_studied_step_budget():
     budgets = demo_budgets()
-    trained = {m for m in METHODS if demo_config(method=m).mode == "train"
+    trained = {m for m in demo_methods(ablations=True) if demo_config(method=m).mode == "train"
                and method_class(demo_config(method=m).model.method).trained_by_gradient}
     assert set(budgets) == trained  # none falls back to its config's epochs
     assert all(demo_config(method=m).train.steps == budgets[m] for m in trained)
@@ -183,9 +196,10 @@ def test_the_report_page_splits_the_wide_table_and_states_both_times(tmp_path):
     (tmp_path / "plots" / "world_samples.png").write_bytes((tmp_path / "plots" / "accuracy.png").read_bytes())
     info = {"world": "mixed", "world_description": "x.", "worlds": ["mixed"], "seeds": 3, "classes": ["a", "b"],
             "num_samples": {"train": 1, "val": 1, "test": 1}, "random_backbone": False, "workers": 2,
-            "time_s": 12.4, "runs_wall_s": 3600.0}
+            "time_s": 12.4, "runs_wall_s": 3600.0, "ablations": True}
     write_demo_report(tmp_path, rows, 0.125, info)
     md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    assert "--seeds 3 --ablations`" in md  # the re-run line runs the same rows
     assert "12 s for this invocation" in md and "the runs' own wall times add up to 3600 s, in 2 process(es)" in md
     assert md.count("\n| method |") == 1  # one table in report.md
     # the page: two tables of at most 7 columns each, every row in both, the method first

@@ -257,13 +257,12 @@ def _add_serve(sub: Subparsers) -> None:
 
 
 def _add_demo(sub: Subparsers) -> None:
-    p = sub.add_parser("demo", help="every method, control and ablation on a synthetic emotion world with the "
-                                    "shipped toy CLIP, over seeds (no download; about 18 minutes on 2 CPU cores with "
-                                    "3 seeds, 6 with --seeds 1)",
+    p = sub.add_parser("demo", help="every method, baseline and the control on a synthetic emotion world with the "
+                                    "shipped toy CLIP, over seeds (no download; MINUTES)",
                        description="The demo is a sweep: zero-shot CLIP, the text-only classifier, the linear probe, Tip-Adapter-F, "
                                    "CLIP-Adapter, CoOp, LaFTer (label-free), LaFTer-sup, the capacity-matched control "
-                                   "LaFTer-sup + adapter, HybridCascade-LaFTer, two of its ablations and the "
-                                   "Cascade-CLIP-style baseline, each with its own method "
+                                   "LaFTer-sup + adapter, HybridCascade-LaFTer and the "
+                                   "Cascade-CLIP-style baseline (--ablations: two of the hybrid's ablations too), each with its own method "
                                    "config and the shipped toy CLIP, on a named synthetic world. It prints the table "
                                    "(mean ± std over seeds, paired differences with the headline method, verdicts) and "
                                    "writes a Markdown and an HTML report. Nothing is downloaded. The world is "
@@ -278,6 +277,9 @@ def _add_demo(sub: Subparsers) -> None:
     p.add_argument("--workers", type=int, default=DEMO_WORKERS, metavar="N",
                    help=f"runs in N local processes, each with 1/N of the torch threads (default {DEMO_WORKERS}: the "
                         "fastest on 2 CPU cores, see BENCHMARKS.md; a run's threads are in its run.json)")
+    p.add_argument("--ablations", action="store_true",
+                   help="also the hybrid without adapters and with one shared adapter (is it the layers or the adapter "
+                        "capacity?); they add about half again to the time")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=("demo", "cmd_demo"))
 

@@ -1,10 +1,12 @@
-"""hclafter demo: every method, its controls and ablations on a synthetic emotion world, with a
-small aligned CLIP, over several seeds, and a table that follows the evidence protocol.
+"""hclafter demo: every method, the field's baselines and the capacity-matched control on a synthetic
+emotion world, with a small aligned CLIP, over several seeds, and a table that follows the evidence
+protocol.
 
-The demo is a sweep: zero-shot CLIP, the text-only classifier, LaFTer (label-free), LaFTer-sup,
-the capacity-matched control LaFTer-sup + adapter, HybridCascade-LaFTer, two of its ablations and
-the Cascade-CLIP-style baseline, each with its own method config and the shipped toy CLIP, on a
-named world (default: mixed, which hurts global and fine cues alike). It prints the table
+The demo is a sweep: zero-shot CLIP, the text-only classifier, the linear probe, Tip-Adapter-F,
+CLIP-Adapter, CoOp, LaFTer (label-free), LaFTer-sup, the capacity-matched control LaFTer-sup +
+adapter, HybridCascade-LaFTer and the Cascade-CLIP-style baseline (with ``ablations``, two of the
+hybrid's ablations too), each with its own method config and the shipped toy CLIP, on a named world
+(default: mixed, which hurts global and fine cues alike). It prints the table
 (mean ± std over seeds, paired differences with the headline method, verdicts) and writes a
 Markdown and an HTML report. Nothing is downloaded. The world is synthetic: its numbers show the
 methods working end to end, not what they achieve on real photographs.
@@ -41,14 +43,26 @@ from .sweep import SweepRun, execute
 # it was measured on when it was trained, 150 images per class), as
 # `zeroshot_eval(demo_config(world="wild"), "test")` gives it on CPU; README's quick start shows it too.
 TOY_CLIP_ZEROSHOT_ACCURACY = 0.608
-# The demo's rows, in table order: method config (resources/methods/) → role.
+# The demo's rows, in table order (method configs of resources/methods/).
 METHODS = ("zeroshot", "textonly", "linear_probe", "tip_adapter_f", "clip_adapter", "coop", "lafter_pseudo", "lafter",
-           "lafter_adapter", "hybrid", "hybrid_no_adapters", "hybrid_shared_adapter", "cascadeclip")
+           "lafter_adapter", "hybrid", "cascadeclip")
 HEADLINE, REFERENCE = "hybrid", "lafter"
 # The verdicts beneath the table: the headline against the capacity-matched control, and against the
 # strongest baseline, i.e. the row with the best mean validation accuracy (never test) that is neither
 # the headline, the control nor one of the headline's ablations.
-CONTROL, ABLATIONS = "lafter_adapter", ("hybrid_no_adapters", "hybrid_shared_adapter")
+CONTROL = "lafter_adapter"
+# Rows after the headline's with --ablations: is it the layers or the adapter capacity? Not run by
+# default since they took 36 % of the demo's time (the no-adapter ablation needs 3200 steps), which
+# kept `make demo` above its 8 minutes (BENCHMARKS.md, issue 23).
+ABLATIONS = ("hybrid_no_adapters", "hybrid_shared_adapter")
+
+
+def demo_methods(ablations: bool = False) -> tuple[str, ...]:
+    """The demo's rows in table order, the ablations (when asked for) after the headline's."""
+    if not ablations:
+        return METHODS
+    at = METHODS.index(HEADLINE) + 1
+    return METHODS[:at] + ABLATIONS + METHODS[at:]
 
 
 def _resource(*parts: str) -> Path:
@@ -81,9 +95,10 @@ def demo_budgets() -> dict[str, int]:
     fixed on validation by scripts/budget_study.py."""
     path = _resource("demo_budgets.yaml")
     budgets = yaml.safe_load(path.read_text(encoding="utf-8"))
-    unknown = set(budgets) - set(METHODS)
+    known = demo_methods(ablations=True)
+    unknown = set(budgets) - set(known)
     if unknown:
-        raise ValueError(f"{path}: {sorted(unknown)} are not demo methods ({', '.join(METHODS)})")
+        raise ValueError(f"{path}: {sorted(unknown)} are not demo methods ({', '.join(known)})")
     return budgets
 
 
@@ -91,9 +106,10 @@ def _demo_run(out_dir: Optional[Path], weights: Optional[Path], device: str, met
               world: str) -> tuple[list[Path], list[str]]:
     """Config files and overrides of one demo run: the method's config, then the demo's settings
     (which replace the method's prompt count, learning rates and data), its step budget, the shipped
-    files, the world."""
+    files, the world. No TensorBoard events: the demo reads metrics.jsonl, and logging each step took
+    4 % of a run's time (BENCHMARKS.md, issue 23)."""
     budget = demo_budgets().get(method)
-    overrides = [f"device={device}", "backbone.name=toy-clip", f"seed={seed}",
+    overrides = [f"device={device}", "backbone.name=toy-clip", f"seed={seed}", "train.log_with=[]",
                  *([] if budget is None else [f"train.steps={budget}"]),
                  f"backbone.pretrained={weights or toy_clip_dir() / 'toy_clip.safetensors'}",
                  f"text.descriptions={demo_descriptions()}", f"data.synthetic.world={world}",
@@ -109,12 +125,12 @@ def demo_config(out_dir: Optional[Path] = None, weights: Optional[Path] = None, 
     return load_config(*_demo_run(out_dir, weights, device, method, seed, world))
 
 
-def demo_plan(out: Path, seeds: int, world: str, weights: Optional[Path] = None,
-              device: str = "auto") -> list[SweepRun]:
+def demo_plan(out: Path, seeds: int, world: str, weights: Optional[Path] = None, device: str = "auto",
+              methods: Sequence[str] = METHODS) -> list[SweepRun]:
     """Every run of the demo, seed by seed, as sweep runs under ``out/runs/<world>/<method>/seed<k>``."""
     runs = []
     for seed in range(seeds):
-        for method in METHODS:
+        for method in methods:
             configs, overrides = _demo_run(out, weights, device, method, seed, world)
             runs.append(SweepRun(world, method, load_config(configs, overrides).name or method, "", seed, configs,
                                  overrides, out / "runs" / world / method / f"seed{seed}"))
@@ -238,7 +254,7 @@ Example test images, one emotion per row ({', '.join(info['classes'])}):
 Runs (configs, metrics per epoch, predictions): `runs/{world}/<method>/seed<k>/`; `hclafter report` on one
 draws its confusion matrices and curves.
 
-Re-run: `hclafter demo --out {out} --world {world} --seeds {info['seeds']}`; other worlds:
+Re-run: `hclafter demo --out {out} --world {world} --seeds {info['seeds']}{' --ablations' * info['ablations']}`; other worlds:
 {', '.join(info['worlds'])}; train on real data: see README ("Running on real data").
 """
     path = out / "report.md"
@@ -264,33 +280,35 @@ def _say(message: str) -> None:
 
 
 def run_demo(out: Path, device: str = "auto", progress: bool = True, weights: Optional[Path] = None, seeds: int = 3,
-             world: str = DEFAULT_WORLD, workers: int = 1) -> dict:
+             world: str = DEFAULT_WORLD, workers: int = 1, ablations: bool = False) -> dict:
     """Everything ``hclafter demo`` does; returns the results (also written to ``out/results.json``).
     Finished runs of an earlier demo with the same settings are reused. The runs go through
     ``workers`` local processes and draw no figures of their own (the report needs none of them;
     ``hclafter report RUN`` draws a run's).
 
-    ``weights``: another toy-CLIP weights file (e.g. one written by ``scripts/train_toy_clip.py``).
+    ``weights``: another toy-CLIP weights file (e.g. one written by ``scripts/train_toy_clip.py``);
+    ``ablations``: two of the hybrid's ablations as rows too.
     """
     started = time.time()
     out = Path(out).resolve()
     description = read_world(world).description
     cfg = demo_config(out, weights, device, world=world)
-    _say(f"hclafter demo: {len(METHODS)} methods x {seeds} seed(s) with a small CLIP on a SYNTHETIC emotion world "
+    keys = demo_methods(ablations)
+    _say(f"hclafter demo: {len(keys)} methods x {seeds} seed(s) with a small CLIP on a SYNTHETIC emotion world "
          f"({world}: {description})\n(shipped weights, no download; the numbers show the methods working, "
          "not real-photo results)")
     data = load_splits(cfg.data, cfg.seed, cache_dir_of(cfg))
     _say(" / ".join(f"{len(data[s])} {s}" for s in ("train", "val", "test")) + " images")
-    runs = demo_plan(out, seeds, world, weights, device)
+    runs = demo_plan(out, seeds, world, weights, device, keys)
     execute(runs, progress, workers=workers, figures=False)
     methods = [MethodRuns(m, next(r.name for r in runs if r.method == m), [r.out for r in runs if r.method == m])
-               for m in METHODS]
+               for m in keys]
     rows = comparison_rows(methods, HEADLINE, REFERENCE)
     holm_correct([r["comparison"] for r in rows if r["comparison"] is not None])
     chance = 1.0 / data.wheel.num_classes
     info = {"world": world, "world_description": description, "worlds": available_worlds(), "seeds": seeds,
             "classes": list(data.wheel.classes), "num_samples": {s: len(data[s]) for s in ("train", "val", "test")},
-            "random_backbone": random_backbone(runs[0].out), "workers": workers,
+            "random_backbone": random_backbone(runs[0].out), "workers": workers, "ablations": ablations,
             "runs_wall_s": sum(runfiles.read_info(r.out)["wall_time_s"] for r in runs)}
     plot_comparison(rows, chance, out / "plots" / "accuracy.png", world)
     _save_world_samples(data, out / "plots" / "world_samples.png")
@@ -305,5 +323,5 @@ def run_demo(out: Path, device: str = "auto", progress: bool = True, weights: Op
 
 def cmd_demo(args: argparse.Namespace) -> int:
     run_demo(Path(args.out), device=args.device, progress=not args.quiet, seeds=args.seeds,
-             world=args.world or DEFAULT_WORLD, workers=args.workers)
+             world=args.world or DEFAULT_WORLD, workers=args.workers, ablations=args.ablations)
     return 0
