@@ -12,7 +12,7 @@ WITH_EXTRAS := -e ".[test,serve,onnx,slurm,tune]"
 # uv reads no pip configuration, so pip's constraints (config files or PIP_CONSTRAINT; e.g. a cap on torch) are passed on
 CONSTRAINTS ?= $(shell python3 -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.constraint='\(.*\)'$$/\1/p")
 
-# $(call install,REQUIREMENT): uv installs in parallel (the demo's set-up: 53 s from a cold cache, pip's 2 min 10 s;
+# $(call install,REQUIREMENT): uv installs in parallel (with every extra 52 s from a cold cache, pip 2 min 18 s;
 # BENCHMARKS.md, issue 23); pip where uv cannot be had
 define install
 	test -x $(PY) || python3 -m venv $(VENV)
